@@ -1,0 +1,420 @@
+"""Peak memory of ``d2export merge`` as the model grows: it should stay flat.
+
+The merge streams tensor by tensor (``safe_open`` in, a streaming shard writer out), so the
+merging process should need about the adapter plus one tensor's float64 working set, whatever the
+model size. This script checks that on synthetic bf16 Llama-shaped models:
+
+1. for each size, write a base model to disk shard by shard (never the whole model in memory)
+   and a rank-16 D2-LoRA adapter on all seven linear layers of every decoder layer;
+2. merge it in a fresh Python process that watches its own memory (``/proc/self/status``:
+   ``VmHWM`` for the exact peak, and a sampling thread for the anonymous and file-backed parts);
+3. print a table and write ``bench/results/merge_memory.json``.
+
+A process that only imports d2export, torch and transformers (and the Llama modeling module the
+merge instantiates on the meta device) is measured the same way, as the baseline.
+
+    python bench/merge_memory.py                      # layers 4, 8, 16 (about 2 minutes on 2 cores)
+    python bench/merge_memory.py --sizes 4,16,32 --keep --workdir /tmp/mm
+
+Why not ``ru_maxrss``: on Linux a process's ``RUSAGE_SELF`` high-water mark survives ``execve``
+and starts from the mm it replaced, which for ``subprocess`` (vfork) is the *parent's*: a child
+started by a parent that once held 1 GB reports ``ru_maxrss`` of 1 GB even though its own peak is
+14 MB. The parent here writes 200 MB shards. ``VmHWM`` belongs to the child's own address space
+and is what the table reports; ``ru_maxrss`` is kept in the JSON for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "merge_memory.json"
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MB = 1e6
+
+# ---------------------------------------------------------------------------------------------
+# The measuring child. Run as ``python -c CHILD MODE JSON_ARGS``; prints one JSON line at the end.
+# ---------------------------------------------------------------------------------------------
+CHILD = r"""
+import json, os, resource, sys, threading, time
+
+KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in KEYS:
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class Sampler(threading.Thread):
+    # Peak anonymous / file-backed RSS, overall and per bucket (the output shard being written).
+    def __init__(self, interval=0.005):
+        super().__init__(daemon=True)
+        self.interval, self.bucket, self.running = interval, "setup", True
+        self.peaks, self.buckets = {}, {}
+
+    def take(self):
+        s = status()
+        for key in ("VmRSS", "RssAnon", "RssFile"):
+            self.peaks[key] = max(self.peaks.get(key, 0), s[key])
+        b = self.buckets.setdefault(self.bucket, {"RssAnon": 0, "RssFile": 0, "VmRSS": 0})
+        for key in b:
+            b[key] = max(b[key], s[key])
+
+    def run(self):
+        while self.running:
+            self.take()
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.running = False
+        self.join()
+        self.take()
+
+
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+start_status = status()
+sampler = Sampler()
+sampler.start()
+t0 = time.perf_counter()
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import transformers.models.llama.modeling_llama  # noqa: E402  (the merge builds a meta Llama)
+import d2export  # noqa: E402
+from d2export import merge  # noqa: E402
+
+result = {"mode": mode, "import_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+          "after_import": status()}
+if mode == "merge":
+    from safetensors import safe_open
+
+    # The merge writes the base's tensors in the base's order (files, then each file's keys): label
+    # each sample with the output shard of the tensor being produced.
+    with open(os.path.join(args["base"], "model.safetensors.index.json")) as f:
+        files = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+    order = []
+    for file in files:
+        with safe_open(os.path.join(args["base"], file), framework="pt") as f:
+            order += [file] * len(list(f.keys()))
+    done = [0, 0]
+
+    def progress(name, nbytes):
+        done[0] += nbytes
+        done[1] += 1
+        sampler.bucket = order[done[1]] if done[1] < len(order) else "finish"
+
+    sampler.bucket = "plan"  # reading the adapter, planning; until the first tensor is done
+    t1 = time.perf_counter()
+    merge(args["adapter"], base=args["base"], out=args["out"], force=True, hash_inputs=False, progress=progress)
+    result["merge_s"] = time.perf_counter() - t1
+    result["bytes_written"] = done[0]
+sampler.stop()
+end = status()
+result.update(
+    vm_hwm=end["VmHWM"], peak_vm_rss_sampled=sampler.peaks["VmRSS"], peak_anon=sampler.peaks["RssAnon"],
+    peak_file=sampler.peaks["RssFile"], end=end, start=start_status,
+    ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, buckets=sampler.buckets,
+)
+print("RESULT " + json.dumps(result))
+"""
+
+
+def run_child(mode: str, args: dict) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True,
+                          env=env, check=False)
+    wall = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"the {mode} child failed (exit {proc.returncode}); output above")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["process_s"] = wall
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic models, written shard by shard.
+# ---------------------------------------------------------------------------------------------
+def tensor_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a Llama checkpoint (k/v as wide as q: num_key_value_heads = num_attention_heads)."""
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes += [(f"{p}.self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        shapes += [
+            (f"{p}.mlp.gate_proj.weight", (intermediate, hidden)),
+            (f"{p}.mlp.up_proj.weight", (intermediate, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, intermediate)),
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    ).to_dict()
+    config.pop("dtype", None)
+    config.update(architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+    return config
+
+
+def write_base(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int, shard_bytes: int,
+               seed: int) -> dict:
+    """A bf16 Llama in HF layout; returns its byte counts. At most one shard is ever in memory."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(llama_config(layers, hidden, intermediate, vocab), indent=2))
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensor_shapes(layers, hidden, intermediate, vocab):
+        nbytes = 2 * numel(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    files = []
+    for k, group in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            if len(shape) == 1:
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = torch.randn(shape, generator=generator, dtype=torch.bfloat16).mul_(0.02)
+            weight_map[name] = file
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        del tensors
+        files.append(file)
+    total = sum(2 * numel(s) for g in shards for _, s in g)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    file_sizes = [(folder / f).stat().st_size for f in files]
+    return {"model_bytes": total, "files_bytes": sum(file_sizes), "shards": len(files),
+            "largest_shard_bytes": max(file_sizes)}
+
+
+def write_adapter(folder: Path, base: Path, layers: int, hidden: int, intermediate: int, r: int, seed: int) -> dict:
+    """A D2-LoRA checkpoint (float32 factors, all non-zero) on every linear layer of every block."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+            "o_proj": (hidden, hidden), "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
+            "down_proj": (hidden, intermediate)}  # [out, in]
+    tensors = {}
+    for i in range(layers):
+        for kind, (out, inp) in dims.items():
+            group = "self_attn" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            module = f"model.layers.{i}.{group}.{kind}"
+            for sign in ("pos", "neg"):
+                bound = 1 / math.sqrt(inp)
+                tensors[f"base_model.model.{module}.lora_A_{sign}.weight"] = (
+                    torch.rand((r, inp), generator=generator).mul_(2 * bound).sub_(bound))
+                tensors[f"base_model.model.{module}.lora_B_{sign}.weight"] = (
+                    torch.randn((out, r), generator=generator).mul_(0.01))
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "D2LORA", "r": r, "lora_alpha": 2 * r, "tau": 0.5, "norm_projection": True,
+              "target_modules": list(LINEAR), "base_model_name_or_path": str(base)}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"adapter_bytes": (folder / "adapter_model.safetensors").stat().st_size,
+            "adapter_tensors": len(tensors)}
+
+
+def check_output(base: Path, out: Path) -> dict:
+    """Cheap sanity check of the merge: same tensors as the base, q_proj of layer 0 changed, its row
+    norms kept (D2-LoRA's norm projection), an unadapted tensor copied bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    base_map = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    out_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def read(folder: Path, weight_map: dict, name: str) -> torch.Tensor:
+        with safe_open(folder / weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+    w0, w1 = read(base, base_map, q).double(), read(out, out_map, q).double()
+    n0, n1 = torch.linalg.vector_norm(w0, dim=1), torch.linalg.vector_norm(w1, dim=1)
+    e0, e1 = read(base, base_map, "model.norm.weight"), read(out, out_map, "model.norm.weight")
+    checks = {
+        "same_tensor_names": set(base_map) == set(out_map),
+        "q_proj_changed_max_abs": float((w1 - w0).abs().max()),
+        "q_proj_row_norm_max_rel_err": float(((n1 - n0).abs() / n0).max()),
+        "norm_copied_exactly": bool(torch.equal(e0, e1)),
+    }
+    ok = (checks["same_tensor_names"] and checks["q_proj_changed_max_abs"] > 0
+          and checks["q_proj_row_norm_max_rel_err"] < 1e-2 and checks["norm_copied_exactly"])
+    checks["ok"] = ok
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import psutil
+
+        info["ram_bytes"] = psutil.virtual_memory().total
+    except ImportError:
+        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    for mod in ("transformers", "safetensors", "d2export"):
+        info[mod] = __import__(mod).__version__
+    return info
+
+
+def fmt_mb(n: float) -> str:
+    return f"{n / MB:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4,8,16", help="comma-separated decoder layer counts (default 4,8,16)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--shard-mb", type=float, default=200, help="base shard size in MB (default 200)")
+    parser.add_argument("--workdir", type=Path, help="where models are built (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the built models and merged outputs")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="d2export-bench-", dir=args.workdir))
+    # The largest base plus its merged copy (more with --keep, which keeps every size).
+    per_layer = 2 * (4 * args.hidden**2 + 3 * args.hidden * args.intermediate)
+    need = [2 * (2 * args.vocab * args.hidden + n * per_layer) for n in sizes]
+    need_bytes = sum(need) if args.keep else max(need)
+    free = shutil.disk_usage(work).free
+    print(f"workdir {work}: {free / 1e9:,.1f} GB free, this run needs about {need_bytes / 1e9:,.1f} GB")
+    if free < need_bytes * 1.2:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit("not enough free disk space; pass --workdir elsewhere or fewer --sizes")
+
+    info = machine()
+    print(f"machine: {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "
+          f"RAM {info.get('ram_bytes', 0) / 2**30:,.1f} GiB, {info['platform']}")
+    runs = []
+    try:
+        print("baseline: a process that imports d2export, torch and transformers ...", flush=True)
+        baseline = run_child("baseline", {})
+        print(f"  peak RSS {fmt_mb(baseline['vm_hwm'])} MB")
+        for layers in sizes:
+            folder = work / f"llama-{layers}L"
+            base, adapter, out = folder / "base", folder / "adapter", folder / "merged"
+            t0 = time.perf_counter()
+            sizes_info = write_base(base, layers, args.hidden, args.intermediate, args.vocab,
+                                    int(args.shard_mb * MB), args.seed + layers)
+            sizes_info.update(write_adapter(adapter, base, layers, args.hidden, args.intermediate, args.rank,
+                                            args.seed + 1000 + layers))
+            build_s = time.perf_counter() - t0
+            print(f"{layers} layers: built {fmt_mb(sizes_info['model_bytes'])} MB in {sizes_info['shards']} shards "
+                  f"+ {fmt_mb(sizes_info['adapter_bytes'])} MB adapter ({build_s:.1f} s); merging ...", flush=True)
+            child = run_child("merge", {"adapter": str(adapter), "base": str(base), "out": str(out)})
+            checks = check_output(base, out)
+            largest_merged = max(args.intermediate * args.hidden, args.hidden**2)
+            run = {
+                "layers": layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
+                "rank": args.rank, **sizes_info, "build_s": build_s,
+                "largest_tensor_bytes": 2 * args.vocab * args.hidden,
+                "largest_merged_tensor_f64_bytes": 8 * largest_merged,
+                "peak_rss": child["vm_hwm"], "peak_rss_over_baseline": child["vm_hwm"] - baseline["vm_hwm"],
+                "peak_anon": child["peak_anon"], "peak_file": child["peak_file"],
+                "peak_anon_over_baseline": child["peak_anon"] - baseline["peak_anon"],
+                "rss_over_model": child["vm_hwm"] / sizes_info["model_bytes"],
+                "merge_s": child["merge_s"], "process_s": child["process_s"], "output_check": checks,
+                "child": child,
+            }
+            runs.append(run)
+            print(f"  peak RSS {fmt_mb(run['peak_rss'])} MB (anon {fmt_mb(run['peak_anon'])}, "
+                  f"file-backed {fmt_mb(run['peak_file'])}), merge {run['merge_s']:.1f} s, "
+                  f"output check {'ok' if checks['ok'] else 'FAILED ' + json.dumps(checks)}", flush=True)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    header = ("layers", "model MB", "shards", "largest shard MB", "adapter MB", "peak RSS MB", "over baseline MB",
+              "peak anon MB", "peak file MB", "RSS/model", "merge s")
+    rows = [(str(r["layers"]), fmt_mb(r["model_bytes"]), str(r["shards"]), fmt_mb(r["largest_shard_bytes"]),
+             fmt_mb(r["adapter_bytes"]), fmt_mb(r["peak_rss"]), fmt_mb(r["peak_rss_over_baseline"]),
+             fmt_mb(r["peak_anon"]), fmt_mb(r["peak_file"]), f"{r['rss_over_model']:.2f}", f"{r['merge_s']:.1f}")
+            for r in runs]
+    rows.insert(0, ("baseline", "-", "-", "-", "-", fmt_mb(baseline["vm_hwm"]), "0.0", fmt_mb(baseline["peak_anon"]),
+                    fmt_mb(baseline["peak_file"]), "-", "-"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print()
+    print("| " + " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+    growth = runs[-1]["peak_rss"] - runs[0]["peak_rss"] if len(runs) > 1 else 0
+    model_growth = runs[-1]["model_bytes"] - runs[0]["model_bytes"] if len(runs) > 1 else 0
+    adapter_growth = runs[-1]["adapter_bytes"] - runs[0]["adapter_bytes"] if len(runs) > 1 else 0
+    print(f"\npeak RSS grew {fmt_mb(growth)} MB while the model grew {fmt_mb(model_growth)} MB "
+          f"(the adapter grew {fmt_mb(adapter_growth)} MB)")
+    print("peak RSS = VmHWM of the merging process; anon = RssAnon (heap, tensors); file = RssFile "
+          "(page-cache pages of the memory-mapped input shards, reclaimable)")
+
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": "merge_memory", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": info, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "baseline": baseline, "runs": runs,
+    }
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.results}")
+    return 0 if all(r["output_check"]["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

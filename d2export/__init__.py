@@ -1,0 +1,10 @@
+"""d2export: fold LoRA-family adapters (D2-LoRA, LoRA, rsLoRA, DoRA, DiffoRA) into plain weights."""
+
+__version__ = "0.1.0"
+
+from .errors import D2ExportError, UnsupportedAdapterError
+from .formats import load_adapter
+from .inspect import inspect
+from .merge import MergeResult, merge
+
+__all__ = ["D2ExportError", "MergeResult", "UnsupportedAdapterError", "__version__", "inspect", "load_adapter", "merge"]

@@ -1,0 +1,157 @@
+"""The pure arithmetic of DESIGN.md section 2. No I/O: tensors in, tensors out.
+
+Canonical orientation: ``M`` is ``[out, in]`` with one row per output unit. A stored weight is
+``M`` (``transposed=False``, ``nn.Linear``) or ``M.T`` (``transposed=True``: GPT-2 ``Conv1D``,
+embeddings). Rows are independent (the rescaling is per row), so merging proceeds in row blocks
+and the float64 working set stays bounded whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import D2ExportError
+from .spec import ModuleUpdate, Rescale
+
+# Rows per block are chosen so one float64 block of V stays near this many bytes.
+_BLOCK_BYTES = 64 * 2**20
+
+
+class MergeError(D2ExportError):
+    """The merged tensor would be invalid (zero-norm rows, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """Per-tensor figures for the report."""
+
+    delta_norm: float  # ||sum_t c_t B_t A_t||_F, before any rescaling
+    scale_min: float | None  # range of the row rescaling g (None when the method does not rescale)
+    scale_max: float | None
+
+
+def low_rank_delta(update: ModuleUpdate, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_t c_t B_t[rows] @ A_t`` in canonical orientation, computed in ``dtype``."""
+    delta = None
+    for term in update.terms:
+        part = term.B[rows].to(dtype) @ term.A.to(dtype)
+        part.mul_(term.coefficient)
+        delta = part if delta is None else delta.add_(part)
+    assert delta is not None, "an update has at least one term"
+    return delta
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round ``x`` to ``dtype`` once, to nearest-even, as if from the exact value.
+
+    torch converts float64 to bfloat16/float16 through float32, which rounds twice and is wrong
+    whenever the float32 result lands exactly on a halfway point of the target format. Rounding
+    to float32 *to odd* first and then to nearest-even is exact (float32 keeps more than two bits
+    beyond either 16-bit format's precision), so that is what we do.
+    """
+    if x.dtype == dtype:
+        return x.clone()
+    if dtype not in (torch.bfloat16, torch.float16) or x.dtype != torch.float64:
+        return x.to(dtype)  # a single correctly rounded conversion
+    return round_to_odd_float32(x).to(dtype)
+
+
+def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounding to odd: truncate toward zero, set the last bit if inexact."""
+    nearest = x.to(torch.float32)
+    back = nearest.to(torch.float64)
+    inexact = back != x
+    bits = nearest.view(torch.int32)
+    # Sign-magnitude: stepping the integer view down by one moves one ulp toward zero.
+    away = inexact & (back.abs() > x.abs())
+    bits = torch.where(away, bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32)
+
+
+def _row_block(n_cols: int, itemsize: int) -> int:
+    return max(1, _BLOCK_BYTES // max(1, n_cols * itemsize))
+
+
+def merge_tensor(
+    weight: torch.Tensor,
+    update: ModuleUpdate,
+    *,
+    transposed: bool,
+    out_dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float64,
+    name: str = "",
+) -> tuple[torch.Tensor, MergeStats]:
+    """Fold ``update`` into the stored base ``weight``; return it in ``out_dtype`` and its stats.
+
+    ``V = W0 + sum_t c_t B_t A_t``; ``W' = diag(g) V`` with ``g = m / ||V_row||`` where the method
+    rescales (``m`` learned for DoRA, ``||W0_row||`` for D2-LoRA). Computed in ``compute_dtype``
+    and rounded once with :func:`round_to_dtype`.
+    """
+    name = name or update.weight_key
+    base = weight.T if transposed else weight  # canonical [out, in] view, no copy
+    n_out, n_in = base.shape
+    if (n_out, n_in) != update.shape:
+        raise MergeError(
+            f"{name}: base shape {tuple(weight.shape)} does not match the adapter's "
+            f"[out={update.shape[0]}, in={update.shape[1]}]"
+        )
+    merged = torch.empty((n_out, n_in), dtype=out_dtype)
+    delta_sq = 0.0
+    scale_min, scale_max = math.inf, -math.inf
+    step = _row_block(n_in, torch.finfo(compute_dtype).bits // 8)
+    for start in range(0, n_out, step):
+        rows = slice(start, min(start + step, n_out))
+        w0 = base[rows].to(compute_dtype)
+        delta = low_rank_delta(update, rows, compute_dtype)
+        delta_sq += float(delta.square().sum())
+        v = delta.add_(w0)  # V = W0 + delta, in place of delta
+        if update.rescale is not Rescale.NONE:
+            target = _target_norms(update, w0, rows, compute_dtype)
+            norms = torch.linalg.vector_norm(v, dim=1)
+            zero = (norms == 0).nonzero()
+            if zero.numel():
+                raise MergeError(
+                    f"{name}: row {start + int(zero[0])} of W0 + dW has zero norm, so the "
+                    f"{update.rescale.value} rescaling is undefined"
+                )
+            g = target / norms
+            scale_min = min(scale_min, float(g.min()))
+            scale_max = max(scale_max, float(g.max()))
+            v.mul_(g.unsqueeze(1))
+        if not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).any(dim=1).nonzero()[0])
+            raise MergeError(f"{name}: merged row {start + bad} is not finite (overflow or NaN)")
+        merged[rows] = round_to_dtype(v, out_dtype)
+    rescaled = update.rescale is not Rescale.NONE
+    stats = MergeStats(
+        delta_norm=math.sqrt(delta_sq),
+        scale_min=scale_min if rescaled else None,
+        scale_max=scale_max if rescaled else None,
+    )
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"{name}: merged values overflow {out_dtype} (try --dtype float32)")
+    return (merged.T.contiguous() if transposed else merged), stats
+
+
+def _target_norms(
+    update: ModuleUpdate, w0: torch.Tensor, rows: slice, dtype: torch.dtype
+) -> torch.Tensor:
+    if update.rescale is Rescale.MAGNITUDE:
+        assert update.magnitude is not None
+        return update.magnitude[rows].to(dtype)
+    return torch.linalg.vector_norm(w0, dim=1)  # D2-LoRA keeps each row's original norm
+
+
+def merge_bias(
+    bias: torch.Tensor, update: ModuleUpdate, *, out_dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """PEFT ``lora_bias``: the trained ``lora_B.bias`` enters the output scaled like the low-rank path."""
+    assert update.bias_delta is not None
+    coefficient = update.terms[0].coefficient
+    value = bias.to(compute_dtype) + coefficient * update.bias_delta.to(compute_dtype)
+    return round_to_dtype(value, out_dtype)

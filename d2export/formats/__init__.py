@@ -1,0 +1,34 @@
+"""Adapter readers: every supported checkpoint becomes one :class:`~d2export.spec.AdapterSpec`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UnsupportedAdapterError
+from ..spec import AdapterSpec
+from .common import read_adapter
+from .d2lora import read_d2lora
+from .diffora import DAM_NAME, apply_selection, read_dam
+from .peft import read_peft
+
+_READERS = {"LORA": read_peft, "D2LORA": read_d2lora}
+
+
+def load_adapter(path: str | Path) -> AdapterSpec:
+    """Read an adapter folder (or a trainer folder holding one) into an :class:`AdapterSpec`."""
+    raw = read_adapter(path)
+    peft_type = str(raw.config.get("peft_type", "")).upper()
+    reader = _READERS.get(peft_type)
+    if reader is None:
+        raise UnsupportedAdapterError(
+            f"{raw.path}: peft_type {raw.config.get('peft_type')!r} is not supported "
+            f"(supported: {', '.join(sorted(_READERS))})"
+        )
+    spec = reader(raw)
+    dam = raw.path / DAM_NAME
+    if dam.is_file():
+        apply_selection(spec, read_dam(dam), dam)
+    return spec
+
+
+__all__ = ["load_adapter"]

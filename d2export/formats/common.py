@@ -1,0 +1,131 @@
+"""What every adapter format shares: finding the files, reading config and tensors, key names."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..errors import D2ExportError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class RawAdapter:
+    path: Path  # the folder holding adapter_config.json
+    config: dict
+    tensors: dict[str, torch.Tensor]  # keys with the PEFT prefix removed
+    files: list[Path]
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """The folder with ``adapter_config.json``: ``path`` itself, or the single such folder inside a
+    trainer output. Trainer ``checkpoint-N/`` folders are just such folders; their optimizer
+    state is never opened."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise D2ExportError(f"adapter checkpoint not found: {path}")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    candidates = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
+    checkpoints = [p for p in candidates if re.fullmatch(r"checkpoint-\d+", p.name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if checkpoints and len(checkpoints) == len(candidates):
+        raise D2ExportError(
+            f"{path} holds several trainer checkpoints ({', '.join(p.name for p in checkpoints)}); "
+            "pass the one to merge"
+        )
+    raise D2ExportError(f"{path} is not an adapter checkpoint: no {CONFIG_NAME} found")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise D2ExportError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise D2ExportError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise D2ExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_adapter(path: str | Path) -> RawAdapter:
+    folder = find_adapter_dir(path)
+    config = read_json(folder / CONFIG_NAME)
+    weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise D2ExportError(f"{folder}: no adapter weights ({' or '.join(WEIGHTS_NAMES)})")
+    raw = _load_tensors(weights)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise D2ExportError(f"{weights}: entry {key!r} is not a tensor")
+        tensors[key.removeprefix(PEFT_PREFIX)] = value
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise D2ExportError(f"{weights}: adapter tensor {key} contains NaN or Inf")
+    return RawAdapter(folder, config, tensors, [folder / CONFIG_NAME, weights])
+
+
+def _load_tensors(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        # weights_only: a pickle can run code; we accept tensors and plain containers only.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise D2ExportError(f"{path}: cannot read adapter weights ({first})") from None
+    except Exception as exc:  # torch.load raises UnpicklingError for code-carrying pickles
+        if type(exc).__name__ == "UnpicklingError":
+            raise D2ExportError(
+                f"{path}: refused, the pickle holds more than tensors (weights_only=True)"
+            ) from None
+        raise
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``K`` for which
+    ``(.*\\.)?(K)$`` matches the module path wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def require_number(config: dict, key: str, where: Path, *, positive: bool = True) -> float:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise D2ExportError(f"{where}: {key!r} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise D2ExportError(f"{where}: {key!r} must be positive, got {value}")
+    return float(value)
+
+
+def base_key(adapter_key: str) -> str:
+    """Base tensor name of a full tensor saved by the adapter (modules_to_save, embedding copies,
+    trained biases): the PEFT wrapper parts dropped."""
+    return adapter_key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def check_factor(name: str, tensor: torch.Tensor, ndim: int, where: Path) -> torch.Tensor:
+    if tensor.ndim != ndim:
+        raise D2ExportError(
+            f"{where}: {name} has shape {tuple(tensor.shape)}; a {ndim}-d tensor was expected "
+            "(convolution adapters are not supported)"
+        )
+    if not tensor.is_floating_point():
+        raise D2ExportError(f"{where}: {name} has dtype {tensor.dtype}, not a float type")
+    return tensor

@@ -1,0 +1,137 @@
+"""PEFT LoRA checkpoints (LoRA, rsLoRA, DoRA, rank/alpha patterns, lora_bias, modules_to_save,
+adapted embeddings, GPT-2 Conv1D), as ``peft``'s ``save_pretrained`` writes them."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import D2ExportError, UnsupportedAdapterError
+from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
+from .common import RawAdapter, base_key, check_factor, pattern_value, require_number
+
+# Suffix of an adapter key -> (role, layer kind).
+_FACTOR_SUFFIXES = {
+    ".lora_A.weight": ("A", LayerKind.LINEAR),
+    ".lora_B.weight": ("B", LayerKind.LINEAR),
+    ".lora_B.bias": ("bias", LayerKind.LINEAR),
+    ".lora_embedding_A": ("A", LayerKind.EMBEDDING),
+    ".lora_embedding_B": ("B", LayerKind.EMBEDDING),
+    ".lora_magnitude_vector": ("magnitude", None),
+}
+
+# Config options whose adapters cannot be folded into the base as plain LoRA algebra.
+_REFUSED_OPTIONS = {
+    "layer_replication": "layer replication changes the model's layer structure (PEFT cannot merge it either)",
+    "trainable_token_indices": "trainable-token adapters are not supported yet",
+    "target_parameters": "LoRA on raw nn.Parameters (target_parameters) is not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) depends on the input and cannot be merged",
+    "use_bdlora": "BD-LoRA is not supported",
+    "arrow_config": "Arrow routing depends on the input and cannot be merged",
+    "use_qalora": "QA-LoRA is not supported",
+    "lora_ga_config": "LoRA-GA rewrites the base weights at init; convert the adapter first",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "velora_config": "VeLoRA is not supported",
+}
+# init_lora_weights values whose adapters only work with a base that was rewritten at init.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def group_factors(raw: RawAdapter, suffixes: dict) -> tuple[dict[str, dict], dict[str, object]]:
+    """Split adapter tensors into per-module factor dicts and the remaining full tensors."""
+    modules: dict[str, dict] = {}
+    rest: dict[str, object] = {}
+    for key, tensor in raw.tensors.items():
+        for suffix, (role, kind) in suffixes.items():
+            if key.endswith(suffix):
+                entry = modules.setdefault(key[: -len(suffix)], {})
+                entry[role] = tensor
+                if kind is not None:
+                    entry.setdefault("kinds", set()).add(kind)
+                break
+        else:
+            rest[key] = tensor
+    return modules, rest
+
+
+def full_tensors(raw: RawAdapter, rest: dict) -> dict:
+    """modules_to_save copies, ``base_layer`` copies of adapted embeddings and trained biases:
+    full tensors that replace the base's."""
+    replacements = {}
+    for key, tensor in rest.items():
+        if "lora_" in key or "d2_" in key:
+            raise D2ExportError(
+                f"{raw.path}: adapter tensor {key} is not part of a known adapter layout"
+            )
+        replacements[base_key(key)] = tensor
+    return replacements
+
+
+def read_peft(raw: RawAdapter) -> AdapterSpec:
+    cfg, where = raw.config, raw.path / "adapter_config.json"
+    for option, why in _REFUSED_OPTIONS.items():
+        if cfg.get(option):
+            raise UnsupportedAdapterError(f"{where}: {option} is set: {why}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r} rewrote the base weights during training; convert "
+            "the adapter with PEFT (path_initial_model_for_weight_conversion) and merge that"
+        )
+    r_default = require_number(cfg, "r", where)
+    alpha_default = require_number(cfg, "lora_alpha", where)
+    use_rslora = bool(cfg.get("use_rslora", False))
+    use_dora = bool(cfg.get("use_dora", False))
+
+    modules, rest = group_factors(raw, _FACTOR_SUFFIXES)
+    updates = {}
+    for module, parts in sorted(modules.items()):
+        kinds = parts.get("kinds", set())
+        if len(kinds) != 1 or "A" not in parts or "B" not in parts:
+            have = sorted(k for k in parts if k != "kinds")
+            raise D2ExportError(
+                f"{raw.path}: module {module} has an incomplete LoRA pair (found {', '.join(have)})"
+            )
+        kind = kinds.pop()
+        r = float(pattern_value(cfg.get("rank_pattern"), module, r_default))
+        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        A = check_factor(f"{module} A", parts["A"], 2, where)
+        B = check_factor(f"{module} B", parts["B"], 2, where)
+        if A.shape[0] != r or B.shape[1] != r:
+            raise D2ExportError(
+                f"{raw.path}: {module}: factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
+                f"have the configured rank r={r:g}"
+            )
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        magnitude = parts.get("magnitude")
+        if use_dora and magnitude is None:
+            raise D2ExportError(f"{raw.path}: use_dora is set but {module} has no lora_magnitude_vector")
+        if magnitude is not None and (magnitude.ndim != 1 or magnitude.shape[0] != B.shape[0]):
+            raise D2ExportError(
+                f"{raw.path}: {module}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, "
+                f"expected [{B.shape[0]}]"
+            )
+        bias = parts.get("bias")
+        if bias is not None and (bias.ndim != 1 or bias.shape[0] != B.shape[0]):
+            raise D2ExportError(f"{raw.path}: {module}: lora_B.bias has shape {tuple(bias.shape)}")
+        updates[module] = ModuleUpdate(
+            module=module,
+            kind=kind,
+            terms=(LowRankTerm("lora", scale, B, A),),
+            rescale=Rescale.MAGNITUDE if magnitude is not None else Rescale.NONE,
+            magnitude=magnitude,
+            bias_delta=bias,
+            rank=int(r),
+            alpha=alpha,
+        )
+    if not updates:
+        raise D2ExportError(f"{raw.path}: the adapter holds no LoRA factors")
+    method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
+    return AdapterSpec(
+        method=method,
+        path=raw.path,
+        files=raw.files,
+        config=cfg,
+        updates=updates,
+        replacements=full_tensors(raw, rest),
+        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+    )

@@ -1,0 +1,67 @@
+"""``d2export inspect``: what an adapter is and what merging it would write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import D2ExportError
+from .formats import load_adapter
+from .formats.diffora import module_position
+from .io import open_base
+from .plan import Action, build_plan
+from .resolve import resolve_base
+
+
+def inspect(adapter: str | Path, *, base: str | Path | None = None, dtype: str = "auto",
+            max_shard_size: str | int | None = None) -> dict:
+    """A JSON-able description of the adapter and, when its base is found, of the planned merge."""
+    spec = load_adapter(adapter)
+    modules = []
+    for u in spec.updates.values():
+        layer, module_type = module_position(u.module)
+        entry = {
+            "module": u.module, "kind": u.kind.value, "layer": layer, "type": module_type,
+            "shape": list(u.shape), "rank": u.rank, "alpha": u.alpha,
+            "coefficients": {t.name: t.coefficient for t in u.terms},
+            "rescale": u.rescale.value, "selected": u.selected, "params": u.num_params,
+        }
+        if u.tau is not None:
+            entry.update(tau=u.tau, tau_learned=u.tau_learned)
+        if u.bias_delta is not None:
+            entry["lora_bias"] = True
+        modules.append(entry)
+    info: dict = {
+        "adapter": str(spec.path),
+        "method": spec.method,
+        "base_model_name_or_path": spec.base_model_name_or_path,
+        "num_modules": len(modules),
+        "num_selected": sum(m["selected"] for m in modules),
+        "num_params": spec.num_params,
+        "modules": modules,
+        "full_tensors": sorted(spec.replacements),
+        "diffora": None,
+        "merge_plan": None,
+    }
+    if spec.selection is not None:
+        sel = spec.selection
+        info["diffora"] = {
+            "source": sel.source, "sample_rate": sel.sample_rate, "module_types": list(sel.module_types),
+            "num_layers": sel.num_layers, "num_selected": sel.num_selected, "grid": [list(r) for r in sel.grid],
+        }
+    try:
+        base_path = resolve_base(spec, base)
+        model = open_base(base_path)
+    except D2ExportError as exc:
+        info["merge_plan"] = {"available": False, "reason": str(exc)}
+        return info
+    plan = build_plan(spec, model, dtype=dtype, max_shard_size=max_shard_size)
+    info["merge_plan"] = {
+        "available": True,
+        "base": str(base_path),
+        "tensors": {a.value: sum(t.action is a for t in plan.tensors) for a in Action},
+        "shards": [{"file": f, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for f, ts in plan.shards],
+        "total_bytes": plan.total_bytes,
+        "config_changes": plan.config_updates,
+        "notes": plan.notes,
+    }
+    return info

@@ -1,0 +1,273 @@
+"""Reading base models and writing merged ones, tensor by tensor.
+
+Reading goes through ``safe_open`` (memory-mapped) so only the tensor in hand is resident.
+Writing uses :class:`ShardWriter`, which lays down the safetensors header from the plan first and
+then streams each tensor's bytes as it is produced: a shard never has to be held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import D2ExportError
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # file name inside the model folder
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class BaseModel:
+    """A Hugging Face model folder, indexed by tensor without loading any tensor."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]  # in file order
+    files: list[str]  # weight files in order
+    _open: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.files[0].endswith(".safetensors")
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        handle = self._handle(info.file)
+        if self.is_safetensors:
+            return handle.get_tensor(name)
+        return handle[name]
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            if len(self._open) >= 2:  # keep at most two files mapped: reads are in file order
+                self.close_file(next(iter(self._open)))
+            path = self.path / file
+            if self.is_safetensors:
+                self._open[file] = safe_open(path, framework="pt", device="cpu").__enter__()
+            else:
+                self._open[file] = _load_bin(path)
+        return self._open[file]
+
+    def close_file(self, file: str) -> None:
+        handle = self._open.pop(file, None)
+        if handle is not None and self.is_safetensors:
+            handle.__exit__(None, None, None)
+
+    def close(self) -> None:
+        for file in list(self._open):
+            self.close_file(file)
+
+
+def _load_bin(path: Path) -> dict:
+    """``pytorch_model.bin`` shards: only ``weights_only=True`` (a pickle can run code), mmap'd."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise D2ExportError(f"{path}: cannot read with weights_only=True ({msg})") from None
+
+
+def open_base(path: str | Path) -> BaseModel:
+    path = Path(path)
+    if not path.is_dir():
+        raise D2ExportError(f"base model folder not found: {path}")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise D2ExportError(f"{path}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise D2ExportError(f"{config_path}: invalid JSON ({exc.msg})") from None
+    files = _weight_files(path)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for info in _scan(path / file):
+            if info.name in tensors:
+                raise D2ExportError(f"{path}: tensor {info.name} appears in two weight files")
+            tensors[info.name] = info
+    return BaseModel(path, config, tensors, files)
+
+
+def _weight_files(path: Path) -> list[str]:
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise D2ExportError(f"{index}: not a valid shard index") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise D2ExportError(f"{path}: shard {missing[0]} named in {index_name} is missing")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [name]
+    raise D2ExportError(f"{path}: no model weights (model.safetensors, shards with an index, or pytorch_model.bin)")
+
+
+def _scan(file: Path) -> Iterator[TensorInfo]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    dtype = DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise D2ExportError(f"{file}: tensor {name} has unsupported dtype {piece.get_dtype()}")
+                    yield TensorInfo(name, file.name, dtype, tuple(piece.get_shape()))
+        except SafetensorError as exc:
+            raise D2ExportError(f"{file}: not a valid safetensors file ({exc})") from None
+    else:
+        for name, tensor in _load_bin(file).items():
+            if isinstance(tensor, torch.Tensor):
+                yield TensorInfo(name, file.name, tensor.dtype, tuple(tensor.shape))
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are all declared up front.
+
+    The header (names, dtypes, shapes, offsets) is written first; tensors then arrive in the
+    declared order and go straight to disk. The sha256 of the file is computed on the way.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        self._entries = entries
+        self._next = 0
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in entries:
+            size = dtype.itemsize
+            for d in shape:
+                size *= d
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self.nbytes = 8 + len(blob) + offset
+        self._hash = hashlib.sha256()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, dtype, shape = self._entries[self._next]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(
+                f"shard writer expected {expected} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._emit(memoryview(data))
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the file; return its sha256."""
+        if self._next != len(self._entries):
+            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_size(text: str | int) -> int:
+    """'200MB', '5GB' (decimal, as transformers counts), '512MiB', '2GiB', or a byte count."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match:
+        raise D2ExportError(f"invalid size {text!r}: use e.g. 200MB, 5GB or 2GiB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    size = int(number * scale)
+    if size <= 0:
+        raise D2ExportError(f"invalid size {text!r}: must be positive")
+    return size
+
+
+def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output that would overwrite or nest inside an input, or an existing folder
+    without ``force``."""
+    target = out.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise D2ExportError(f"output {out} overlaps the input {source}; choose another --out")
+    if out.exists() and not force:
+        raise D2ExportError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise D2ExportError(f"output {out} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``out`` only if the block completes.
+
+    On any error or Ctrl-C the temporary folder is removed and ``out`` is left as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

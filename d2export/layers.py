@@ -1,0 +1,183 @@
+"""Run-time (unmerged) adapter layers: the forward pass training computes, as a reference.
+
+``AdapterLayer`` wraps a base ``nn.Linear``, GPT-2 ``Conv1D`` or ``nn.Embedding`` and computes
+
+    y = g * (base(x) + sum_t c_t * lowrank_t(x)) + b         g = m / ||W0 + dW||_row  (or 1)
+
+without ever forming the merged weight in the output path: the low-rank paths run as two thin
+matmuls, as during training. The same class is used (trainable) to make the D2-LoRA fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .formats.common import PEFT_PREFIX
+from .spec import AdapterSpec, LayerKind, ModuleUpdate, Rescale
+
+
+class AdapterLayer(nn.Module):
+    """One adapted module. Factors are canonical: ``B_t: [out, r]``, ``A_t: [r, in]``."""
+
+    def __init__(self, base: nn.Module, *, rank: int, scale: float, branches=("lora",),
+                 rescale: Rescale = Rescale.NONE, tau: float | None = None, learn_tau: bool = False):
+        super().__init__()
+        self.base = base
+        self.embedding = isinstance(base, nn.Embedding)
+        self.transposed = self.embedding or type(base).__name__ == "Conv1D"
+        out, inp = self._canonical_weight().shape
+        self.scale = scale
+        self.branches = tuple(branches)
+        self.rescale = rescale
+        self.A = nn.ParameterDict({b: nn.Parameter(torch.zeros(rank, inp)) for b in self.branches})
+        self.B = nn.ParameterDict({b: nn.Parameter(torch.zeros(out, rank)) for b in self.branches})
+        self.tau = None if tau is None else nn.Parameter(torch.tensor(float(tau)), requires_grad=learn_tau)
+        self.magnitude = nn.Parameter(torch.ones(out)) if rescale is Rescale.MAGNITUDE else None
+        self.bias_delta: nn.Parameter | None = None
+        if rescale is Rescale.ORIGINAL_NORM:
+            norms = torch.linalg.vector_norm(self._canonical_weight().detach().double(), dim=1)
+            self.register_buffer("original_norm", norms.to(torch.float32), persistent=False)
+
+    @classmethod
+    def from_update(cls, base: nn.Module, update: ModuleUpdate) -> AdapterLayer:
+        names = tuple(t.name for t in update.terms)
+        scale = update.terms[0].coefficient
+        tau = -update.terms[1].coefficient / scale if len(update.terms) == 2 else None
+        layer = cls(base, rank=update.rank, scale=scale, branches=names, rescale=update.rescale, tau=tau)
+        with torch.no_grad():
+            for term in update.terms:
+                layer.A[term.name].copy_(term.A)
+                layer.B[term.name].copy_(term.B)
+            if update.magnitude is not None:
+                layer.magnitude.copy_(update.magnitude)
+        if update.bias_delta is not None:
+            layer.bias_delta = nn.Parameter(update.bias_delta.detach().clone().float(), requires_grad=False)
+        return layer
+
+    def _canonical_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        return w.T if self.transposed else w
+
+    def coefficient(self, branch: str) -> torch.Tensor | float:
+        return -self.tau * self.scale if branch == "neg" else self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The canonical low-rank update (only used for the row norms, as DoRA does)."""
+        return sum(self.coefficient(b) * (self.B[b] @ self.A[b]) for b in self.branches)
+
+    def row_scale(self) -> torch.Tensor | None:
+        if self.rescale is Rescale.NONE:
+            return None
+        # Norms of the adapted rows, in float64 so the reference itself adds no rounding worth
+        # speaking of; DoRA and D2-LoRA treat them as constants in the backward pass.
+        v = self._canonical_weight().double() + self.delta().double()
+        norms = torch.linalg.vector_norm(v, dim=1).detach()
+        target = self.magnitude.double() if self.magnitude is not None else self.original_norm.double()
+        return (target / norms).to(self.base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            base = self.base
+            y = F.embedding(x, base.weight, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)
+            for b in self.branches:
+                y = y + self.coefficient(b) * (F.embedding(x, self.A[b].T) @ self.B[b].T)
+            bias = None
+        else:
+            bias = self.base.bias
+            y = x @ self.base.weight if self.transposed else F.linear(x, self.base.weight)
+            for b in self.branches:
+                y = y + self.coefficient(b) * ((x @ self.A[b].T) @ self.B[b].T)
+        g = self.row_scale()
+        if g is not None:
+            y = y * g
+        if bias is not None:
+            y = y + bias
+        if self.bias_delta is not None:
+            y = y + self.scale * self.bias_delta
+        return y
+
+
+def _resolve_module(model: nn.Module, path: str) -> tuple[str, nn.Module]:
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (path, path.removeprefix(f"{prefix}."), f"{prefix}.{path}"):
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise KeyError(f"module {path} not found in the model")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def inject_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+    """Apply ``spec`` to ``model`` at run time, in place: full tensors replace the model's (untied
+    from whatever they were tied to), selected modules get an :class:`AdapterLayer`."""
+    for name, value in spec.replacements.items():
+        module_path, _, param = name.rpartition(".")
+        path, module = _resolve_module(model, module_path)
+        old = getattr(module, param)
+        setattr(module, param, nn.Parameter(value.detach().to(old.dtype).clone(), requires_grad=False))
+    for update in spec.updates.values():
+        if not update.selected:
+            continue
+        path, module = _resolve_module(model, update.module)
+        _set_module(model, path, AdapterLayer.from_update(module, update).to(module.weight.dtype))
+    return model
+
+
+def add_d2lora(model: nn.Module, target_modules: list[str], *, r: int, alpha: float, tau: float,
+               learn_tau: bool = False, norm_projection: bool = True, seed: int = 0) -> dict[str, AdapterLayer]:
+    """Wrap every module whose name ends with a target in a trainable D2-LoRA layer (A random as
+    LoRA initialises it, B zero, so training starts from the base model)."""
+    generator = torch.Generator().manual_seed(seed)
+    rescale = Rescale.ORIGINAL_NORM if norm_projection else Rescale.NONE
+    layers = {}
+    for name, module in list(model.named_modules()):
+        if not name or name.rsplit(".", 1)[-1] not in target_modules:
+            continue
+        layer = AdapterLayer(module, rank=r, scale=alpha / r, branches=("pos", "neg"), rescale=rescale,
+                             tau=tau, learn_tau=learn_tau)
+        with torch.no_grad():
+            for b in layer.branches:
+                bound = 1 / math.sqrt(layer.A[b].shape[1])
+                layer.A[b].uniform_(-bound, bound, generator=generator)
+        _set_module(model, name, layer)
+        layers[name] = layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        for p in [*layer.A.values(), *layer.B.values()]:
+            p.requires_grad_(True)
+        if learn_tau:
+            layer.tau.requires_grad_(True)
+    return layers
+
+
+def save_d2lora(layers: dict[str, AdapterLayer], folder: str | Path, config: dict, *,
+                save_tau: bool = False) -> None:
+    """Write layers in the D2-LoRA checkpoint format (DESIGN.md 3.2)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        for b in layer.branches:
+            tensors[f"{PEFT_PREFIX}{name}.lora_A_{b}.weight"] = layer.A[b].detach().contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_B_{b}.weight"] = layer.B[b].detach().contiguous()
+        if save_tau:
+            tensors[f"{PEFT_PREFIX}{name}.d2_tau"] = layer.tau.detach().reshape(1).clone()
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "D2LORA", **config}, indent=2) + "\n")
+
+
+__all__ = ["AdapterLayer", "LayerKind", "add_d2lora", "inject_adapter", "save_d2lora"]

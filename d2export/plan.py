@@ -1,0 +1,242 @@
+"""Match every adapter tensor to a base tensor and check every shape before anything is written.
+
+The result, a :class:`MergePlan`, lists each output tensor with where its value comes from, and
+the output's shard layout. Anything that does not fit is a :class:`D2ExportError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from .architecture import Architecture, probe_architecture
+from .errors import D2ExportError
+from .io import BaseModel, parse_size
+from .spec import AdapterSpec, LayerKind, ModuleUpdate
+
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class Action(StrEnum):
+    COPY = "copy"  # the base tensor, unchanged (bit-identical when the dtype is kept)
+    MERGE = "merge"  # W' from the low-rank terms and rescaling
+    UNSELECTED = "unselected"  # adapted, but the DiffoRA DAM left it out: copied like COPY
+    REPLACE = "replace"  # a full tensor saved by the adapter
+    BIAS = "bias"  # base bias + lora_bias
+
+
+@dataclass
+class TensorPlan:
+    name: str  # output tensor name
+    source: str  # base tensor it starts from (may differ from name for untied copies)
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    action: Action
+    update: ModuleUpdate | None = None
+    transposed: bool = False
+    replacement: torch.Tensor | None = None  # the adapter's full tensor (REPLACE, or W0 for MERGE)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.out_dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class MergePlan:
+    spec: AdapterSpec
+    base: BaseModel
+    tensors: list[TensorPlan]
+    shards: list[tuple[str, list[TensorPlan]]]  # (file name, tensors) in write order
+    compute_dtype: torch.dtype
+    config_updates: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action is Action.MERGE]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def build_plan(
+    spec: AdapterSpec,
+    base: BaseModel,
+    *,
+    dtype: str = "auto",
+    compute_dtype: str = "float64",
+    max_shard_size: str | int | None = None,
+    arch: Architecture | None = None,
+) -> MergePlan:
+    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
+        raise D2ExportError(f"--dtype must be auto, {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise D2ExportError(f"--compute-dtype must be {' or '.join(COMPUTE_DTYPES)}; got {compute_dtype!r}")
+    arch = arch if arch is not None else probe_architecture(base.config)
+    notes: list[str] = []
+    if not arch.known:
+        notes.append(f"architecture not instantiable ({arch.problem}); layouts inferred from shapes")
+    resolve = _Resolver(base, arch)
+
+    # What each output tensor gets from the adapter, keyed by output tensor name.
+    weight_updates: dict[str, ModuleUpdate] = {}
+    bias_updates: dict[str, ModuleUpdate] = {}
+    for update in spec.updates.values():
+        weight_updates[resolve(update.weight_key, f"adapter module {update.module}")] = update
+        if update.bias_delta is not None:
+            key = resolve(update.bias_key, f"lora_bias of {update.module}", missing=(
+                f"{update.module} has a trained lora_bias but the base module has no bias; "
+                "it cannot be merged (PEFT refuses this too)"))
+            bias_updates[key] = update
+    replacements = {resolve(k, f"adapter tensor {k}"): v for k, v in spec.replacements.items()}
+
+    touched = set(weight_updates) | set(bias_updates) | set(replacements)
+    out_names = list(base.tensors)
+    config_updates: dict = {}
+    for group in arch.tied:
+        if not group & touched:
+            continue
+        stored = [n for n in group if n in base.tensors]
+        if not stored:
+            continue
+        for name in sorted(group - set(out_names)):
+            out_names.append(name)
+            resolve.alias[name] = stored[0]
+        config_updates["tie_word_embeddings"] = False
+        notes.append(
+            f"tied weights {sorted(group)}: the adapter changes {sorted(group & touched)} only, so "
+            "they are written untied (tie_word_embeddings=false) instead of merging one change into both"
+        )
+    if config_updates:
+        _check_untied(base.config, config_updates, arch, touched)
+
+    tensors = []
+    for name in out_names:
+        source = resolve.alias.get(name, name)
+        info = base.tensors[source]
+        out_dtype = info.dtype
+        if dtype != "auto" and info.dtype.is_floating_point:
+            out_dtype = OUTPUT_DTYPES[dtype]
+        plan = TensorPlan(name, source, info.shape, out_dtype, Action.COPY)
+        if name in replacements:
+            value = replacements[name]
+            if tuple(value.shape) != info.shape:
+                raise D2ExportError(
+                    f"adapter tensor for {name} has shape {tuple(value.shape)}, the base has {info.shape}"
+                    " (resized vocabularies are not supported)"
+                )
+            plan.action, plan.replacement = Action.REPLACE, value
+        if name in weight_updates:
+            update = weight_updates[name]
+            plan.update = update
+            plan.transposed = _layout(update, info.shape, arch, spec)
+            plan.action = Action.MERGE if update.selected else Action.UNSELECTED
+            if plan.action is Action.UNSELECTED:
+                plan.replacement = None  # unselected modules stay exactly the base weights
+        elif name in bias_updates:
+            update = bias_updates[name]
+            if info.shape != (update.shape[0],):
+                raise D2ExportError(f"{name}: base bias has shape {info.shape}, lora_bias has [{update.shape[0]}]")
+            plan.update = update
+            if update.selected:
+                plan.action = Action.BIAS
+        tensors.append(plan)
+
+    if dtype != "auto":
+        config_updates["dtype"] = dtype
+    return MergePlan(
+        spec=spec, base=base, tensors=tensors,
+        shards=_shard_layout(tensors, base, max_shard_size),
+        compute_dtype=COMPUTE_DTYPES[compute_dtype], config_updates=config_updates, notes=notes,
+    )
+
+
+class _Resolver:
+    """Maps adapter-side tensor names to base tensor names (tolerating the base-model prefix
+    difference between e.g. ``BertModel`` and ``BertFor...`` checkpoints)."""
+
+    def __init__(self, base: BaseModel, arch: Architecture):
+        self.base, self.arch = base, arch
+        self.alias: dict[str, str] = {}
+
+    def __call__(self, key: str, what: str, missing: str | None = None) -> str:
+        prefix = self.arch.base_model_prefix
+        candidates = [key]
+        if prefix:
+            candidates += [key.removeprefix(prefix + "."), f"{prefix}.{key}"]
+        for candidate in candidates:
+            if candidate in self.base.tensors:
+                return candidate
+            group = self.arch.tied_group(candidate)
+            if group and any(n in self.base.tensors for n in group):
+                return candidate  # a tied tensor not stored on its own: the plan unties it
+        raise D2ExportError(missing or f"{what} has no base tensor {key} in {self.base.path}")
+
+
+def _layout(update: ModuleUpdate, shape: tuple[int, ...], arch: Architecture, spec: AdapterSpec) -> bool:
+    """Whether the stored tensor is the canonical [out, in] transposed."""
+    out, inp = update.shape
+    name = update.weight_key
+    if len(shape) != 2:
+        raise D2ExportError(f"{name}: base tensor has shape {shape}; only 2-d weights can take a low-rank update")
+    if update.kind is LayerKind.EMBEDDING:
+        if shape != (inp, out):
+            raise D2ExportError(f"{name}: embedding is {shape} but the adapter expects [vocab={inp}, dim={out}]")
+        return True
+    module = update.module
+    if arch.known:
+        if module in arch.embeddings:
+            raise D2ExportError(f"{name}: an embedding adapted with Linear-style factors (lora_A/lora_B)")
+        transposed = module in arch.conv1d
+    elif out != inp:
+        transposed = shape == (inp, out)
+    else:
+        transposed = bool(spec.config.get("fan_in_fan_out", False))
+    expected = (inp, out) if transposed else (out, inp)
+    if shape != expected:
+        raise D2ExportError(
+            f"{name}: base shape {shape} does not fit the adapter's update "
+            f"[out={out}, in={inp}]{' stored [in, out] (Conv1D)' if transposed else ''}"
+        )
+    return transposed
+
+
+def _check_untied(config: dict, updates: dict, arch: Architecture, touched: set[str]) -> None:
+    from .architecture import probe_architecture
+
+    after = probe_architecture({**config, **updates})
+    for group in after.tied:
+        if group & touched:
+            raise D2ExportError(
+                f"the adapter changes {sorted(group & touched)}, tied to {sorted(group - touched)}, "
+                "and this architecture cannot be untied through tie_word_embeddings"
+            )
+
+
+def _shard_layout(tensors: list[TensorPlan], base: BaseModel, max_shard_size) -> list[tuple[str, list[TensorPlan]]]:
+    """The base's own layout (same files, same grouping) unless a maximum shard size is given."""
+    if max_shard_size is None and base.is_safetensors:
+        groups: dict[str, list[TensorPlan]] = {f: [] for f in base.files}
+        for t in tensors:
+            groups[base.tensors[t.source].file].append(t)
+        return [(f, g) for f, g in groups.items() if g]
+    limit = parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
+    chunks: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if chunks[-1] and size + t.nbytes > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.nbytes
+    if len(chunks) == 1:
+        return [("model.safetensors", chunks[0])]
+    n = len(chunks)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]

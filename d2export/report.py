@@ -1,0 +1,111 @@
+"""``d2export_report.json`` (the machine-readable record of a merge) and the model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from . import __version__
+from .algebra import MergeStats
+from .io import sha256_file
+from .plan import Action, MergePlan
+
+REPORT_VERSION = 1
+
+
+def build_report(
+    plan: MergePlan, stats: dict[str, MergeStats], shard_hashes: dict[str, str], out: Path,
+    *, hash_inputs: bool = True,
+) -> dict:
+    spec, base = plan.spec, plan.base
+
+    def files(paths):
+        return [{"file": str(p), "sha256": sha256_file(p) if hash_inputs else None} for p in paths]
+
+    modules = []
+    for t in plan.tensors:
+        if t.update is None or t.action not in (Action.MERGE, Action.UNSELECTED):
+            continue
+        u = t.update
+        entry = {
+            "tensor": t.name,
+            "module": u.module,
+            "action": t.action.value,
+            "rank": u.rank,
+            "alpha": u.alpha,
+            "coefficients": {term.name: term.coefficient for term in u.terms},
+            "rescale": u.rescale.value,
+            "layout": "[in, out]" if t.transposed else "[out, in]",
+        }
+        if u.tau is not None:
+            entry["tau"] = u.tau
+            entry["tau_learned"] = u.tau_learned
+        if u.swapped_factors:
+            entry["factors_stored_swapped"] = True
+        s = stats.get(t.name)
+        if s is not None:
+            entry["delta_fro_norm"] = s.delta_norm
+            if s.scale_min is not None:
+                entry["rescale_range"] = [s.scale_min, s.scale_max]
+        modules.append(entry)
+    counts = {a.value: sum(t.action is a for t in plan.tensors) for a in Action}
+    selection = None
+    if spec.selection is not None:
+        sel = spec.selection
+        selection = {
+            "source": sel.source, "sample_rate": sel.sample_rate, "module_types": list(sel.module_types),
+            "num_layers": sel.num_layers, "num_selected": sel.num_selected, "grid": [list(r) for r in sel.grid],
+        }
+    return {
+        "report_version": REPORT_VERSION,
+        "tool": {"name": "d2export", "version": __version__},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "method": spec.method,
+        "adapter": {"path": str(spec.path), "files": files(spec.files), "config": _config_summary(spec.config)},
+        "base": {"path": str(base.path), "files": files([base.path / f for f in base.files])},
+        "output": {
+            "path": str(out),
+            "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+            "dtypes": sorted({str(t.out_dtype).removeprefix("torch.") for t in plan.tensors}),
+            "shards": [{"file": f, "sha256": h} for f, h in shard_hashes.items()],
+            "total_bytes": plan.total_bytes,
+            "config_changes": plan.config_updates,
+        },
+        "tensors": counts,
+        "modules": modules,
+        "replaced": [t.name for t in plan.tensors if t.action is Action.REPLACE],
+        "diffora_selection": selection,
+        "notes": plan.notes + spec.warnings,
+    }
+
+
+def _config_summary(config: dict) -> dict:
+    keys = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "tau", "norm_projection",
+            "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "lora_bias",
+            "fan_in_fan_out", "base_model_name_or_path")
+    return {k: config[k] for k in keys if k in config}
+
+
+def model_card(report: dict) -> str:
+    merged = [m for m in report["modules"] if m["action"] == "merge"]
+    skipped = [m for m in report["modules"] if m["action"] == "unselected"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [d2export, merged-adapter]",
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This folder was written by d2export {report['tool']['version']}: the `{report['method']}` adapter "
+        f"at `{report['adapter']['path']}` folded into the base model at `{report['base']['path']}`. "
+        "It is a plain model: no adapter code runs at inference.",
+        "",
+        f"- modules merged: {len(merged)}"
+        + (f"; left as base by the DiffoRA selection: {len(skipped)}" if skipped else ""),
+        f"- full tensors taken from the adapter: {len(report['replaced'])}",
+        f"- computed in {report['output']['compute_dtype']}, written as {', '.join(report['output']['dtypes'])}",
+    ]
+    lines += [f"- note: {n}" for n in report["notes"]]
+    lines += ["", "Per-module figures and input hashes are in `d2export_report.json`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The pure algebra: rounding and the merge formula on hand-checkable cases."""
+
+import math
+
+import pytest
+import torch
+from reference import correctly_rounded
+
+from d2export.algebra import MergeError, merge_tensor, round_to_dtype
+from d2export.spec import LayerKind, LowRankTerm, ModuleUpdate, Rescale
+
+
+def _halfway_cases(dtype: torch.dtype, n: int = 20000) -> torch.Tensor:
+    """float64 values just beside halfway points of ``dtype``: where rounding via float32 goes wrong."""
+    g = torch.Generator().manual_seed(0)
+    low = (torch.randn(n, generator=g, dtype=torch.float64) * 4).to(dtype)
+    high = torch.nextafter(low, torch.full_like(low, math.inf))
+    mid = (low.double() + high.double()) / 2
+    side = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return mid + side * mid.abs() * 2.0**-35  # below float32's resolution at that scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_to_dtype_is_correctly_rounded_where_torch_is_not(dtype):
+    x = _halfway_cases(dtype)
+    ours = round_to_dtype(x, dtype)
+    assert correctly_rounded(x, ours).all()
+    # The plain conversion rounds twice (via float32): the cases above must expose that, or this
+    # test would not be testing anything.
+    assert not correctly_rounded(x, x.to(dtype)).all()
+
+
+def test_round_to_dtype_random_values_and_specials():
+    g = torch.Generator().manual_seed(1)
+    magnitudes = 10.0 ** torch.randint(-6, 4, (100000,), generator=g)
+    x = torch.cat([torch.randn(100000, generator=g, dtype=torch.float64) * magnitudes,
+                   torch.tensor([0.0, -0.0, 1e-300, -1e-300, 2.0**-133, 3.0e38], dtype=torch.float64)])
+    for dtype in (torch.bfloat16, torch.float16):
+        finite = x.abs() < torch.finfo(dtype).max
+        assert correctly_rounded(x[finite], round_to_dtype(x[finite], dtype)).all()
+    assert torch.equal(round_to_dtype(x, torch.float32), x.to(torch.float32))
+
+
+def _update(out: int, inp: int, rescale=Rescale.NONE, *, magnitude=None, seed=0) -> ModuleUpdate:
+    g = torch.Generator().manual_seed(seed)
+    terms = (LowRankTerm("pos", 2.0, torch.randn(out, 2, generator=g), torch.randn(2, inp, generator=g)),
+             LowRankTerm("neg", -1.0, torch.randn(out, 2, generator=g), torch.randn(2, inp, generator=g)))
+    return ModuleUpdate("m", LayerKind.LINEAR, terms, rescale=rescale, magnitude=magnitude, rank=2)
+
+
+def test_original_norm_rescaling_keeps_row_norms():
+    w0 = torch.randn(6, 5, dtype=torch.float64)
+    merged, stats = merge_tensor(w0, _update(6, 5, Rescale.ORIGINAL_NORM), transposed=False, out_dtype=torch.float64)
+    assert torch.allclose(merged.norm(dim=1), w0.norm(dim=1), rtol=1e-14)
+    assert not torch.allclose(merged, w0)
+    assert stats.scale_min is not None and stats.scale_min <= stats.scale_max
+
+
+def test_transposed_layout_normalises_output_units():
+    w0 = torch.randn(5, 6, dtype=torch.float64)  # stored [in=5, out=6], as GPT-2 Conv1D
+    merged, _ = merge_tensor(w0, _update(6, 5, Rescale.ORIGINAL_NORM), transposed=True, out_dtype=torch.float64)
+    assert merged.shape == (5, 6)
+    assert torch.allclose(merged.norm(dim=0), w0.norm(dim=0), rtol=1e-14)
+
+
+def test_block_processing_matches_whole_tensor(monkeypatch):
+    import d2export.algebra as algebra
+
+    w0 = torch.randn(37, 11, dtype=torch.float64)
+    update = _update(37, 11, Rescale.MAGNITUDE, magnitude=torch.rand(37) + 0.5)
+    whole, s1 = merge_tensor(w0, update, transposed=False, out_dtype=torch.float64)
+    monkeypatch.setattr(algebra, "_BLOCK_BYTES", 5 * 11 * 8)  # blocks of 5 rows
+    blocked, s2 = merge_tensor(w0, update, transposed=False, out_dtype=torch.float64)
+    assert torch.equal(whole, blocked)
+    assert s1.delta_norm == pytest.approx(s2.delta_norm, rel=1e-12)
+
+
+def test_zero_norm_row_is_an_error_naming_the_row():
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    update = _update(4, 3, Rescale.ORIGINAL_NORM)
+    w0[2] = 0
+    for t in update.terms:
+        t.B[2] = 0
+    with pytest.raises(MergeError, match="row 2"):
+        merge_tensor(w0, update, transposed=False, out_dtype=torch.float32, name="layer.weight")
+
+
+def test_overflow_is_an_error():
+    update = _update(4, 3)
+    with pytest.raises(MergeError, match=r"overflow|not finite"):
+        merge_tensor(torch.full((4, 3), 1.0e5), update, transposed=False, out_dtype=torch.float16)

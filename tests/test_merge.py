@@ -1,0 +1,174 @@
+"""End to end: every fixture format merged, loaded with transformers, and checked three ways:
+weights against an independent float64 reference (correct rounding, bit-identity of untouched
+tensors), outputs against the run-time adapter model, and (PEFT adapters) against PEFT's own
+unmerged model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import build
+import pytest
+import torch
+from conftest import load_model, model_output, tokens
+from reference import correctly_rounded, expected_weight, load_raw
+from safetensors import safe_open
+
+from d2export import load_adapter, merge
+from d2export.layers import inject_adapter
+
+# fp32 logits: merged (x W'^T) and unmerged (g * (x W0^T + c (x A^T) B^T)) differ only in the order
+# of float32 operations, i.e. by a few float32 ulps per layer of the logit scale. 1e-5 relative
+# to the largest logit leaves ten times the largest gap seen and is far below any merge defect
+# (a wrong tau or a missing rescale moves logits by 1e-2 and more on these fixtures).
+FP32_LOGIT_RTOL = 1e-5
+# A bf16 merged model holds W' rounded to bf16 (relative error up to 2^-9 per weight) while the
+# reference computes with the exact fp32 W0 + dW, so its logits carry that rounding: a few bf16
+# ulps of the logit scale. The bit-exact weight test above is the strict check for bf16.
+LOGIT_RTOL = {torch.float32: FP32_LOGIT_RTOL, torch.bfloat16: 4 * 2.0**-8}
+
+PEFT_FIXTURES = [n for n in build.FIXTURES if not n.startswith("d2lora")]
+CONV1D_FIXTURES = {"d2lora-gpt2", "lora-gpt2-bias", "dora-gpt2"}
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    if not tensors:
+        for file in sorted(folder.glob("*.bin")):
+            tensors.update(torch.load(file, weights_only=True))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def merged(fixture, tmp_path_factory):
+    out_root = tmp_path_factory.mktemp("merged")
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            folder = fixture(name)
+            done[name] = merge(folder / "adapter", base=folder / "base", out=out_root / name)
+        return fixture(name), done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", build.FIXTURES)
+def test_weights_match_independent_reference(merged, name):
+    folder, result = merged(name)
+    base, out = read_all(folder / "base"), read_all(result.out)
+    spec = load_adapter(folder / "adapter")
+    config, raw = load_raw(folder / "adapter")
+    assert set(out) >= set(base)
+    adapted = {u.weight_key: u for u in spec.updates.values()}
+    for key, value in out.items():
+        source = base.get(key, base.get("model.embed_tokens.weight"))  # untied lm_head starts from the embedding
+        replaced = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        if key in adapted and adapted[key].selected:
+            module = key.removesuffix(".weight")
+            w0 = raw.get(f"{module}.base_layer.weight", source.double())
+            exact = expected_weight(folder / "adapter", module, w0, conv1d=name in CONV1D_FIXTURES)
+            assert value.dtype == source.dtype
+            assert correctly_rounded(exact, value).all(), f"{key} not the correctly rounded exact merge"
+        elif key.endswith(".bias") and f"{key.removesuffix('.bias')}.lora_B.bias" in raw:
+            module = key.removesuffix(".bias")
+            start = raw.get(f"{module}.base_layer.bias", source.double())
+            exact = start + config["lora_alpha"] / config["r"] * raw[f"{module}.lora_B.bias"]
+            assert correctly_rounded(exact, value).all(), key
+        elif key in raw or replaced in raw:
+            assert torch.equal(value, raw.get(key, raw.get(replaced)).to(value.dtype)), key
+        else:  # untouched, or left out by the DiffoRA selection: the base's exact bytes
+            assert value.dtype == source.dtype and torch.equal(value.view(torch.uint8), source.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("name", build.FIXTURES)
+def test_merged_model_matches_run_time_adapter(merged, name):
+    folder, result = merged(name)
+    rtol = LOGIT_RTOL[next(iter(read_all(folder / "base").values())).dtype]
+    merged_model = load_model(result.out)  # transformers' from_pretrained on our folder, run in fp32
+    reference = inject_adapter(load_model(folder / "base"), load_adapter(folder / "adapter"))
+    ids = tokens()
+    a, b = model_output(merged_model, ids), model_output(reference, ids)
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max() <= rtol * b.abs().max()
+    # ...and the adapter really changed the model, so the comparison above means something.
+    base = model_output(load_model(folder / "base"), ids)
+    assert (a - base).abs().max() > 5 * rtol * b.abs().max()
+
+
+@pytest.mark.parametrize("name", PEFT_FIXTURES)
+def test_peft_adapters_match_peft_unmerged_model(merged, name):
+    from peft import PeftModel
+
+    folder, result = merged(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(load_model(folder / "base"), folder / "adapter").eval()
+    ids = tokens(seed=3)
+    a, b = model_output(load_model(result.out), ids), model_output(peft_model, ids)
+    assert (a - b).abs().max() <= FP32_LOGIT_RTOL * b.abs().max()
+
+
+def test_bf16_merge_is_bit_identical_to_correctly_rounded_float64(merged):
+    folder, result = merged("d2lora-llama-bf16")
+    out, base = read_all(result.out), read_all(folder / "base")
+    assert all(v.dtype == torch.bfloat16 for v in out.values())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    exact = expected_weight(folder / "adapter", key.removesuffix(".weight"), base[key])
+    assert correctly_rounded(exact, out[key]).all()
+    assert not torch.equal(out[key], base[key])
+    config = json.loads((result.out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_diffora_unselected_modules_are_base_bytes(merged):
+    folder, result = merged("d2lora-llama-diffora")
+    spec = load_adapter(folder / "adapter")
+    assert spec.method == "d2lora+diffora"
+    unselected = [u for u in spec.updates.values() if not u.selected]
+    selected = [u for u in spec.updates.values() if u.selected]
+    assert len(unselected) == len(selected) == 8  # round(0.5 * 4 layers * 4 types)
+    out, base = read_all(result.out), read_all(folder / "base")
+    for u in unselected:
+        assert torch.equal(out[u.weight_key], base[u.weight_key])
+    for u in selected:
+        assert not torch.equal(out[u.weight_key], base[u.weight_key])
+    assert result.report["tensors"]["unselected"] == 8
+    assert result.report["diffora_selection"]["num_selected"] == 8
+
+
+def test_tied_embeddings_are_untied_not_merged_twice(merged):
+    folder, result = merged("lora-llama-tied")
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    out = read_all(result.out)
+    assert "lm_head.weight" in out and "lm_head.weight" not in read_all(folder / "base")
+    assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    assert any("untied" in n for n in result.report["notes"])
+
+
+def test_sharded_base_keeps_its_layout(merged):
+    folder, result = merged("rslora-llama-patterns")
+    base_index = json.loads((folder / "base" / "model.safetensors.index.json").read_text())
+    out_index = json.loads((result.out / "model.safetensors.index.json").read_text())
+    assert out_index["weight_map"] == base_index["weight_map"]
+    sizes = {m["module"]: m["rank"] for m in result.report["modules"]}
+    assert sizes["model.layers.0.mlp.down_proj"] == 2 and sizes["model.layers.1.self_attn.q_proj"] == 6
+
+
+def test_report_and_side_files(merged):
+    _, result = merged("d2lora-llama")
+    report = json.loads((result.out / "d2export_report.json").read_text())
+    assert report["method"] == "d2lora" and report["tool"]["name"] == "d2export"
+    assert all(len(f["sha256"]) == 64 for f in report["adapter"]["files"] + report["base"]["files"])
+    module = report["modules"][0]
+    assert module["rank"] == 4 and module["tau"] == 0.5
+    assert module["coefficients"] == {"pos": 2.0, "neg": -1.0}
+    assert module["delta_fro_norm"] > 0 and module["rescale_range"][0] > 0
+    assert (result.out / "README.md").read_text().startswith("---")
+    assert (result.out / "generation_config.json").is_file()

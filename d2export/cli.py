@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -47,7 +48,7 @@ def _fail(exc: BaseException) -> None:
     if _debug:
         raise exc
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -71,7 +72,8 @@ def inspect_cmd(
 
 
 def _print_inspect(info: dict) -> None:
-    out.print(f"[bold]{info['adapter']}[/]  method [cyan]{info['method']}[/]  base {info['base_model_name_or_path']}")
+    out.print(f"[bold]{escape(info['adapter'])}[/]  method [cyan]{info['method']}[/]  "
+              f"base {escape(str(info['base_model_name_or_path']))}")
     out.print(f"{info['num_modules']} adapted modules ({info['num_selected']} merged), "
               f"{info['num_params']:,} adapter parameters")
     table = Table("module", "kind", "shape", "rank", "alpha", "coefficients", "tau", "rescale", "merged",
@@ -98,9 +100,9 @@ def _print_inspect(info: dict) -> None:
                   f"{t['merge']} merged, {t['bias']} biases, {t['replace']} replaced, "
                   f"{t['copy'] + t['unselected']} copied")
         for note in plan["notes"]:
-            out.print(f"note: {note}")
+            out.print(f"note: {note}", markup=False)
     elif plan:
-        out.print(f"[yellow]merge plan unavailable:[/] {plan['reason']}")
+        out.print(f"[yellow]merge plan unavailable:[/] {escape(plan['reason'])}")
 
 
 @app.command("merge")
@@ -144,18 +146,20 @@ def merge_cmd(
     if as_json:
         print(json.dumps(report, indent=2))
     t = report["tensors"]
-    err.print(f"merged {report['method']} into {result.out}: {t['merge']} tensors merged, "
+    err.print(f"merged {report['method']} into {escape(str(result.out))}: {t['merge']} tensors merged, "
               f"{t['unselected']} left as base (DiffoRA), {t['replace']} replaced, {t['bias']} biases, "
               f"{report['output']['total_bytes'] / 1e6:,.1f} MB in {len(report['output']['shards'])} shard(s)",
               highlight=False)
     for note in report["notes"]:
-        err.print(f"note: {note}", highlight=False)
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def run() -> None:
     try:
         app()
-    except D2ExportError as exc:  # raised outside a command body (should not happen, but never a traceback)
+    except D2ExportError as exc:  # raised outside a command body, or re-raised for --debug
+        if _debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

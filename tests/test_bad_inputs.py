@@ -468,9 +468,6 @@ def _bracketed_path(c: Ctx):
     return c.argv(adapter=c.tmp / "ckpt[best]"), ["ckpt[best]"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli._fail prints the message as rich markup: any '[word...]' in it (the '[out=64, in=32]' of a "
-    "shape error, a folder named 'ckpt[best]') is parsed as a style tag and silently dropped"))
 @pytest.mark.parametrize(("name", "setup"), [
     pytest.param("lora-llama", _shape_conflict, id="shape_conflict"),
     pytest.param("lora-llama", _bracketed_path, id="bracketed_path"),
@@ -509,9 +506,6 @@ def test_bad_input_end_to_end(fixture, tmp_path, name, setup):
     assert not leftovers(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.run() catches the D2ExportError that _fail re-raises under --debug and prints one line, "
-    "so --debug ('Show tracebacks.') never shows one"))
 def test_debug_shows_traceback(tmp_path):
     proc = run_cli("--debug", "merge", str(tmp_path / "no-such-adapter"), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0

@@ -128,8 +128,8 @@ def merge_cmd(
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("merging", total=None)
 
-        def progress(name: str, nbytes: int) -> None:
-            bar.update(task, advance=nbytes, description=name[-48:])
+        def progress(name: str, nbytes: int, total: int) -> None:
+            bar.update(task, total=total, advance=nbytes, description=name[-48:])
 
         try:
             result = merge(checkpoint, base=base, out=out_dir, dtype=dtype, compute_dtype=compute_dtype,

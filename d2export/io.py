@@ -1,6 +1,8 @@
 """Reading base models and writing merged ones, tensor by tensor.
 
-Reading goes through ``safe_open`` (memory-mapped) so only the tensor in hand is resident.
+Reading goes through ``safe_open`` (memory-mapped), opened per tensor: a mapping that stayed open
+would keep every page read so far resident (and counted in RSS), so a long-lived handle on a 5 GB
+shard looks like 5 GB of memory to monitoring and container limits.
 Writing uses :class:`ShardWriter`, which lays down the safetensors header from the plan first and
 then streams each tensor's bytes as it is produced: a shard never has to be held in memory.
 """
@@ -67,31 +69,18 @@ class BaseModel:
         return self.files[0].endswith(".safetensors")
 
     def read(self, name: str) -> torch.Tensor:
+        """One tensor, as an owned copy (the file is unmapped again before returning)."""
         info = self.tensors[name]
-        handle = self._handle(info.file)
         if self.is_safetensors:
-            return handle.get_tensor(name)
-        return handle[name]
-
-    def _handle(self, file: str):
-        if file not in self._open:
-            if len(self._open) >= 2:  # keep at most two files mapped: reads are in file order
-                self.close_file(next(iter(self._open)))
-            path = self.path / file
-            if self.is_safetensors:
-                self._open[file] = safe_open(path, framework="pt", device="cpu").__enter__()
-            else:
-                self._open[file] = _load_bin(path)
-        return self._open[file]
-
-    def close_file(self, file: str) -> None:
-        handle = self._open.pop(file, None)
-        if handle is not None and self.is_safetensors:
-            handle.__exit__(None, None, None)
+            with safe_open(self.path / info.file, framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        if info.file not in self._open:  # .bin: torch.load(mmap=True) of one file at a time
+            self._open.clear()
+            self._open[info.file] = _load_bin(self.path / info.file)
+        return self._open[info.file][name]
 
     def close(self) -> None:
-        for file in list(self._open):
-            self.close_file(file)
+        self._open.clear()
 
 
 def _load_bin(path: Path) -> dict:

@@ -25,7 +25,7 @@ from .plan import Action, MergePlan, TensorPlan, build_plan
 from .report import build_report, model_card
 from .resolve import resolve_base
 
-Progress = Callable[[str, int], None]  # (tensor name, bytes done for it)
+Progress = Callable[[str, int, int], None]  # (tensor just written, its bytes, total bytes of the output)
 
 
 @dataclass
@@ -88,12 +88,12 @@ def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = Non
                 weight_map[t.name] = file
                 del value
                 if progress:
-                    progress(t.name, t.nbytes)
+                    progress(t.name, t.nbytes, plan.total_bytes)
             hashes[file] = writer.close()
         except BaseException:
             writer.abort()
             raise
-    if len(plan.shards) > 1:
+    if len(plan.shards) > 1 or plan.shards[0][0] != "model.safetensors":  # loaders find other names via the index
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return stats, hashes

@@ -111,8 +111,8 @@ def build_plan(
             resolve.alias[name] = stored[0]
         config_updates["tie_word_embeddings"] = False
         notes.append(
-            f"tied weights {sorted(group)}: the adapter changes {sorted(group & touched)} only, so "
-            "they are written untied (tie_word_embeddings=false) instead of merging one change into both"
+            f"tied weights {', '.join(sorted(group))} written untied (tie_word_embeddings=false): the adapter "
+            f"changes {', '.join(sorted(group & touched))} and must not reach the others through the tie"
         )
     if config_updates:
         _check_untied(base.config, config_updates, arch, touched)

@@ -548,7 +548,7 @@ class Interrupt:
     def __init__(self, exc: type[BaseException], after: int = 1):
         self.exc, self.after, self.seen = exc, after, []
 
-    def __call__(self, name: str, nbytes: int) -> None:
+    def __call__(self, name: str, nbytes: int, total: int) -> None:
         self.seen.append(name)
         if len(self.seen) >= self.after:
             raise self.exc("stop")

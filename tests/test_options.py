@@ -179,3 +179,20 @@ def test_bin_base_written_as_safetensors(fixture, tmp_path, name):
     assert (folder / "base" / "pytorch_model.bin").is_file()
     result = merge(folder / "adapter", base=folder / "base", out=tmp_path / "m")
     assert (result.out / "model.safetensors").is_file() and not list(result.out.glob("*.bin"))
+
+
+def test_single_shard_with_index_keeps_a_loadable_layout(fixture, tmp_path):
+    folder = fixture("d2lora-llama")
+    base = tmp_path / "base"
+    shutil.copytree(folder / "base", base)
+    name = "model-00001-of-00001.safetensors"
+    (base / "model.safetensors").rename(base / name)
+    keys = read_all(base).keys()
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, name)}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = merge(folder / "adapter", base=base, out=tmp_path / "m")
+    index = json.loads((result.out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {name}
+    reference = merge(folder / "adapter", base=folder / "base", out=tmp_path / "ref")
+    ids = tokens()
+    assert torch.equal(model_output(load_model(result.out), ids), model_output(load_model(reference.out), ids))

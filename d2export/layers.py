@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .formats.common import PEFT_PREFIX
-from .spec import AdapterSpec, LayerKind, ModuleUpdate, Rescale
+from .spec import AdapterSpec, ModuleUpdate, Rescale
 
 
 class AdapterLayer(nn.Module):
@@ -180,4 +180,4 @@ def save_d2lora(layers: dict[str, AdapterLayer], folder: str | Path, config: dic
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "D2LORA", **config}, indent=2) + "\n")
 
 
-__all__ = ["AdapterLayer", "LayerKind", "add_d2lora", "inject_adapter", "save_d2lora"]
+__all__ = ["AdapterLayer", "add_d2lora", "inject_adapter", "save_d2lora"]

@@ -58,10 +58,6 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def merged(self) -> list[TensorPlan]:
-        return [t for t in self.tensors if t.action is Action.MERGE]
-
-    @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
@@ -75,6 +71,7 @@ def build_plan(
     max_shard_size: str | int | None = None,
     arch: Architecture | None = None,
 ) -> MergePlan:
+    """Match ``spec`` against ``base`` and decide every output tensor; raises on any mismatch."""
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise D2ExportError(f"--dtype must be auto, {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -115,7 +112,7 @@ def build_plan(
             f"changes {', '.join(sorted(group & touched))} and must not reach the others through the tie"
         )
     if config_updates:
-        _check_untied(base.config, config_updates, arch, touched)
+        _check_untied(base.config, config_updates, touched)
 
     tensors = []
     for name in out_names:
@@ -208,9 +205,8 @@ def _layout(update: ModuleUpdate, shape: tuple[int, ...], arch: Architecture, sp
     return transposed
 
 
-def _check_untied(config: dict, updates: dict, arch: Architecture, touched: set[str]) -> None:
-    from .architecture import probe_architecture
-
+def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
+    """Untying through the config must really untie: re-instantiate with it and look."""
     after = probe_architecture({**config, **updates})
     for group in after.tied:
         if group & touched:

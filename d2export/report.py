@@ -75,7 +75,7 @@ def build_report(
         "modules": modules,
         "replaced": [t.name for t in plan.tensors if t.action is Action.REPLACE],
         "diffora_selection": selection,
-        "notes": plan.notes + spec.warnings,
+        "notes": plan.notes,
     }
 
 

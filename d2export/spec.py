@@ -91,7 +91,6 @@ class DamSelection:
     grid: tuple[tuple[bool, ...], ...]
     source: str  # "selected" (stored) or "scores" (re-discretised)
     sample_rate: float | None = None
-    scores: tuple[tuple[float, ...], ...] | None = None
 
     def is_selected(self, layer: int, module_type: str) -> bool:
         return self.grid[layer][self.module_types.index(module_type)]
@@ -115,7 +114,6 @@ class AdapterSpec:
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     selection: DamSelection | None = None
     base_model_name_or_path: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_params(self) -> int:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import D2ExportError
+from ..spec import AdapterSpec, ModuleUpdate
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -129,3 +130,47 @@ def check_factor(name: str, tensor: torch.Tensor, ndim: int, where: Path) -> tor
     if not tensor.is_floating_point():
         raise D2ExportError(f"{where}: {name} has dtype {tensor.dtype}, not a float type")
     return tensor
+
+
+def group_factors(raw: RawAdapter, suffixes: dict) -> tuple[dict[str, dict], dict[str, object]]:
+    """Split adapter tensors into per-module factor dicts and the remaining full tensors."""
+    modules: dict[str, dict] = {}
+    rest: dict[str, object] = {}
+    for key, tensor in raw.tensors.items():
+        for suffix, (role, kind) in suffixes.items():
+            if key.endswith(suffix):
+                entry = modules.setdefault(key[: -len(suffix)], {})
+                entry[role] = tensor
+                if kind is not None:
+                    entry.setdefault("kinds", set()).add(kind)
+                break
+        else:
+            rest[key] = tensor
+    return modules, rest
+
+
+def full_tensors(raw: RawAdapter, rest: dict) -> dict:
+    """modules_to_save copies, ``base_layer`` copies of adapted embeddings and trained biases:
+    full tensors that replace the base's."""
+    replacements = {}
+    for key, tensor in rest.items():
+        if "lora_" in key or "d2_" in key:
+            raise D2ExportError(
+                f"{raw.path}: adapter tensor {key} is not part of a known adapter layout"
+            )
+        replacements[base_key(key)] = tensor
+    return replacements
+
+
+def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], rest: dict) -> AdapterSpec:
+    if not updates:
+        raise D2ExportError(f"{raw.path}: the adapter holds no {method} factors")
+    return AdapterSpec(
+        method=method,
+        path=raw.path,
+        files=raw.files,
+        config=raw.config,
+        updates=updates,
+        replacements=full_tensors(raw, rest),
+        base_model_name_or_path=raw.config.get("base_model_name_or_path"),
+    )

@@ -13,8 +13,7 @@ import torch
 
 from ..errors import D2ExportError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import RawAdapter, check_factor, pattern_value, require_number
-from .peft import full_tensors, group_factors
+from .common import RawAdapter, check_factor, finish_spec, group_factors, pattern_value, require_number
 
 _SUFFIXES = {
     ".lora_A_pos.weight": ("A_pos", LayerKind.LINEAR),
@@ -88,17 +87,7 @@ def read_d2lora(raw: RawAdapter) -> AdapterSpec:
             tau_learned=learned,
             swapped_factors=True in swapped,
         )
-    if not updates:
-        raise D2ExportError(f"{raw.path}: the adapter holds no D2-LoRA factors")
-    return AdapterSpec(
-        method="d2lora",
-        path=raw.path,
-        files=raw.files,
-        config=cfg,
-        updates=updates,
-        replacements=full_tensors(raw, rest),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
-    )
+    return finish_spec(raw, "d2lora", updates, rest)
 
 
 def _tau(stored, default, module: str, raw: RawAdapter) -> tuple[float, bool]:

@@ -39,7 +39,7 @@ def read_dam(path: Path) -> DamSelection:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise D2ExportError(f"{path}: 'sample_rate' must be in (0, 1], got {rate!r}")
     grid = select_top(scores, float(rate))
-    return DamSelection(tuple(types), num_layers, grid, "scores", float(rate), scores)
+    return DamSelection(tuple(types), num_layers, grid, "scores", float(rate))
 
 
 def select_top(scores: tuple[tuple[float, ...], ...], sample_rate: float) -> tuple[tuple[bool, ...], ...]:

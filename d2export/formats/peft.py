@@ -7,7 +7,7 @@ import math
 
 from ..errors import D2ExportError, UnsupportedAdapterError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import RawAdapter, base_key, check_factor, pattern_value, require_number
+from .common import RawAdapter, check_factor, finish_spec, group_factors, pattern_value, require_number
 
 # Suffix of an adapter key -> (role, layer kind).
 _FACTOR_SUFFIXES = {
@@ -34,36 +34,6 @@ _REFUSED_OPTIONS = {
 }
 # init_lora_weights values whose adapters only work with a base that was rewritten at init.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-
-
-def group_factors(raw: RawAdapter, suffixes: dict) -> tuple[dict[str, dict], dict[str, object]]:
-    """Split adapter tensors into per-module factor dicts and the remaining full tensors."""
-    modules: dict[str, dict] = {}
-    rest: dict[str, object] = {}
-    for key, tensor in raw.tensors.items():
-        for suffix, (role, kind) in suffixes.items():
-            if key.endswith(suffix):
-                entry = modules.setdefault(key[: -len(suffix)], {})
-                entry[role] = tensor
-                if kind is not None:
-                    entry.setdefault("kinds", set()).add(kind)
-                break
-        else:
-            rest[key] = tensor
-    return modules, rest
-
-
-def full_tensors(raw: RawAdapter, rest: dict) -> dict:
-    """modules_to_save copies, ``base_layer`` copies of adapted embeddings and trained biases:
-    full tensors that replace the base's."""
-    replacements = {}
-    for key, tensor in rest.items():
-        if "lora_" in key or "d2_" in key:
-            raise D2ExportError(
-                f"{raw.path}: adapter tensor {key} is not part of a known adapter layout"
-            )
-        replacements[base_key(key)] = tensor
-    return replacements
 
 
 def read_peft(raw: RawAdapter) -> AdapterSpec:
@@ -123,15 +93,5 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
             rank=int(r),
             alpha=alpha,
         )
-    if not updates:
-        raise D2ExportError(f"{raw.path}: the adapter holds no LoRA factors")
     method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
-    return AdapterSpec(
-        method=method,
-        path=raw.path,
-        files=raw.files,
-        config=cfg,
-        updates=updates,
-        replacements=full_tensors(raw, rest),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
-    )
+    return finish_spec(raw, method, updates, rest)

@@ -62,7 +62,7 @@ class BaseModel:
     config: dict
     tensors: dict[str, TensorInfo]  # in file order
     files: list[str]  # weight files in order
-    _open: dict = field(default_factory=dict, repr=False)
+    _bin: tuple[str, dict] | None = field(default=None, repr=False)  # the one .bin file loaded (mmap)
 
     @property
     def is_safetensors(self) -> bool:
@@ -74,13 +74,12 @@ class BaseModel:
         if self.is_safetensors:
             with safe_open(self.path / info.file, framework="pt", device="cpu") as handle:
                 return handle.get_tensor(name)
-        if info.file not in self._open:  # .bin: torch.load(mmap=True) of one file at a time
-            self._open.clear()
-            self._open[info.file] = _load_bin(self.path / info.file)
-        return self._open[info.file][name]
+        if self._bin is None or self._bin[0] != info.file:  # .bin: one mmap'd file at a time
+            self._bin = (info.file, _load_bin(self.path / info.file))
+        return self._bin[1][name]
 
     def close(self) -> None:
-        self._open.clear()
+        self._bin = None
 
 
 def _load_bin(path: Path) -> dict:

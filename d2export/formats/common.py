@@ -163,6 +163,7 @@ def full_tensors(raw: RawAdapter, rest: dict) -> dict:
 
 
 def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], rest: dict) -> AdapterSpec:
+    """The reader's result: its module updates plus the adapter's full tensors."""
     if not updates:
         raise D2ExportError(f"{raw.path}: the adapter holds no {method} factors")
     return AdapterSpec(

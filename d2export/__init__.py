@@ -6,5 +6,9 @@ from .errors import D2ExportError, UnsupportedAdapterError
 from .formats import load_adapter
 from .inspect import inspect
 from .merge import MergeResult, merge
+from .verify import Thresholds, VerifyReport, verify
 
-__all__ = ["D2ExportError", "MergeResult", "UnsupportedAdapterError", "__version__", "inspect", "load_adapter", "merge"]
+__all__ = [
+    "D2ExportError", "MergeResult", "Thresholds", "UnsupportedAdapterError", "VerifyReport", "__version__",
+    "inspect", "load_adapter", "merge", "verify",
+]

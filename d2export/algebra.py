@@ -9,6 +9,7 @@ and the float64 working set stays bounded whatever the tensor size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,20 +77,26 @@ def _row_block(n_cols: int, itemsize: int) -> int:
     return max(1, _BLOCK_BYTES // max(1, n_cols * itemsize))
 
 
-def merge_tensor(
-    weight: torch.Tensor,
-    update: ModuleUpdate,
-    *,
-    transposed: bool,
-    out_dtype: torch.dtype,
-    compute_dtype: torch.dtype = torch.float64,
-    name: str = "",
-) -> tuple[torch.Tensor, MergeStats]:
-    """Fold ``update`` into the stored base ``weight``; return it in ``out_dtype`` and its stats.
+@dataclass(frozen=True)
+class MergedRows:
+    """One block of rows of the exact merge, in the compute dtype, canonical orientation."""
+
+    rows: slice
+    base: torch.Tensor  # W0[rows]
+    value: torch.Tensor  # W'[rows] = g * (W0 + dW)[rows], not yet rounded
+    scale: torch.Tensor | None  # g[rows], or None when the method does not rescale
+    delta_sq: float  # ||dW[rows]||_F^2
+
+
+def merged_rows(
+    weight: torch.Tensor, update: ModuleUpdate, *, transposed: bool,
+    compute_dtype: torch.dtype = torch.float64, name: str = "",
+) -> Iterator[MergedRows]:
+    """The exact merge of ``update`` into the stored base ``weight``, in blocks of rows.
 
     ``V = W0 + sum_t c_t B_t A_t``; ``W' = diag(g) V`` with ``g = m / ||V_row||`` where the method
-    rescales (``m`` learned for DoRA, ``||W0_row||`` for D2-LoRA). Computed in ``compute_dtype``
-    and rounded once with :func:`round_to_dtype`.
+    rescales (``m`` learned for DoRA, ``||W0_row||`` for D2-LoRA). Rows are independent, so the
+    working set is one block whatever the tensor size.
     """
     name = name or update.weight_key
     base = weight.T if transposed else weight  # canonical [out, in] view, no copy
@@ -99,16 +106,14 @@ def merge_tensor(
             f"{name}: base shape {tuple(weight.shape)} does not match the adapter's "
             f"[out={update.shape[0]}, in={update.shape[1]}]"
         )
-    merged = torch.empty((n_out, n_in), dtype=out_dtype)
-    delta_sq = 0.0
-    scale_min, scale_max = math.inf, -math.inf
     step = _row_block(n_in, torch.finfo(compute_dtype).bits // 8)
     for start in range(0, n_out, step):
         rows = slice(start, min(start + step, n_out))
         w0 = base[rows].to(compute_dtype)
         delta = low_rank_delta(update, rows, compute_dtype)
-        delta_sq += float(delta.square().sum())
+        delta_sq = float(delta.square().sum())
         v = delta.add_(w0)  # V = W0 + delta, in place of delta
+        g = None
         if update.rescale is not Rescale.NONE:
             target = _target_norms(update, w0, rows, compute_dtype)
             norms = torch.linalg.vector_norm(v, dim=1)
@@ -119,13 +124,34 @@ def merge_tensor(
                     f"{update.rescale.value} rescaling is undefined"
                 )
             g = target / norms
-            scale_min = min(scale_min, float(g.min()))
-            scale_max = max(scale_max, float(g.max()))
             v.mul_(g.unsqueeze(1))
         if not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).any(dim=1).nonzero()[0])
             raise MergeError(f"{name}: merged row {start + bad} is not finite (overflow or NaN)")
-        merged[rows] = round_to_dtype(v, out_dtype)
+        yield MergedRows(rows, w0, v, g, delta_sq)
+
+
+def merge_tensor(
+    weight: torch.Tensor,
+    update: ModuleUpdate,
+    *,
+    transposed: bool,
+    out_dtype: torch.dtype,
+    compute_dtype: torch.dtype = torch.float64,
+    name: str = "",
+) -> tuple[torch.Tensor, MergeStats]:
+    """Fold ``update`` into the stored base ``weight`` (see :func:`merged_rows`); return it in
+    ``out_dtype``, rounded once with :func:`round_to_dtype`, and its stats."""
+    name = name or update.weight_key
+    merged = torch.empty(update.shape, dtype=out_dtype)
+    delta_sq = 0.0
+    scale_min, scale_max = math.inf, -math.inf
+    for block in merged_rows(weight, update, transposed=transposed, compute_dtype=compute_dtype, name=name):
+        delta_sq += block.delta_sq
+        if block.scale is not None:
+            scale_min = min(scale_min, float(block.scale.min()))
+            scale_max = max(scale_max, float(block.scale.max()))
+        merged[block.rows] = round_to_dtype(block.value, out_dtype)
     rescaled = update.rescale is not Rescale.NONE
     stats = MergeStats(
         delta_norm=math.sqrt(delta_sq),
@@ -151,7 +177,9 @@ def merge_bias(
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """PEFT ``lora_bias``: the trained ``lora_B.bias`` enters the output scaled like the low-rank path."""
+    return round_to_dtype(merged_bias_exact(bias, update, compute_dtype), out_dtype)
+
+
+def merged_bias_exact(bias: torch.Tensor, update: ModuleUpdate, compute_dtype: torch.dtype = torch.float64):
     assert update.bias_delta is not None
-    coefficient = update.terms[0].coefficient
-    value = bias.to(compute_dtype) + coefficient * update.bias_delta.to(compute_dtype)
-    return round_to_dtype(value, out_dtype)
+    return bias.to(compute_dtype) + update.terms[0].coefficient * update.bias_delta.to(compute_dtype)

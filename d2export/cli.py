@@ -6,6 +6,7 @@ only with ``--debug``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fold LoRA-family adapters (D2-LoRA, LoRA, rsLoRA, DoRA, DiffoRA) into plain weights.")
 CHECKPOINT_HELP = "Adapter folder (or a trainer checkpoint-N/ folder)."
 BASE_HELP = "Base model folder (default: the adapter's base_model_name_or_path)."
-err = Console(stderr=True)
+CalibrationOption = Annotated[
+    Path | None, typer.Option(help="Text file, one calibration input per line (default: seeded random tokens).")
+]
+TaskDataOption = Annotated[
+    Path | None, typer.Option(help="JSON lines {text, label, split}: report merged vs unmerged accuracy.")
+]
+AtolOption = Annotated[float | None, typer.Option(help="Largest absolute output difference (default: per dtype).")]
+MinTop1Option = Annotated[float | None, typer.Option(help="Smallest top-1 agreement, 0-1 (default: per dtype).")]
+MaxUnitsOption = Annotated[
+    float | None, typer.Option(help="Largest weight error in units of the stored dtype (default 2 16-bit, 32 fp32).")
+]
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: don't fold tables at 80
 _debug = False
 
@@ -120,6 +132,12 @@ def merge_cmd(
         bool, typer.Option("--no-hash", help="Skip input sha256s in the report (faster on big models).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report on stdout.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Verify the merged folder (exit 1 if it fails).")] = False,
+    calibration: CalibrationOption = None,
+    task_data: TaskDataOption = None,
+    atol: AtolOption = None,
+    min_top1: MinTop1Option = None,
+    max_units: MaxUnitsOption = None,
 ) -> None:
     """Merge an adapter into its base model and write a Hugging Face model folder."""
     from .merge import merge
@@ -143,6 +161,13 @@ def merge_cmd(
             err.print("interrupted: no output was written")
             raise typer.Exit(130) from None
     report = result.report
+    verification = None
+    if verify:
+        verification = _run_verify(result.out, checkpoint, result.plan.base.path, calibration=calibration,
+                                   task_data=task_data, thresholds=_thresholds(atol, min_top1, max_units))
+        from .verify import record_verification
+
+        report = record_verification(result.out, verification)
     if as_json:
         print(json.dumps(report, indent=2))
     t = report["tensors"]
@@ -152,6 +177,107 @@ def merge_cmd(
               highlight=False)
     for note in report["notes"]:
         err.print(f"note: {note}", highlight=False, markup=False)
+    if verification is not None:
+        _print_verify(verification, console=err)
+        if not verification.passed:
+            raise typer.Exit(1)
+
+
+@app.command("verify")
+def verify_cmd(
+    merged: Annotated[Path, typer.Argument(help="Merged model folder (by d2export or another tool).")],
+    adapter: Annotated[Path, typer.Option(help=CHECKPOINT_HELP)],
+    base: Annotated[Path | None, typer.Option(help=BASE_HELP)] = None,
+    calibration: CalibrationOption = None,
+    task_data: TaskDataOption = None,
+    atol: AtolOption = None,
+    min_top1: MinTop1Option = None,
+    max_units: MaxUnitsOption = None,
+    max_task_gap: Annotated[
+        float | None, typer.Option(help="Largest task accuracy gap, percentage points (default 2).")
+    ] = None,
+    weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
+    no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random calibration tokens.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report on stdout.")] = False,
+) -> None:
+    """Check a merged folder against the adapter: weights, outputs (and a task, with --task-data).
+    Exit 1 if a check fails."""
+    thresholds = _thresholds(atol, min_top1, max_units, max_task_gap)
+    report = _run_verify(merged, adapter, base, calibration=calibration, task_data=task_data,
+                         thresholds=thresholds, outputs=not weights_only, peft_reference=not no_peft, seed=seed)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    _print_verify(report, console=err if as_json else out)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _thresholds(atol, min_top1, max_units, max_task_gap=None):
+    from .verify import Thresholds
+
+    thresholds = Thresholds(atol=atol, min_top1=min_top1, max_units=max_units)
+    if max_task_gap is not None:
+        thresholds.max_task_gap_pp = max_task_gap
+    return thresholds
+
+
+def _run_verify(merged: Path, adapter: Path, base: Path | None, **options):
+    from .verify import verify
+
+    with err.status("verifying", spinner="dots") if err.is_terminal else contextlib.nullcontext() as status:
+        def progress(stage: str) -> None:
+            if status is not None:
+                status.update(f"verifying: {escape(stage[-60:])}")
+
+        try:
+            return verify(merged, adapter, base=base, progress=progress, **options)
+        except D2ExportError as exc:
+            if status is not None:
+                status.stop()
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+
+def _print_verify(report, console: Console) -> None:
+    console.print(f"[bold]verify[/] {escape(str(report.merged))} ({report.merged_dtype}, written by "
+                  f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))}",
+                  highlight=False)
+    w = report.weights
+    if w is not None:
+        s = w.summary()
+        console.print(f"weights: {s['adapted_tensors']} adapted tensors, max error {s['max_units']:.2f} units "
+                      f"(max abs {s['max_abs']:.2e}), {s['exact_fraction']:.2%} of elements correctly rounded; "
+                      f"{s['copies_identical']}/{s['copied_tensors']} other tensors identical to the base",
+                      highlight=False)
+    if report.outputs:
+        console.print(f"outputs on {escape(report.calibration)}:", highlight=False)
+        table = Table("candidate", "reference", "run in", "max |d|", "scale", "rel", "mean |d|", "top-1", "mean KL",
+                      "greedy", "", box=None, header_style="bold")
+        for o in report.outputs:
+            c, g = o.comparison, o.generation
+            table.add_row(o.candidate, o.reference, o.dtype, f"{c.max_abs:.2e}", f"{c.scale:.3g}", f"{c.relative:.1e}",
+                          f"{c.mean_abs:.1e}", "-" if c.top1 is None else f"{c.top1:.2%}",
+                          "-" if c.mean_kl is None else f"{c.mean_kl:.1e}",
+                          "-" if g is None else f"{g.identical}/{g.prompts}",
+                          "[green]ok[/]" if o.passed else "[red]FAIL[/]")
+        console.print(table)
+    if report.task:
+        table = Table("task run in", "scoring", "examples", "unmerged acc", "merged acc", "gap (pp)", "differ",
+                      box=None, header_style="bold")
+        for r in report.task:
+            table.add_row(r.dtype, r.scoring, str(r.examples), f"{r.unmerged_accuracy:.2%}",
+                          f"{r.merged_accuracy:.2%}", f"{r.gap_pp:+.2f}", str(r.disagreements))
+        console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    for line in report.failures[:20]:
+        console.print(f"[red]FAIL[/] {escape(line)}", highlight=False)
+    if len(report.failures) > 20:
+        console.print(f"... and {len(report.failures) - 20} more (see --json)")
+    console.print("[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]")
 
 
 def run() -> None:

@@ -1,0 +1,86 @@
+"""Calibration inputs for output-level checks: padded batches at several sequence lengths.
+
+Rows in a batch have different real lengths and are right-padded, so every comparison exercises
+the attention mask; only positions where ``attention_mask`` is 1 are compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import D2ExportError
+
+DEFAULT_LENGTHS = (8, 24, 64)
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor  # [B, T] int64, 1 = real token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def random_batches(
+    vocab_size: int, *, lengths=DEFAULT_LENGTHS, batch_size: int = 4, seed: int = 0, pad_id: int = 0,
+    max_length: int | None = None, avoid: tuple[int, ...] = (),
+) -> list[Batch]:
+    """Seeded random token batches, one per length; row ``i`` holds ``L - i*L/(2B)`` real tokens
+    (so the longest row is unpadded and the shortest about half padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    avoid_ids = torch.tensor(sorted({pad_id, *avoid}), dtype=torch.long)
+    batches = []
+    for length in lengths:
+        length = min(length, max_length) if max_length else length
+        ids = torch.randint(0, vocab_size, (batch_size, length), generator=generator)
+        # Special tokens (pad, bos, eos) would make some rows mean something else; shift them off.
+        clash = torch.isin(ids, avoid_ids)
+        while clash.any():
+            ids[clash] = (ids[clash] + 1) % vocab_size
+            clash = torch.isin(ids, avoid_ids)
+        mask = torch.zeros_like(ids)
+        for row in range(batch_size):
+            real = max(1, length - row * length // (2 * batch_size))
+            mask[row, :real] = 1
+        ids = ids.masked_fill(mask == 0, pad_id)
+        batches.append(Batch(ids, mask))
+    return batches
+
+
+def text_batches(path: Path, tokenizer, *, batch_size: int = 4, max_length: int = 128) -> list[Batch]:
+    """Non-empty lines of a text file, tokenised with the model's tokenizer, right-padded."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise D2ExportError(f"calibration file {path}: cannot read ({exc})") from None
+    if not lines:
+        raise D2ExportError(f"calibration file {path} has no text lines")
+    batches = []
+    for start in range(0, len(lines), batch_size):
+        enc = tokenize(tokenizer, lines[start:start + batch_size], max_length)
+        batches.append(Batch(enc["input_ids"], enc["attention_mask"]))
+    return batches
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:  # Llama-style tokenizers have none; the mask hides it anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def special_ids(config: dict) -> tuple[int, ...]:
+    ids = []
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = config.get(key)
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list):
+            ids.extend(v for v in value if isinstance(v, int))
+    return tuple(ids)

@@ -1,0 +1,111 @@
+"""Output-level check: the merged model against the unmerged one (base + the adapter applied at run
+time), on padded calibration batches, in a given dtype.
+
+References: d2export's run-time adapter layers (``layers.inject_adapter``, computing what training
+computed) always; for PEFT LoRA-family adapters also PEFT's own unmerged ``PeftModel``, an
+implementation that shares nothing with ours.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layers import inject_adapter
+from ..spec import AdapterSpec
+from .calibration import Batch
+from .compare import OutputComparison
+from .models import greedy_tokens, load_model, model_output
+
+PEFT_METHODS = {"lora", "rslora", "dora"}
+
+
+@dataclass
+class Generation:
+    prompts: int = 0
+    steps: int = 0
+    identical: int = 0  # prompts whose greedy continuation is the same token for token
+    first_divergence: list[int | None] = field(default_factory=list)  # step where it differed
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "steps": self.steps, "identical": self.identical,
+                "agreement": self.identical / self.prompts if self.prompts else None,
+                "first_divergence": self.first_divergence}
+
+
+@dataclass
+class OutputCheck:
+    """One candidate model against one reference, in one dtype."""
+
+    candidate: str  # "merged folder", "d2export merge (in memory)"
+    reference: str  # "run-time adapter", "PEFT unmerged"
+    dtype: str
+    output: str  # "logits" or "hidden states"
+    comparison: OutputComparison
+    generation: Generation | None = None
+    max_abs_allowed: float = 0.0
+    min_top1: float | None = None
+    problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
+
+    def judge(self, max_abs_allowed: float, min_top1: float | None) -> None:
+        c = self.comparison
+        self.max_abs_allowed, self.min_top1 = max_abs_allowed, min_top1
+        if not c.max_abs <= max_abs_allowed:  # also catches inf/nan
+            self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): max |d{self.output}| "
+                            f"{c.max_abs:.3g} > {max_abs_allowed:.3g} (scale {c.scale:.3g})")
+        elif min_top1 is not None and c.top1 is not None and c.top1 < min_top1:
+            self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): top-1 agreement "
+                            f"{c.top1:.2%} < {min_top1:.2%}")
+
+    def to_dict(self) -> dict:
+        return {"candidate": self.candidate, "reference": self.reference, "dtype": self.dtype,
+                "output": self.output, **self.comparison.to_dict(),
+                "generation": self.generation.to_dict() if self.generation else None,
+                "max_abs_allowed": self.max_abs_allowed, "min_top1": self.min_top1, "passed": self.passed}
+
+
+def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module:
+    """The base with the adapter applied at run time (d2export's reference layers)."""
+    return inject_adapter(load_model(base, dtype), spec).eval()
+
+
+def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module | None:
+    """PEFT's own unmerged model, where PEFT can load the adapter (and is installed)."""
+    if spec.method not in PEFT_METHODS or spec.config.get("peft_type", "LORA") != "LORA":
+        return None
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
+
+
+def compare_models(
+    reference: nn.Module, candidate: nn.Module, batches: list[Batch], *, distributions: bool,
+) -> OutputComparison:
+    result = OutputComparison(distributions=distributions)
+    for batch in batches:
+        ref, cand = model_output(reference, batch), model_output(candidate, batch)
+        result.add(ref, cand, batch.attention_mask if ref.dim() == 3 else None)
+    return result
+
+
+def compare_generation(reference: nn.Module, candidate: nn.Module, prompts: list[torch.Tensor],
+                       steps: int) -> Generation:
+    result = Generation(prompts=len(prompts), steps=steps)
+    for prompt in prompts:
+        a, b = greedy_tokens(reference, prompt, steps), greedy_tokens(candidate, prompt, steps)
+        differ = (a != b).nonzero()
+        result.first_divergence.append(int(differ[0]) if differ.numel() else None)
+        result.identical += int(differ.numel() == 0)
+    return result

@@ -1,0 +1,227 @@
+"""Weight-level check, streamed like the merge: every tensor of a merged folder against what the
+adapter and the base say it must be.
+
+* Merged (and lora_bias) tensors: the exact float64 merge is recomputed block by block and the
+  stored values are measured against it: the max absolute error, the max error in *units* (the
+  output dtype's spacing at the scale of the operands, ``max(|W'|, g|W0|, g|dW|, g sum|c||B||A|)``,
+  so that a sum that cancels near zero is not read as thousands of ulps of its tiny result), and
+  the fraction of elements equal to the correctly rounded value.
+* Replaced tensors (modules_to_save): equal to the adapter's tensor, rounded once.
+* Every other tensor, including modules a DiffoRA selection left out: the base's exact bytes (or
+  the base's value correctly rounded when the merge changed the dtype).
+
+One tensor (and one block of its reference) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..algebra import merged_bias_exact, merged_rows, round_to_dtype
+from ..architecture import probe_architecture
+from ..io import BaseModel
+from ..plan import Action, MergePlan, TensorPlan
+
+# Max error in units of the stored dtype at the operands' scale, per dtype. A correct single
+# rounding is at most 0.5 unit.
+# * 16-bit: another tool computes in float32 and rounds to 16 bits once or twice (PEFT: dW, then
+#   W0 + dW, and for DoRA the magnitude factor too): measured at most 1.3 units on every PEFT
+#   fixture. 2 passes those and fails any element moved by 3 units or more.
+# * float32: a float32 merge carries float32 arithmetic error at the output's own precision: the
+#   r products of B @ A, the row norm of DoRA over in_features elements, the division and the
+#   product each round. PEFT's float32 merges measured up to 8.6 units (DoRA, 256-wide rows); 32
+#   (relative 4e-6) leaves room for 4096-wide and wider rows, while an algebraic defect (a wrong
+#   scale or tau, a dropped branch, a missing rescale) moves elements by 10^4 units and more.
+DEFAULT_MAX_UNITS = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 32.0, torch.float64: 32.0}
+
+
+def spacing(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gap between adjacent ``dtype`` values at ``|magnitude|`` (float64), subnormals included."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(magnitude.abs().clamp_min(info.tiny))  # x = m * 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.full_like(magnitude, info.eps / 2), exponent.to(magnitude.dtype))
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    action: str  # the plan's action: merge, bias, replace, copy, unselected
+    dtype: str
+    elements: int = 0
+    max_abs: float = 0.0  # max |stored - exact|
+    max_units: float = 0.0  # the same, in output-dtype spacings at the operands' scale
+    exact_fraction: float = 1.0  # elements equal to the correctly rounded exact value
+    worst: list[int] | None = None  # index (stored layout) of the largest error in units
+    identical: bool | None = None  # copies: the base's bytes (or its correct rounding)
+    max_units_allowed: float | None = None
+    problem: str | None = None  # missing, wrong shape, not finite, changed copy, over threshold
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None
+
+
+@dataclass
+class WeightReport:
+    tensors: list[TensorCheck] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # in the folder but not in the plan
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.tensors)
+
+    @property
+    def failures(self) -> list[TensorCheck]:
+        return [t for t in self.tensors if not t.passed]
+
+    def summary(self) -> dict:
+        adapted = [t for t in self.tensors if t.action in ("merge", "bias", "replace")]
+        copies = [t for t in self.tensors if t.action in ("copy", "unselected")]
+        total = sum(t.elements for t in adapted)
+        return {
+            "adapted_tensors": len(adapted),
+            "max_abs": max((t.max_abs for t in adapted), default=0.0),
+            "max_units": max((t.max_units for t in adapted), default=0.0),
+            "exact_fraction": sum(t.exact_fraction * t.elements for t in adapted) / total if total else 1.0,
+            "min_exact_fraction": min((t.exact_fraction for t in adapted), default=1.0),
+            "copied_tensors": len(copies),
+            "copies_identical": sum(bool(t.identical) for t in copies),
+            "failed": len(self.failures),
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "extra_tensors": self.extra,
+                "tensors": [{**asdict(t), "passed": t.passed} for t in self.tensors]}
+
+
+def check_weights(
+    plan: MergePlan, merged: BaseModel, *, max_units: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> WeightReport:
+    """Check every tensor of ``merged`` against ``plan`` (built for the same adapter and base).
+    ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`."""
+    report = WeightReport()
+    found: set[str] = set()
+    prefix = probe_architecture(plan.base.config).base_model_prefix
+    for t in plan.tensors:
+        if progress:
+            progress(t.name)
+        name = _stored_name(t.name, merged, prefix)
+        if name is None:
+            report.tensors.append(TensorCheck(t.name, t.action.value, "-", problem="missing from the merged folder"))
+            continue
+        found.add(name)
+        info = merged.tensors[name]
+        check = TensorCheck(t.name, t.action.value, str(info.dtype).removeprefix("torch."), elements=_numel(info.shape))
+        report.tensors.append(check)
+        if info.shape != t.shape:
+            check.problem = f"shape {info.shape}, expected {t.shape}"
+            continue
+        stored = merged.read(name)
+        if stored.dtype.is_floating_point and not torch.isfinite(stored).all():
+            check.problem = "holds non-finite values"
+            continue
+        if t.action in (Action.COPY, Action.UNSELECTED):
+            _check_copy(plan, t, stored, check)
+        else:
+            check.max_units_allowed = max_units if max_units is not None else DEFAULT_MAX_UNITS.get(stored.dtype, 2.0)
+            _check_adapted(plan, t, stored, check)
+        del stored
+    report.extra = sorted(set(merged.tensors) - found)
+    return report
+
+
+def _stored_name(name: str, merged: BaseModel, prefix: str) -> str | None:
+    """The tensor's name in the merged folder, which may have been saved with or without the base
+    model prefix (``BertModel`` vs ``BertFor...``)."""
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    return next((c for c in candidates if c in merged.tensors), None)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_copy(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: TensorCheck) -> None:
+    base = plan.base.read(t.source)
+    expected = base if base.dtype == stored.dtype else round_to_dtype(base, stored.dtype)
+    check.identical = expected.dtype == stored.dtype and torch.equal(
+        expected.contiguous().view(torch.uint8), stored.contiguous().view(torch.uint8)
+    )
+    check.exact_fraction = 1.0 if check.identical else float((expected == stored).double().mean())
+    if not check.identical:
+        if stored.dtype.is_floating_point:
+            err = (stored.double() - expected.double()).abs()
+            check.max_abs = float(err.max())
+            check.max_units = float((err / spacing(expected.double(), stored.dtype)).max())
+            check.worst = list(torch.unravel_index(torch.argmax(err), err.shape)) if err.numel() else None
+            check.worst = [int(i) for i in check.worst] if check.worst else None
+        what = "left out by the DiffoRA selection" if t.action is Action.UNSELECTED else "not adapted"
+        check.problem = f"{what} but differs from the base ({1 - check.exact_fraction:.2%} of elements)"
+
+
+def _check_adapted(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: TensorCheck) -> None:
+    """Merged, lora_bias and replaced tensors against their exact value, in blocks of rows."""
+    dtype = stored.dtype
+    exact_count = 0
+    worst_units, worst_at = -1.0, None
+    for rows, exact, operands, candidate in _blocks(plan, t, stored):
+        err = (candidate.double() - exact).abs()
+        units = err / spacing(operands, dtype)
+        exact_count += int((candidate == round_to_dtype(exact, dtype)).sum())
+        check.max_abs = max(check.max_abs, float(err.max()))
+        block_worst = float(units.max())
+        if block_worst > worst_units:
+            worst_units = block_worst
+            flat = int(torch.argmax(units))
+            at = [int(i) for i in torch.unravel_index(torch.tensor(flat), units.shape)]
+            at[0] += rows.start
+            worst_at = at[::-1] if t.transposed else at  # report the index in the stored layout
+    check.max_units = max(worst_units, 0.0)
+    check.worst = worst_at
+    check.exact_fraction = exact_count / check.elements if check.elements else 1.0
+    if not check.max_units <= check.max_units_allowed:
+        check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
+                         f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
+
+
+def _blocks(plan: MergePlan, t: TensorPlan, stored: torch.Tensor):
+    """(rows, exact float64 value, operands' magnitude, stored values) in canonical row blocks."""
+    start = t.replacement if t.replacement is not None else plan.base.read(t.source)
+    if t.action is Action.REPLACE:
+        exact = start.double()
+        yield slice(0, exact.shape[0] if exact.dim() else 1), exact, exact.abs(), stored
+        return
+    assert t.update is not None
+    if t.action is Action.BIAS:
+        exact = merged_bias_exact(start, t.update)
+        yield slice(0, exact.shape[0]), exact, _operands(exact, start.double()), stored
+        return
+    canonical = stored.T if t.transposed else stored
+    for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=torch.float64, name=t.name):
+        g = block.scale.unsqueeze(1) if block.scale is not None else 1.0
+        operands = torch.maximum(_operands(block.value, block.base * g), _term_magnitude(t.update, block.rows) * g)
+        yield block.rows, block.value, operands, canonical[block.rows]
+
+
+def _term_magnitude(update, rows: slice) -> torch.Tensor:
+    """``sum_t |c_t| |B_t| |A_t|``: the size of the products inside the low-rank update. Another
+    tool's float32 ``B @ A`` is accurate to this scale, not to the (possibly cancelled) result."""
+    total = None
+    for term in update.terms:
+        part = term.B[rows].double().abs() @ term.A.double().abs() * abs(term.coefficient)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def _operands(exact: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The magnitude a merge works at: the result, the (rescaled) base and the update itself."""
+    return torch.maximum(torch.maximum(exact.abs(), start.abs()), (exact - start).abs())

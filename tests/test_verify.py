@@ -1,0 +1,312 @@
+"""The fidelity gate: ``verify`` passes correct merges (ours, and PEFT's own) and catches each
+kind of wrong merge, at the weight level and at the output level."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import build
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from d2export import merge, verify
+from d2export.checks.calibration import random_batches
+from d2export.checks.compare import OutputComparison
+from d2export.checks.weights import spacing
+from d2export.cli import app
+from d2export.verify import Thresholds
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def merged(fixture, tmp_path_factory):
+    """``merged(name)`` -> (fixture folder, d2export's merged folder), cached per module."""
+    root = tmp_path_factory.mktemp("verify-merged")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        folder = fixture(name)
+        if name not in done:
+            done[name] = merge(folder / "adapter", base=folder / "base", out=root / name).out
+        return folder, done[name]
+
+    return get
+
+
+def copy_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=None) -> Path:
+    """A copy of an adapter with some config keys changed and/or its tensors edited in place."""
+    shutil.copytree(src, dst)
+    if config:
+        path = dst / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        file = dst / "adapter_model.safetensors"
+        values = load_file(file)
+        tensors(values)
+        save_file(values, file)
+    return dst
+
+
+def tamper_tensor(folder: Path, name: str, edit) -> None:
+    """Edit one tensor of a merged folder, keeping every other byte."""
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            if name not in f.keys():
+                continue
+            values = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        edit(values[name])
+        save_file(values, file, metadata=metadata)
+        return
+    raise KeyError(name)
+
+
+def wrong_merge(fixture_folder: Path, tmp: Path, **adapter_changes) -> Path:
+    """d2export's (correct) merge of a deliberately altered adapter: a stand-in for a buggy merge."""
+    bad = copy_adapter(fixture_folder / "adapter", tmp / "bad-adapter", **adapter_changes)
+    return merge(bad, base=fixture_folder / "base", out=tmp / "bad-merged").out
+
+
+# ---------------------------------------------------------------- passes what is right
+
+
+@pytest.mark.parametrize("name", build.FIXTURES)
+def test_every_fixture_format_passes(merged, name):
+    folder, out = merged(name)
+    report = verify(out, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    summary = report.weights.summary()
+    assert summary["exact_fraction"] == 1.0 and summary["max_units"] <= 0.5  # ours: correctly rounded
+    assert summary["copies_identical"] == summary["copied_tensors"]
+    assert {o.dtype for o in report.outputs} >= {"float32"}
+    assert all(o.comparison.positions > 0 for o in report.outputs)
+    if report.method in ("lora", "rslora", "dora"):
+        assert any(o.reference == "PEFT unmerged" for o in report.outputs)
+
+
+@pytest.mark.parametrize("name", ["lora-llama", "dora-llama", "dora-gpt2", "lora-bert-cls"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_peft_merge_and_unload_folder_passes_and_is_compared_with_ours(fixture, tmp_path, name, dtype):
+    folder = fixture(name)
+    base = folder / "base"
+    if dtype is torch.bfloat16:  # a bf16 base, as users deploy
+        base = tmp_path / "base-bf16"
+        build._load(folder / "base").to(dtype).save_pretrained(base)
+    out = build.peft_merged(base, folder / "adapter", tmp_path / "peft-merged", dtype=dtype)
+    report = verify(out, folder / "adapter", base=base)
+    assert report.passed, report.failures
+    assert report.merged_by == "unknown"
+    assert report.merged_dtype == str(dtype).removeprefix("torch.")
+    candidates = {o.candidate for o in report.outputs}
+    assert candidates == {"merged folder", "d2export merge (in memory)"}  # its figures next to ours
+    assert {o.reference for o in report.outputs} == {"run-time adapter", "PEFT unmerged"}
+    # PEFT's float32 merge rounds several times; it is within the float32 limit but not exact.
+    assert 0.0 < report.weights.summary()["max_units"] <= 32
+
+
+def test_minilm_real_weights_end_to_end_with_task_gap(merged):
+    folder, out = merged("d2lora-minilm")
+    report = verify(out, folder / "adapter", base=folder / "base", task_data=build.TASK)
+    assert report.passed, report.failures
+    assert [r.dtype for r in report.task] == ["float32", "bfloat16", "float16"]
+    for result in report.task:
+        assert result.examples == 160 and result.scoring == "nearest centroid"
+        assert abs(result.gap_pp) <= 2.0
+    # the adapter learned the task: the merged model beats the base on it by a margin
+    base_report = verify(folder / "base", folder / "adapter", base=folder / "base", weights=False,
+                         outputs=False, task_data=build.TASK)
+    assert base_report.task[0].merged_accuracy + 0.1 < report.task[0].merged_accuracy
+    assert report.outputs[0].output == "hidden states" and report.outputs[0].comparison.top1 is None
+
+
+def test_text_calibration_with_the_models_tokenizer(merged, tmp_path):
+    folder, out = merged("d2lora-minilm")
+    text = tmp_path / "calibration.txt"
+    text.write_text("A short line.\n\nA much longer line of text, so that the batch really needs padding here.\n"
+                    "Third.\n")
+    report = verify(out, folder / "adapter", base=folder / "base", weights=False, calibration=text)
+    assert report.passed
+    assert report.outputs[0].comparison.positions == sum(report_tokens(out, text))
+
+
+def report_tokens(folder: Path, text: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [len(tokenizer(line)["input_ids"]) for line in text.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- catches what is wrong
+
+
+def test_one_bf16_element_moved_by_8_ulps_fails(merged, tmp_path):
+    folder, out = merged("d2lora-llama-bf16")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def move(t: torch.Tensor) -> None:
+        bits = t.view(torch.int16)
+        bits[5, 7] += 8 if bits[5, 7] >= 0 else -8  # 8 ulps further from zero
+
+    tamper_tensor(bad, name, move)
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert not report.passed
+    (failure,) = report.failures
+    assert name in failure and "[5, 7]" in failure
+    check = next(t for t in report.weights.tensors if t.name == name)
+    # 8 ulps of the element itself; counted in units at the operands' (larger or equal) scale
+    ulp = float(spacing(load_file(out / "model.safetensors")[name][5, 7].double(), torch.bfloat16))
+    assert 7.5 * ulp <= check.max_abs <= 8.5 * ulp
+    assert check.max_units > 3
+    assert check.exact_fraction == 1 - 1 / check.elements
+
+
+def test_one_ulp_is_within_the_default_limit(merged, tmp_path):
+    folder, out = merged("d2lora-llama-bf16")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    tamper_tensor(bad, "model.layers.0.self_attn.q_proj.weight", lambda t: t.view(torch.int16)[0, :4].add_(1))
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert report.passed
+    assert 0.5 < report.weights.summary()["max_units"] <= 1.5
+
+
+def test_wrong_tau_fails(merged, tmp_path):
+    folder, _ = merged("d2lora-llama")
+    bad = wrong_merge(folder, tmp_path, config={"tau": 0.6})
+    report = verify(bad, folder / "adapter", base=folder / "base")
+    assert not report.passed
+    assert sum(f.startswith("weights:") for f in report.failures) == 14  # every adapted tensor
+    assert any(f.startswith("outputs:") for f in report.failures)
+
+
+def test_dropped_negative_branch_fails(merged, tmp_path):
+    folder, _ = merged("d2lora-llama")
+
+    def drop(values):
+        for key in values:
+            if "lora_B_neg" in key:
+                values[key] = torch.zeros_like(values[key])
+
+    bad = wrong_merge(folder, tmp_path, tensors=drop)
+    report = verify(bad, folder / "adapter", base=folder / "base")
+    assert not report.passed and len(report.weights.failures) == 14
+    assert min(t.max_units for t in report.weights.failures) > 100
+
+
+def test_missing_norm_rescaling_fails(merged, tmp_path):
+    folder, _ = merged("d2lora-llama")
+    bad = wrong_merge(folder, tmp_path, config={"norm_projection": False})
+    report = verify(bad, folder / "adapter", base=folder / "base")
+    assert not report.passed and len(report.weights.failures) == 14
+    assert any(f.startswith("outputs:") for f in report.failures)
+
+
+def test_changed_diffora_unselected_module_fails(merged, tmp_path):
+    folder, _ = merged("d2lora-llama-diffora")
+    # Without its DAM file the adapter merges every module: the 8 the DAM left out now change.
+    bad_adapter = copy_adapter(folder / "adapter", tmp_path / "no-dam")
+    (bad_adapter / "diffora_dam.json").unlink()
+    bad = merge(bad_adapter, base=folder / "base", out=tmp_path / "bad").out
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    unselected = [t for t in report.weights.tensors if t.action == "unselected"]
+    assert len(unselected) == 8 and all(not t.passed and t.identical is False for t in unselected)
+    assert all("DiffoRA" in t.problem for t in unselected)
+    assert len(report.failures) == 8
+
+
+def test_one_bit_in_an_untouched_tensor_fails(merged, tmp_path):
+    folder, out = merged("d2lora-llama")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    tamper_tensor(bad, "model.norm.weight", lambda t: t.view(torch.int32)[3].add_(1))
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert report.failures == ["weights: model.norm.weight: not adapted but differs from the base (1.56% of elements)"]
+
+
+def test_peft_merge_with_wrong_scale_fails(fixture, tmp_path):
+    folder = fixture("lora-llama")
+    wrong = copy_adapter(folder / "adapter", tmp_path / "alpha", config={"lora_alpha": 9})  # scale 2.25, not 2
+    out = build.peft_merged(folder / "base", wrong, tmp_path / "peft-merged")
+    report = verify(out, folder / "adapter", base=folder / "base")
+    assert not report.passed
+    assert len(report.weights.failures) == 4  # q_proj and v_proj in both layers
+    assert any("merged folder vs PEFT unmerged" in f for f in report.failures)
+    # ...while d2export's own merge, run beside it, passes the same output checks
+    assert all(o.passed for o in report.outputs if o.candidate == "d2export merge (in memory)")
+
+
+def test_missing_tensor_and_output_thresholds(merged, tmp_path):
+    folder, out = merged("d2lora-llama-bf16")
+    strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))
+    assert not strict.passed and all("bfloat16" in f or "float32" in f for f in strict.failures)
+    top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0))
+    assert any("top-1 agreement" in f for f in top1.failures)
+    bad = shutil.copytree(out, tmp_path / "bad")
+    file = bad / "model.safetensors"
+    values = load_file(file)
+    del values["model.norm.weight"]
+    save_file(values, file)
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert report.failures == ["weights: model.norm.weight: missing from the merged folder"]
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_padded_positions_are_not_compared():
+    batch = random_batches(50, lengths=(6,), batch_size=3)[0]
+    reference = torch.randn(3, 6, 10)
+    candidate = reference.clone()
+    candidate[batch.attention_mask == 0] += 100.0  # garbage where the mask says pad
+    result = OutputComparison()
+    result.add(reference, candidate, batch.attention_mask)
+    assert result.max_abs == 0.0 and result.positions == batch.num_tokens < 18 and result.top1 == 1.0
+
+
+def test_spacing_matches_nextafter():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.tensor([1.0, 0.75, 3e-3, -2.5, 1e3], dtype=dtype)
+        gap = (torch.nextafter(x.abs(), torch.full_like(x, float("inf"))) - x.abs()).double()
+        assert torch.equal(spacing(x.double(), dtype), gap)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_verify_json_and_exit_codes(merged, tmp_path):
+    folder, out = merged("d2lora-llama")
+    ok = runner.invoke(app, ["verify", str(out), "--adapter", str(folder / "adapter"), "--base", str(folder / "base"),
+                             "--json"])
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(ok.stdout)
+    assert data["passed"] and data["weights"]["summary"]["exact_fraction"] == 1.0
+    assert data["outputs"][0]["generation"]["prompts"] == 3
+
+    bad = wrong_merge(folder, tmp_path, config={"tau": 0.6})
+    failed = runner.invoke(app, ["verify", str(bad), "--adapter", str(folder / "adapter"), "--base",
+                                 str(folder / "base"), "--weights-only"])
+    assert failed.exit_code == 1
+    assert "FAIL weights: model.layers.0.mlp.down_proj.weight: element" in failed.output
+    assert "FAILED" in failed.output
+
+    missing = runner.invoke(app, ["verify", str(tmp_path / "nope"), "--adapter", str(folder / "adapter")])
+    assert missing.exit_code == 2 and "merged model folder not found" in missing.output
+    calibration = runner.invoke(app, ["verify", str(out), "--adapter", str(folder / "adapter"), "--base",
+                                      str(folder / "base"), "--calibration", str(tmp_path / "missing.txt")])
+    assert calibration.exit_code == 2 and "calibration" in calibration.output
+
+
+def test_cli_merge_verify_records_figures(fixture, tmp_path):
+    folder = fixture("d2lora-llama")
+    result = runner.invoke(app, ["merge", str(folder / "adapter"), "--base", str(folder / "base"), "--out",
+                                 str(tmp_path / "m"), "--verify"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m" / "d2export_report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["merged_by"] == "d2export"
+    assert "verification passed" in (tmp_path / "m" / "README.md").read_text()
+    assert "PASSED" in result.output

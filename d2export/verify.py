@@ -28,6 +28,7 @@ near-ties among random-token logits legitimately flip under 16-bit round-off. ``
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -38,14 +39,7 @@ import torch
 
 from .checks.calibration import Batch, random_batches, special_ids, text_batches
 from .checks.models import head_kind, load_model, read_config
-from .checks.outputs import (
-    PEFT_METHODS,
-    OutputCheck,
-    compare_generation,
-    compare_models,
-    peft_model,
-    unmerged_model,
-)
+from .checks.outputs import PEFT_METHODS, ModelRun, OutputCheck, compare_runs, peft_model, run_model, unmerged_model
 from .checks.task import TaskResult, accuracy, load_task, predict, scoring
 from .checks.weights import WeightReport, check_weights
 from .errors import D2ExportError
@@ -248,28 +242,34 @@ def _output_checks(plan, merged, base, spec, config, dtype, merged_dtype, batche
                    compare_ours, seed) -> list[OutputCheck]:
     kind = head_kind(config)
     distributions = kind != "encoder"
-    output = "logits" if distributions else "hidden states"
-    references = [("run-time adapter", unmerged_model(base, spec, dtype))]
-    if peft_reference:
-        peft = peft_model(base, spec, dtype)
-        if peft is not None:
-            references.append(("PEFT unmerged", peft))
-    candidates = [("merged folder", load_model(merged, dtype))]
-    if compare_ours:
-        candidates.append(("d2export merge (in memory)", in_memory_merge(plan, base, dtype)))
     # Greedy-generation prompts: the first row of the first batches, without its padding.
     prompts = [b.input_ids[0, : int(b.attention_mask[0].sum())] for b in batches[:GENERATION_PROMPTS]]
     prompts = prompts if kind == "causal-lm" else []
+
+    def run(model) -> ModelRun:  # one model in memory at a time
+        result = run_model(model, batches, prompts, GENERATION_STEPS)
+        del model
+        gc.collect()
+        return result
+
+    references = {"run-time adapter": run(unmerged_model(base, spec, dtype))}
+    peft = peft_model(base, spec, dtype) if peft_reference else None
+    if peft is not None:
+        references["PEFT unmerged"] = run(peft)
+        del peft
+    candidates = {"merged folder": run(load_model(merged, dtype))}
+    if compare_ours:
+        candidates["d2export merge (in memory)"] = run(in_memory_merge(plan, base, dtype))
     rtol = output_rtol(dtype, merged_dtype)
+    min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
     checks = []
-    for ref_name, reference in references:
-        for cand_name, candidate in candidates:
-            comparison = compare_models(reference, candidate, batches, distributions=distributions)
-            check = OutputCheck(cand_name, ref_name, DTYPE_NAMES[dtype], output, comparison)
-            if prompts:
-                check.generation = compare_generation(reference, candidate, prompts, GENERATION_STEPS)
-            allowed = thresholds.atol if thresholds.atol is not None else rtol * comparison.scale
-            check.judge(allowed, thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype])
+    for ref_name, reference in references.items():
+        for cand_name, candidate in candidates.items():
+            comparison, generation = compare_runs(reference, candidate, batches, distributions=distributions,
+                                                  steps=GENERATION_STEPS)
+            check = OutputCheck(cand_name, ref_name, DTYPE_NAMES[dtype], "logits" if distributions else "hidden states",
+                                comparison, generation)
+            check.judge(thresholds.atol if thresholds.atol is not None else rtol * comparison.scale, min_top1)
             checks.append(check)
     return checks
 

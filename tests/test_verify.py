@@ -244,6 +244,7 @@ def test_missing_tensor_and_output_thresholds(merged, tmp_path):
     folder, out = merged("d2lora-llama-bf16")
     strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))
     assert not strict.passed and all("bfloat16" in f or "float32" in f for f in strict.failures)
+    assert all("worst at batch " in f and " row " in f and " position " in f for f in strict.failures)
     top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0))
     assert any("top-1 agreement" in f for f in top1.failures)
     bad = shutil.copytree(out, tmp_path / "bad")
@@ -266,6 +267,9 @@ def test_padded_positions_are_not_compared():
     result = OutputComparison()
     result.add(reference, candidate, batch.attention_mask)
     assert result.max_abs == 0.0 and result.positions == batch.num_tokens < 18 and result.top1 == 1.0
+    candidate[2, 1, 3] += 0.5  # a real position: found, and located
+    result.add(reference, candidate, batch.attention_mask)
+    assert result.max_abs == 0.5 and result.worst == [1, 2, 1] and result.where() == "batch 1 row 2 position 1"
 
 
 def test_spacing_matches_nextafter():
@@ -310,3 +314,15 @@ def test_cli_merge_verify_records_figures(fixture, tmp_path):
     assert report["verification"]["passed"] and report["verification"]["merged_by"] == "d2export"
     assert "verification passed" in (tmp_path / "m" / "README.md").read_text()
     assert "PASSED" in result.output
+
+
+def test_adapter_from_bare_encoder_onto_classifier_base(fixture, tmp_path):
+    """Adapter keys without the base-model prefix (trained on ``BertModel``) merged into a
+    ``BertForSequenceClassification`` base whose tensors carry ``bert.``: resolved, and verified."""
+    adapter, base = fixture("d2lora-bert") / "adapter", fixture("lora-bert-cls") / "base"
+    result = merge(adapter, base=base, out=tmp_path / "m")
+    assert result.report["tensors"]["merge"] == 11
+    assert all(m["tensor"].startswith("bert.") for m in result.report["modules"])
+    report = verify(result.out, adapter, base=base)
+    assert report.passed, report.failures
+    assert report.outputs[0].output == "logits" and report.weights.summary()["exact_fraction"] == 1.0

@@ -60,7 +60,7 @@ class OutputCheck:
         self.max_abs_allowed, self.min_top1 = max_abs_allowed, min_top1
         if not c.max_abs <= max_abs_allowed:  # also catches inf/nan
             self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): max |d{self.output}| "
-                            f"{c.max_abs:.3g} > {max_abs_allowed:.3g} (scale {c.scale:.3g})")
+                            f"{c.max_abs:.3g} > {max_abs_allowed:.3g} (scale {c.scale:.3g}), worst at {c.where()}")
         elif min_top1 is not None and c.top1 is not None and c.top1 < min_top1:
             self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): top-1 agreement "
                             f"{c.top1:.2%} < {min_top1:.2%}")
@@ -90,22 +90,29 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
         return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
 
 
-def compare_models(
-    reference: nn.Module, candidate: nn.Module, batches: list[Batch], *, distributions: bool,
-) -> OutputComparison:
+@dataclass
+class ModelRun:
+    """What one model produced on the calibration batches and generation prompts. Models are run
+    one at a time and compared afterwards, so only one is ever in memory."""
+
+    outputs: list[torch.Tensor]
+    greedy: list[torch.Tensor]
+
+
+def run_model(model: nn.Module, batches: list[Batch], prompts: list[torch.Tensor], steps: int) -> ModelRun:
+    return ModelRun([model_output(model, b) for b in batches], [greedy_tokens(model, p, steps) for p in prompts])
+
+
+def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], *, distributions: bool,
+                 steps: int) -> tuple[OutputComparison, Generation | None]:
     result = OutputComparison(distributions=distributions)
-    for batch in batches:
-        ref, cand = model_output(reference, batch), model_output(candidate, batch)
+    for ref, cand, batch in zip(reference.outputs, candidate.outputs, batches, strict=True):
         result.add(ref, cand, batch.attention_mask if ref.dim() == 3 else None)
-    return result
-
-
-def compare_generation(reference: nn.Module, candidate: nn.Module, prompts: list[torch.Tensor],
-                       steps: int) -> Generation:
-    result = Generation(prompts=len(prompts), steps=steps)
-    for prompt in prompts:
-        a, b = greedy_tokens(reference, prompt, steps), greedy_tokens(candidate, prompt, steps)
+    if not reference.greedy:
+        return result, None
+    generation = Generation(prompts=len(reference.greedy), steps=steps)
+    for a, b in zip(reference.greedy, candidate.greedy, strict=True):
         differ = (a != b).nonzero()
-        result.first_divergence.append(int(differ[0]) if differ.numel() else None)
-        result.identical += int(differ.numel() == 0)
-    return result
+        generation.first_divergence.append(int(differ[0]) if differ.numel() else None)
+        generation.identical += int(differ.numel() == 0)
+    return result, generation

@@ -15,6 +15,7 @@ One tensor (and one block of its reference) is in memory at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -115,7 +116,8 @@ def check_weights(
             continue
         found.add(name)
         info = merged.tensors[name]
-        check = TensorCheck(t.name, t.action.value, str(info.dtype).removeprefix("torch."), elements=_numel(info.shape))
+        dtype_name = str(info.dtype).removeprefix("torch.")
+        check = TensorCheck(t.name, t.action.value, dtype_name, elements=math.prod(info.shape))
         report.tensors.append(check)
         if info.shape != t.shape:
             check.problem = f"shape {info.shape}, expected {t.shape}"
@@ -143,11 +145,8 @@ def _stored_name(name: str, merged: BaseModel, prefix: str) -> str | None:
     return next((c for c in candidates if c in merged.tensors), None)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _argmax_index(x: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.unravel_index(torch.argmax(x), x.shape)]
 
 
 def _check_copy(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: TensorCheck) -> None:
@@ -162,8 +161,7 @@ def _check_copy(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: Ten
             err = (stored.double() - expected.double()).abs()
             check.max_abs = float(err.max())
             check.max_units = float((err / spacing(expected.double(), stored.dtype)).max())
-            check.worst = list(torch.unravel_index(torch.argmax(err), err.shape)) if err.numel() else None
-            check.worst = [int(i) for i in check.worst] if check.worst else None
+            check.worst = _argmax_index(err)
         what = "left out by the DiffoRA selection" if t.action is Action.UNSELECTED else "not adapted"
         check.problem = f"{what} but differs from the base ({1 - check.exact_fraction:.2%} of elements)"
 
@@ -181,8 +179,7 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: 
         block_worst = float(units.max())
         if block_worst > worst_units:
             worst_units = block_worst
-            flat = int(torch.argmax(units))
-            at = [int(i) for i in torch.unravel_index(torch.tensor(flat), units.shape)]
+            at = _argmax_index(units)
             at[0] += rows.start
             worst_at = at[::-1] if t.transposed else at  # report the index in the stored layout
     check.max_units = max(worst_units, 0.0)

@@ -6,9 +6,10 @@ from .errors import D2ExportError, UnsupportedAdapterError
 from .formats import load_adapter
 from .inspect import inspect
 from .merge import MergeResult, merge
+from .onnx import OnnxResult, export_onnx
 from .verify import Thresholds, VerifyReport, verify
 
 __all__ = [
-    "D2ExportError", "MergeResult", "Thresholds", "UnsupportedAdapterError", "VerifyReport", "__version__",
-    "inspect", "load_adapter", "merge", "verify",
+    "D2ExportError", "MergeResult", "OnnxResult", "Thresholds", "UnsupportedAdapterError", "VerifyReport",
+    "__version__", "export_onnx", "inspect", "load_adapter", "merge", "verify",
 ]

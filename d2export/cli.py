@@ -138,6 +138,9 @@ def merge_cmd(
     atol: AtolOption = None,
     min_top1: MinTop1Option = None,
     max_units: MaxUnitsOption = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it (see `d2export onnx`).")
+    ] = False,
 ) -> None:
     """Merge an adapter into its base model and write a Hugging Face model folder."""
     from .merge import merge
@@ -177,10 +180,95 @@ def merge_cmd(
               highlight=False)
     for note in report["notes"]:
         err.print(f"note: {note}", highlight=False, markup=False)
+    failed = False
     if verification is not None:
         _print_verify(verification, console=err)
-        if not verification.passed:
-            raise typer.Exit(1)
+        failed = not verification.passed
+    if onnx and not failed:
+        target = result.out.parent / f"{result.out.name}-onnx"
+        failed = not _run_onnx(result.out, target, force=force).passed
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("onnx")
+def onnx_cmd(
+    merged: Annotated[Path, typer.Argument(help="Model folder to export (e.g. a merged one).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <merged>-onnx).")] = None,
+    task: Annotated[str | None, typer.Option(help="optimum task (default: from config.json's architecture).")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: optimum's for the model).")] = None,
+    no_past: Annotated[bool, typer.Option("--no-past", help="Causal LMs: export without past key/values.")] = False,
+    optimize: Annotated[str | None, typer.Option(help="ONNX Runtime graph optimisation: O1, O2 or O3.")] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: also write model_quantized.onnx (dynamic quantisation).")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Export float16 instead of float32.")] = False,
+    external_data: Annotated[
+        bool, typer.Option("--external-data", help="Always write model.onnx_data (default: when weights pass 2 GB).")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the ONNX Runtime check.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print onnx_report.json on stdout.")] = False,
+) -> None:
+    """Export a model folder to ONNX through optimum and check it with ONNX Runtime against PyTorch.
+    Exit 1 if the check fails (the files are written, and the report says so)."""
+    result = _run_onnx(merged, out_dir, task=task, opset=opset, past=not no_past, optimize=optimize,
+                       quantize=quantize, fp16=fp16, external_data=True if external_data else None, force=force,
+                       validate=not no_validate)
+    if as_json:
+        print(json.dumps(result.report, indent=2))
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _run_onnx(model_dir: Path, out_dir: Path | None, **options):
+    from .onnx import export_onnx
+
+    with err.status("exporting ONNX", spinner="dots") if err.is_terminal else contextlib.nullcontext() as status:
+        def progress(stage: str) -> None:
+            if status is not None:
+                status.update(f"ONNX: {escape(stage)}")
+
+        try:
+            result = export_onnx(model_dir, out_dir, progress=progress, **options)
+        except D2ExportError as exc:
+            if status is not None:
+                status.stop()
+            _fail(exc)
+        except KeyboardInterrupt:
+            err.print("interrupted: no output was written")
+            raise typer.Exit(130) from None
+    _print_onnx(result.report, result.out)
+    return result
+
+
+def _print_onnx(report: dict, out_dir: Path) -> None:
+    files = ", ".join(f"{name} ({size / 1e6:,.1f} MB)" for name, size in report["files"].items()
+                      if name.endswith((".onnx", ".onnx_data")))
+    err.print(f"exported {report['task']} ({report['dtype']}, opset {report['opset']}"
+              f"{', external data' if report['external_data'] else ''}) to {escape(str(out_dir))}: {files}",
+              highlight=False)
+    validation = report.get("validation")
+    if validation:
+        table = Table("file", "precision", "output", "max |d|", "rel", "mean |d|", "top-1", "decode step", "generate",
+                      "", box=None, header_style="bold")
+        for file, graph in validation["graphs"].items():
+            decode = graph.get("decode_step")
+            generate = graph.get("generate")
+            for name, c in graph["outputs"].items():
+                table.add_row(file, graph["precision"], name, f"{c['max_abs']:.2e}", f"{c['relative']:.1e}",
+                              f"{c['mean_abs']:.1e}", "-" if c["top1"] is None else f"{c['top1']:.2%}",
+                              "-" if decode is None else f"{decode['relative']:.1e}",
+                              "-" if generate is None else f"{generate['matching']}/{generate['prompts']}",
+                              "[green]ok[/]" if graph["passed"] else "[red]FAIL[/]")
+        err.print(table)
+        for graph in validation["graphs"].values():
+            for failure in graph["failures"]:
+                err.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
+    for note in report["notes"]:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    err.print("[bold green]ONNX export validated[/]" if report["passed"] and validation else
+              "[bold red]ONNX validation FAILED[/]" if validation else "ONNX export not validated")
 
 
 @app.command("verify")

@@ -247,6 +247,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output is a folder like any other
     try:
         yield tmp
         if out.exists():
@@ -259,3 +260,9 @@ def atomic_output(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

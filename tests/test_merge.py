@@ -6,6 +6,8 @@ unmerged model."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -172,3 +174,6 @@ def test_report_and_side_files(merged):
     assert module["delta_fro_norm"] > 0 and module["rescale_range"][0] > 0
     assert (result.out / "README.md").read_text().startswith("---")
     assert (result.out / "generation_config.json").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(result.out.stat().st_mode) == 0o777 & ~umask  # not the temporary folder's 0700

@@ -1,0 +1,241 @@
+"""ONNX export through optimum-onnx, checked with ONNX Runtime against the PyTorch model.
+
+optimum's exporter validates too, but only logs a warning when outputs disagree, so an export is
+never trusted here until it has been run: the exported graph (and its int8 variant) and the merged
+PyTorch model (in float32) see the same padded batches and their outputs are compared on the real
+positions; a ``-with-past`` graph also runs one decode step fed its own past key/values, and a
+causal LM is loaded with optimum's ``ORTModelForCausalLM`` (what serving code uses) and must
+reproduce PyTorch's greedy tokens. The figures go into ``onnx_report.json`` beside the model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..checks.models import read_config
+from ..errors import D2ExportError
+from ..io import atomic_output, check_output_location, current_umask, open_base
+from .files import (
+    MODEL_NAME,
+    QUANTIZED_NAME,
+    file_sizes,
+    graph_opset,
+    quantize_int8,
+    quiet,
+    to_external_data,
+    uses_external_data,
+)
+from .tasks import resolve_task
+from .validate import validate_export
+
+Progress = Callable[[str], None]  # called with a short stage name: "exporting", "validating", ...
+
+REPORT_NAME = "onnx_report.json"
+OPTIMIZE_LEVELS = ("O1", "O2", "O3", "O4")
+QUANTIZE_MODES = ("int8",)
+# A protobuf message (one .onnx file holding its weights inline) cannot exceed 2 GiB.
+PROTOBUF_LIMIT = 2**31
+
+
+@dataclass
+class OnnxResult:
+    out: Path
+    report: dict
+    passed: bool
+
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    task: str | None = None,
+    opset: int | None = None,
+    past: bool = True,
+    optimize: str | None = None,
+    quantize: str | None = None,
+    fp16: bool = False,
+    force: bool = False,
+    external_data: bool | None = None,
+    validate: bool = True,
+    progress: Progress | None = None,
+) -> OnnxResult:
+    """Export a (merged) Hugging Face model folder to ONNX and check the result with ONNX Runtime.
+
+    Writes ``model.onnx`` (``model_quantized.onnx`` beside it with ``quantize="int8"``), optimum's
+    config/tokenizer files and ``onnx_report.json`` into ``out`` (default ``<model_dir>-onnx``),
+    atomically. ``external_data``: ``None`` writes ``model.onnx`` + ``model.onnx_data`` when the
+    weights pass 2 GiB, ``True`` always, ``False`` refuses a model too large for one file.
+    Bad input raises :class:`D2ExportError`; a failed validation does not: the folder is written
+    (so it can be inspected), the report says so and ``passed`` is False (``validate=False``
+    skips the check, notes it, and leaves ``passed`` True).
+    """
+    say = progress or (lambda stage: None)
+    _require_onnx_stack()
+    optimize = _check_options(optimize, quantize, fp16, opset)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise D2ExportError(f"model folder not found: {model_dir}")
+    config = read_config(model_dir)
+    weights = open_base(model_dir)  # a folder with a config but no weights is not a model either
+    if config.get("is_encoder_decoder"):
+        raise D2ExportError(f"{model_dir}: encoder-decoder models (several ONNX graphs) are not supported yet")
+    task, notes = resolve_task(config, task, past)
+    out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-onnx"
+    check_output_location(out, [model_dir], force)
+    if optimize is not None:
+        _check_optimizable(config["model_type"], optimize)
+
+    source_dtype = _source_dtype(config, weights)
+    precision = "float16" if fp16 else "float32"
+    if source_dtype in ("bfloat16", "float16") and source_dtype != precision:
+        reason = "ONNX Runtime has no bf16 CPU kernels" if source_dtype == "bfloat16" else "--fp16 not given"
+        notes.append(f"model is {source_dtype}; exported {precision} ({reason})")
+    graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if t.dtype.is_floating_point)
+    graph_bytes *= 2 if fp16 else 4
+    if external_data is False and graph_bytes >= PROTOBUF_LIMIT:
+        raise D2ExportError(f"the {precision} weights take {graph_bytes / 2**30:.1f} GiB, more than one .onnx file "
+                            "can hold (2 GiB); allow external data")
+    # The exporter moves weights out by itself once the protobuf would pass 2 GiB; deciding from
+    # the weights as well makes "automatic" independent of that and of the exact boundary.
+    want_external = external_data if external_data is not None else graph_bytes >= PROTOBUF_LIMIT
+
+    with atomic_output(out) as tmp:
+        say("exporting")
+        started = time.perf_counter()
+        _run_optimum(model_dir, tmp, task=task, opset=opset, optimize=optimize, fp16=fp16)
+        if want_external and not uses_external_data(tmp / MODEL_NAME):
+            say("writing external data")
+            to_external_data(tmp / MODEL_NAME)
+        if quantize == "int8":
+            say("quantizing")
+            quantize_int8(tmp / MODEL_NAME, tmp / QUANTIZED_NAME)
+        export_seconds = time.perf_counter() - started
+
+        report = {
+            "tool": "d2export", "version": __version__,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "source": str(model_dir.resolve()),
+            "architecture": (config.get("architectures") or [None])[0],
+            "model_type": config["model_type"],
+            "task": task, "opset": graph_opset(tmp / MODEL_NAME),
+            "source_dtype": source_dtype, "dtype": precision,
+            "optimize": optimize, "quantize": quantize,
+            "external_data": uses_external_data(tmp / MODEL_NAME),
+            "notes": notes, "export_seconds": round(export_seconds, 2),
+        }
+        passed = True
+        if validate:
+            say("validating")
+            started = time.perf_counter()
+            validation = validate_export(tmp, model_dir, task, progress=say, approximate=optimize == "O3")
+            report["validation_seconds"] = round(time.perf_counter() - started, 2)
+            report["validation"] = validation.to_dict()
+            passed = validation.passed
+            if not passed:
+                notes.append("VALIDATION FAILED: the files were written for inspection only; do not deploy them")
+        else:
+            notes.append("not validated (validate=False)")
+        report["passed"] = passed
+        report["files"] = file_sizes(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        _usual_modes(tmp)
+    return OnnxResult(out, report, passed)
+
+
+def _require_onnx_stack() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError as exc:
+        raise D2ExportError(f"ONNX export needs the onnx extras ({exc.name} is missing): "
+                            "pip install 'd2export[onnx]'") from None
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the files the modes a plain open() would: onnx writes external data 0600, which a
+    serving process running as another user could not read."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
+def _check_options(optimize: str | None, quantize: str | None, fp16: bool, opset: int | None) -> str | None:
+    if optimize is not None:
+        optimize = optimize.upper()
+        if optimize not in OPTIMIZE_LEVELS:
+            raise D2ExportError(f"invalid --optimize {optimize!r}: use one of {', '.join(OPTIMIZE_LEVELS)}")
+        if optimize == "O4":
+            # optimum's O4 is O3 plus fp16 mixed precision, which it only builds for (and on) a CUDA GPU.
+            raise D2ExportError("--optimize O4 (fp16 mixed precision) needs a CUDA GPU; use O1, O2 or O3 on CPU")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise D2ExportError(f"invalid --quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    if quantize is not None and fp16:
+        # Dynamic quantisation rewrites float32 MatMuls (MatMulInteger takes float32 activations).
+        raise D2ExportError("--quantize int8 quantises the float32 graph; drop --fp16")
+    low, high = _opset_range()
+    if opset is not None and not low <= opset <= high:
+        raise D2ExportError(f"invalid --opset {opset}: torch's ONNX exporter writes opsets {low} to {high}")
+    return optimize
+
+
+def _opset_range() -> tuple[int, int]:
+    from torch.onnx import _constants  # the TorchScript exporter's limits, the one optimum drives
+
+    return (getattr(_constants, "ONNX_MIN_OPSET", 7), getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
+
+def _check_optimizable(model_type: str, level: str) -> None:
+    from optimum.onnxruntime import AutoOptimizationConfig
+    from optimum.onnxruntime.utils import ORTConfigManager
+
+    try:
+        config = AutoOptimizationConfig.with_optimization_level(level)
+        ORTConfigManager.check_optimization_supported_model(model_type, config)
+    except (NotImplementedError, KeyError):
+        raise D2ExportError(f"ONNX Runtime has no graph optimisation for {model_type}; drop --optimize") from None
+
+
+def _source_dtype(config: dict, weights) -> str:
+    """The floating dtype of the stored weights (what the merge wrote), else config.json's."""
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in weights.tensors.values() if t.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def _run_optimum(model_dir: Path, output: Path, *, task: str, opset: int | None, optimize: str | None,
+                 fp16: bool) -> None:
+    from optimum.exporters.onnx import main_export
+    from torch.onnx.errors import OnnxExporterError
+
+    with quiet():
+        try:
+            main_export(
+                model_name_or_path=str(model_dir), output=output, task=task, opset=opset, device="cpu",
+                # Load in float32 (or float16): a bf16 model would otherwise be traced in bf16, which
+                # ONNX Runtime's CPU provider cannot run.
+                dtype="fp16" if fp16 else "fp32",
+                optimize=optimize,
+                # The folder is validated below, against transformers' class for the task; optimum's own
+                # check only logs a warning. "transformers" also keeps a sentence-transformers folder
+                # (modules.json) exporting the transformer itself rather than optimum's pooled variant.
+                do_validation=False, library_name="transformers", local_files_only=True,
+            )
+        # optimum's messages for what it refuses, and torch's for an operator the opset lacks
+        except (ValueError, KeyError, NotImplementedError, OnnxExporterError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise D2ExportError(f"optimum cannot export {model_dir}: {message}") from exc
+    if not (output / MODEL_NAME).is_file():
+        raise D2ExportError(f"optimum wrote no {MODEL_NAME} for task {task} (files: {sorted(file_sizes(output))})")
+
+

@@ -7,7 +7,7 @@ PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 # torch is pinned and installed first, on its own: an unpinned torch would pull CUDA builds.
 setup:
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[onnx,dev]"
+	$(PIP) -e ".[onnx,dev,plot]"
 
 demo: setup
 	bash scripts/demo.sh

@@ -18,7 +18,7 @@ from .errors import D2ExportError
 from .spec import ModuleUpdate, Rescale
 
 # Rows per block are chosen so one float64 block of V stays near this many bytes.
-_BLOCK_BYTES = 64 * 2**20
+_BLOCK_BYTES = 8 * 2**20
 
 
 class MergeError(D2ExportError):
@@ -35,14 +35,11 @@ class MergeStats:
 
 
 def low_rank_delta(update: ModuleUpdate, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_t c_t B_t[rows] @ A_t`` in canonical orientation, computed in ``dtype``."""
-    delta = None
-    for term in update.terms:
-        part = term.B[rows].to(dtype) @ term.A.to(dtype)
-        part.mul_(term.coefficient)
-        delta = part if delta is None else delta.add_(part)
-    assert delta is not None, "an update has at least one term"
-    return delta
+    """``sum_t c_t B_t[rows] @ A_t`` in canonical orientation, computed in ``dtype`` as one matmul
+    ``[c_1 B_1 | c_2 B_2 | ...] @ [A_1; A_2; ...]`` (one pass over the block, not one per term)."""
+    B = torch.cat([term.B[rows].to(dtype) * term.coefficient for term in update.terms], dim=1)
+    A = torch.cat([term.A.to(dtype) for term in update.terms], dim=0)
+    return B @ A
 
 
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,8 +57,36 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return round_to_odd_float32(x).to(dtype)
 
 
+# float64 -> float32 drops the 29 low bits of the 52-bit mantissa.
+_DROPPED = (1 << 29) - 1
+_KEEP = ~_DROPPED
+_STICKY = 1 << 29  # the lowest mantissa bit float32 keeps
+_F32_MIN_NORMAL = 2.0**-126
+
+
 def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounding to odd: truncate toward zero, set the last bit if inexact."""
+    """float64 -> float32 rounding to odd: truncate toward zero, set the last bit if inexact.
+
+    On the bit pattern (sign-magnitude, so clearing bits truncates toward zero): keep the 23
+    mantissa bits float32 has and OR in whether any of the 29 dropped ones was set; the result is
+    a float64 that float32 holds exactly, so the final conversion does not round. Four passes over
+    the data, the merge's hot spot. Values below float32's normal range (whose float32 mantissa is
+    shorter) take the exact but slower path.
+    """
+    bits = x.view(torch.int64)
+    sticky = bits & _DROPPED
+    sticky.add_(_DROPPED).bitwise_and_(_STICKY)  # 1 << 29 exactly when a dropped bit was set
+    odd = (bits & _KEEP).bitwise_or_(sticky)
+    result = odd.view(torch.float64).to(torch.float32)
+    tiny = result.abs() <= _F32_MIN_NORMAL
+    if tiny.any():
+        tiny &= x != 0
+        result[tiny] = _round_to_odd_float32_exact(x[tiny])
+    return result
+
+
+def _round_to_odd_float32_exact(x: torch.Tensor) -> torch.Tensor:
+    """The same by comparison with the nearest float32, for any range (subnormals included)."""
     nearest = x.to(torch.float32)
     back = nearest.to(torch.float64)
     inexact = back != x
@@ -111,7 +136,7 @@ def merged_rows(
         rows = slice(start, min(start + step, n_out))
         w0 = base[rows].to(compute_dtype)
         delta = low_rank_delta(update, rows, compute_dtype)
-        delta_sq = float(delta.square().sum())
+        delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
         v = delta.add_(w0)  # V = W0 + delta, in place of delta
         g = None
         if update.rescale is not Rescale.NONE:
@@ -125,9 +150,8 @@ def merged_rows(
                 )
             g = target / norms
             v.mul_(g.unsqueeze(1))
-        if not torch.isfinite(v).all():
-            bad = int((~torch.isfinite(v)).any(dim=1).nonzero()[0])
-            raise MergeError(f"{name}: merged row {start + bad} is not finite (overflow or NaN)")
+        # Non-finite values are not checked here (a pass over float64): they survive rounding, and
+        # merge_tensor checks the (smaller) rounded block.
         yield MergedRows(rows, w0, v, g, delta_sq)
 
 
@@ -151,15 +175,19 @@ def merge_tensor(
         if block.scale is not None:
             scale_min = min(scale_min, float(block.scale.min()))
             scale_max = max(scale_max, float(block.scale.max()))
-        merged[block.rows] = round_to_dtype(block.value, out_dtype)
+        rounded = round_to_dtype(block.value, out_dtype)
+        if not torch.isfinite(rounded).all():
+            bad = block.rows.start + int((~torch.isfinite(rounded)).any(dim=1).nonzero()[0])
+            if torch.isfinite(block.value).all():
+                raise MergeError(f"{name}: merged row {bad} overflows {out_dtype} (try --dtype float32)")
+            raise MergeError(f"{name}: merged row {bad} is not finite (overflow or NaN)")
+        merged[block.rows] = rounded
     rescaled = update.rescale is not Rescale.NONE
     stats = MergeStats(
         delta_norm=math.sqrt(delta_sq),
         scale_min=scale_min if rescaled else None,
         scale_max=scale_max if rescaled else None,
     )
-    if not torch.isfinite(merged).all():
-        raise MergeError(f"{name}: merged values overflow {out_dtype} (try --dtype float32)")
     return (merged.T.contiguous() if transposed else merged), stats
 
 

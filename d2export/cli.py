@@ -368,6 +368,89 @@ def _print_verify(report, console: Console) -> None:
     console.print("[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]")
 
 
+@app.command("bench")
+def bench_cmd(
+    merged: Annotated[Path, typer.Argument(help="Merged model folder.")],
+    adapter: Annotated[Path, typer.Option(help=CHECKPOINT_HELP)],
+    base: Annotated[Path | None, typer.Option(help=BASE_HELP)] = None,
+    onnx_dir: Annotated[
+        Path | None, typer.Option("--onnx", help="ONNX export to time too (default: <merged>-onnx when it exists).")
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
+    seq_lens: Annotated[
+        str, typer.Option(help="Comma-separated sequence lengths (clipped to the model's).")
+    ] = "32,128",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model and shape.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed runs per model and shape (p50/p95 over these).")] = 10,
+    threads: Annotated[int | None, typer.Option(help="PyTorch and ONNX Runtime threads (default: torch's).")] = None,
+    dtype: Annotated[str, typer.Option(help="PyTorch models run in: float32 or bfloat16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report on stdout.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of throughput per model and shape.")] = None,
+) -> None:
+    """Throughput and latency of the unmerged (run-time adapter), merged and base models, and an ONNX
+    export, on the same random-token prefill at each batch size x sequence length."""
+    from .bench import parse_sizes, plot_report, require_matplotlib, run_bench
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("benchmark", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=escape(what[-48:]), completed=done, total=total)
+
+        try:
+            if plot is not None:
+                require_matplotlib()  # fail before minutes of timing, not after
+            report = run_bench(merged, adapter, base=base, onnx_dir=onnx_dir,
+                               batch_sizes=parse_sizes(batch_sizes, "--batch-sizes"),
+                               seq_lens=parse_sizes(seq_lens, "--seq-lens"), warmup=warmup, repeats=repeats,
+                               threads=threads, dtype=dtype, progress=progress)
+        except D2ExportError as exc:
+            bar.stop()
+            _fail(exc)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    _print_bench(report, console=err if as_json else out)
+    if plot is not None:
+        try:
+            err.print(f"plot written to {escape(str(plot_report(report, plot)))}", highlight=False)
+        except D2ExportError as exc:
+            _fail(exc)
+
+
+def _print_bench(report, console: Console) -> None:
+    from .bench import UNMERGED
+
+    versions = ", ".join(f"{name} {v}" for name, v in report.versions.items() if v and name != "d2export")
+    m = report.machine
+    console.print(f"[bold]bench[/] {escape(str(report.merged))} ({report.method} adapter, {report.kind}, "
+                  f"PyTorch in {report.dtype}): {report.threads} thread{'s' if report.threads != 1 else ''} on "
+                  f"{m['cpus_available']} of "
+                  f"{m['cpu_count']} CPUs ({escape(m['cpu'])}); {versions}", highlight=False)
+    console.print(f"prefill of random tokens, no padding; {report.warmup} warm-up + {report.repeats} timed runs "
+                  "each; tokens/s = B*L / median", highlight=False)
+    table = Table("model", "batch", "seq", "p50 ms", "p95 ms", "tokens/s", f"x vs {UNMERGED}",
+                  box=None, header_style="bold")
+    for w in report.workloads:
+        for r in [r for model in report.models if (r := report.row(model, w)) is not None]:
+            speedup = report.speedup(r)
+            table.add_row(r.model, str(r.batch), str(r.seq), f"{r.p50_ms:.3f}", f"{r.p95_ms:.3f}",
+                          f"{r.tokens_per_s:,.0f}", "-" if speedup is None else f"{speedup:.2f}x")
+    console.print(table)
+    console.print("[bold]throughput ratios[/] (geometric mean over shapes; per shape B x L):")
+    for ratio in report.ratios:
+        shapes = ", ".join(f"{w.label} {r:.2f}x" for w, r in ratio.per_workload)
+        expected = f"; {ratio.expected}" if ratio.expected else ""
+        console.print(f"  {escape(ratio.name)}: [bold]{ratio.geomean:.2f}x[/] ({shapes}){escape(expected)}",
+                      highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
 def run() -> None:
     try:
         app()

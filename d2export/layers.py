@@ -27,9 +27,14 @@ class AdapterLayer(nn.Module):
     """One adapted module. Factors are canonical: ``B_t: [out, r]``, ``A_t: [r, in]``."""
 
     def __init__(self, base: nn.Module, *, rank: int, scale: float, branches=("lora",),
-                 rescale: Rescale = Rescale.NONE, tau: float | None = None, learn_tau: bool = False):
+                 rescale: Rescale = Rescale.NONE, tau: float | None = None, learn_tau: bool = False,
+                 reference_norms: bool = True):
         super().__init__()
         self.base = base
+        # True: row norms in float64 (the accuracy reference verify compares against). False: in the
+        # weight dtype, as DoRA / D2-LoRA training and evaluation code computes them (what the
+        # benchmark times, so the unmerged model costs what users' unmerged models cost).
+        self.reference_norms = reference_norms
         self.embedding = isinstance(base, nn.Embedding)
         self.transposed = self.embedding or type(base).__name__ == "Conv1D"
         out, inp = self._canonical_weight().shape
@@ -46,11 +51,12 @@ class AdapterLayer(nn.Module):
             self.register_buffer("original_norm", norms.to(torch.float32), persistent=False)
 
     @classmethod
-    def from_update(cls, base: nn.Module, update: ModuleUpdate) -> AdapterLayer:
+    def from_update(cls, base: nn.Module, update: ModuleUpdate, *, reference_norms: bool = True) -> AdapterLayer:
         names = tuple(t.name for t in update.terms)
         scale = update.terms[0].coefficient
         tau = -update.terms[1].coefficient / scale if len(update.terms) == 2 else None
-        layer = cls(base, rank=update.rank, scale=scale, branches=names, rescale=update.rescale, tau=tau)
+        layer = cls(base, rank=update.rank, scale=scale, branches=names, rescale=update.rescale, tau=tau,
+                    reference_norms=reference_norms)
         with torch.no_grad():
             for term in update.terms:
                 layer.A[term.name].copy_(term.A)
@@ -75,12 +81,21 @@ class AdapterLayer(nn.Module):
     def row_scale(self) -> torch.Tensor | None:
         if self.rescale is Rescale.NONE:
             return None
+        if not self.reference_norms:
+            return self._row_scale_in_weight_dtype()
         # Norms of the adapted rows, in float64 so the reference itself adds no rounding worth
         # speaking of; DoRA and D2-LoRA treat them as constants in the backward pass.
         v = self._canonical_weight().double() + self.delta().double()
         norms = torch.linalg.vector_norm(v, dim=1).detach()
         target = self.magnitude.double() if self.magnitude is not None else self.original_norm.double()
         return (target / norms).to(self.base.weight.dtype)
+
+    def _row_scale_in_weight_dtype(self) -> torch.Tensor:
+        dtype = self.base.weight.dtype
+        v = self._canonical_weight() + self.delta().to(dtype)
+        norms = torch.linalg.vector_norm(v, dim=1).detach()
+        target = self.magnitude if self.magnitude is not None else self.original_norm
+        return target.to(dtype) / norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding:
@@ -120,9 +135,10 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def inject_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool = True) -> nn.Module:
     """Apply ``spec`` to ``model`` at run time, in place: full tensors replace the model's (untied
-    from whatever they were tied to), selected modules get an :class:`AdapterLayer`."""
+    from whatever they were tied to), selected modules get an :class:`AdapterLayer`.
+    ``reference_norms=False``: rescaling norms in the model dtype (see :class:`AdapterLayer`)."""
     for name, value in spec.replacements.items():
         module_path, _, param = name.rpartition(".")
         path, module = _resolve_module(model, module_path)
@@ -132,7 +148,8 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        _set_module(model, path, AdapterLayer.from_update(module, update).to(module.weight.dtype))
+        layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
+        _set_module(model, path, layer.to(module.weight.dtype))
     return model
 
 

@@ -81,12 +81,15 @@ def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = Non
         writer = ShardWriter(folder / file, [(t.name, t.out_dtype, t.shape) for t in tensors])
         try:
             for t in tensors:
-                value, tensor_stats = produce(plan, t)
-                if tensor_stats is not None:
-                    stats[t.name] = tensor_stats
-                writer.write(t.name, value)
+                if _unchanged_bytes(plan, t):
+                    writer.write_raw(t.name, t.out_dtype, t.shape, plan.base.read_bytes(t.source))
+                else:
+                    value, tensor_stats = produce(plan, t)
+                    if tensor_stats is not None:
+                        stats[t.name] = tensor_stats
+                    writer.write(t.name, value)
+                    del value
                 weight_map[t.name] = file
-                del value
                 if progress:
                     progress(t.name, t.nbytes, plan.total_bytes)
             hashes[file] = writer.close()
@@ -97,6 +100,13 @@ def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = Non
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return stats, hashes
+
+
+def _unchanged_bytes(plan: MergePlan, t: TensorPlan) -> bool:
+    """The output is the base tensor's stored bytes, which can be copied without loading them."""
+    source = plan.base.tensors[t.source]
+    return (t.action in (Action.COPY, Action.UNSELECTED) and source.dtype == t.out_dtype
+            and source.offset is not None)
 
 
 def produce(plan: MergePlan, t: TensorPlan) -> tuple[torch.Tensor, MergeStats | None]:

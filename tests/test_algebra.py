@@ -89,3 +89,17 @@ def test_overflow_is_an_error():
     update = _update(4, 3)
     with pytest.raises(MergeError, match=r"overflow|not finite"):
         merge_tensor(torch.full((4, 3), 1.0e5), update, transposed=False, out_dtype=torch.float16)
+
+
+def test_fast_round_to_odd_matches_the_exact_method_everywhere():
+    from d2export.algebra import _round_to_odd_float32_exact, round_to_odd_float32
+
+    g = torch.Generator().manual_seed(2)
+    exponents = torch.randint(-160, 130, (200000,), generator=g).double()
+    x = torch.randn(200000, generator=g, dtype=torch.float64) * torch.pow(2.0, exponents)
+    x = torch.cat([x, _halfway_cases(torch.bfloat16), torch.tensor([0.0, -0.0, 2.0**-126, -(2.0**-126),
+                   2.0**-149, 2.0**-150, 1.5 * 2.0**-127, 1e-300, 1.0, -1.0], dtype=torch.float64)])
+    x = x[x.abs() < 3e38]
+    fast, exact = round_to_odd_float32(x), _round_to_odd_float32_exact(x)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32))
+    assert (x.abs() < 2.0**-126).sum() > 1000  # the slow path was exercised too

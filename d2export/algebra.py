@@ -34,59 +34,53 @@ class MergeStats:
     scale_max: float | None
 
 
-def low_rank_delta(update: ModuleUpdate, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_t c_t B_t[rows] @ A_t`` in canonical orientation, computed in ``dtype`` as one matmul
-    ``[c_1 B_1 | c_2 B_2 | ...] @ [A_1; A_2; ...]`` (one pass over the block, not one per term)."""
-    B = torch.cat([term.B[rows].to(dtype) * term.coefficient for term in update.terms], dim=1)
+def stacked_factors(update: ModuleUpdate, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([c_1 B_1 | c_2 B_2 | ...], [A_1; A_2; ...])`` in ``dtype``: the whole low-rank update as one
+    product, so a block of rows costs one matmul whatever the number of terms."""
+    B = torch.cat([term.B.to(dtype) * term.coefficient for term in update.terms], dim=1)
     A = torch.cat([term.A.to(dtype) for term in update.terms], dim=0)
-    return B @ A
+    return B, A
 
 
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round ``x`` to ``dtype`` once, to nearest-even, as if from the exact value.
 
-    torch converts float64 to bfloat16/float16 through float32, which rounds twice and is wrong
-    whenever the float32 result lands exactly on a halfway point of the target format. Rounding
-    to float32 *to odd* first and then to nearest-even is exact (float32 keeps more than two bits
-    beyond either 16-bit format's precision), so that is what we do.
+    torch converts float64 to bfloat16/float16 through float32, which rounds twice. That goes
+    wrong only where the float32 value lands exactly on a halfway point of the 16-bit format: the
+    halfway points are float32 numbers and rounding is monotonic, so any other float32 result lies
+    between the same two halfway points as ``x`` and rounds to the same 16-bit value. So: round to
+    float32, find the float32 values on a halfway point (a bit pattern; about one element in 65536),
+    and round those few again from float64 *to odd* first, which is exact (float32 keeps more than
+    two bits beyond either 16-bit format's precision). float16's subnormal range, whose halfway
+    points have another bit pattern, takes that path too.
     """
     if x.dtype == dtype:
         return x.clone()
-    if dtype not in (torch.bfloat16, torch.float16) or x.dtype != torch.float64:
+    if dtype not in _HALFWAY or x.dtype != torch.float64:
         return x.to(dtype)  # a single correctly rounded conversion
-    return round_to_odd_float32(x).to(dtype)
-
-
-# float64 -> float32 drops the 29 low bits of the 52-bit mantissa.
-_DROPPED = (1 << 29) - 1
-_KEEP = ~_DROPPED
-_STICKY = 1 << 29  # the lowest mantissa bit float32 keeps
-_F32_MIN_NORMAL = 2.0**-126
-
-
-def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounding to odd: truncate toward zero, set the last bit if inexact.
-
-    On the bit pattern (sign-magnitude, so clearing bits truncates toward zero): keep the 23
-    mantissa bits float32 has and OR in whether any of the 29 dropped ones was set; the result is
-    a float64 that float32 holds exactly, so the final conversion does not round. Four passes over
-    the data, the merge's hot spot. Values below float32's normal range (whose float32 mantissa is
-    shorter) take the exact but slower path.
-    """
-    bits = x.view(torch.int64)
-    sticky = bits & _DROPPED
-    sticky.add_(_DROPPED).bitwise_and_(_STICKY)  # 1 << 29 exactly when a dropped bit was set
-    odd = (bits & _KEEP).bitwise_or_(sticky)
-    result = odd.view(torch.float64).to(torch.float32)
-    tiny = result.abs() <= _F32_MIN_NORMAL
-    if tiny.any():
-        tiny &= x != 0
-        result[tiny] = _round_to_odd_float32_exact(x[tiny])
+    if x.dim() == 0:
+        return round_to_dtype(x.reshape(1), dtype).reshape(())
+    nearest = x.to(torch.float32)
+    bits = nearest.view(torch.int32)
+    low_bits, halfway = _HALFWAY[dtype]
+    suspect = (bits & low_bits) == halfway
+    if dtype == torch.float16:
+        suspect |= (bits & 0x7FFFFFFF) < _F16_MIN_NORMAL_BITS
+    result = nearest.to(dtype)
+    where = suspect.nonzero(as_tuple=True)
+    if where[0].numel():
+        result[where] = round_to_odd_float32(x[where]).to(dtype)
     return result
 
 
-def _round_to_odd_float32_exact(x: torch.Tensor) -> torch.Tensor:
-    """The same by comparison with the nearest float32, for any range (subnormals included)."""
+# float32 bit patterns on a halfway point of the 16-bit format: (mask of the bits float32 has
+# beyond the format's precision, the pattern of exactly one half unit)
+_HALFWAY = {torch.bfloat16: (0xFFFF, 0x8000), torch.float16: (0x1FFF, 0x1000)}
+_F16_MIN_NORMAL_BITS = 0x38800000  # 2**-14 as float32 bits; below it float16 is subnormal
+
+
+def round_to_odd_float32(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounding to odd: truncate toward zero, set the last bit if inexact."""
     nearest = x.to(torch.float32)
     back = nearest.to(torch.float64)
     inexact = back != x
@@ -131,13 +125,14 @@ def merged_rows(
             f"{name}: base shape {tuple(weight.shape)} does not match the adapter's "
             f"[out={update.shape[0]}, in={update.shape[1]}]"
         )
+    B, A = stacked_factors(update, compute_dtype)
     step = _row_block(n_in, torch.finfo(compute_dtype).bits // 8)
     for start in range(0, n_out, step):
         rows = slice(start, min(start + step, n_out))
         w0 = base[rows].to(compute_dtype)
-        delta = low_rank_delta(update, rows, compute_dtype)
-        delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
-        v = delta.add_(w0)  # V = W0 + delta, in place of delta
+        v = B[rows] @ A
+        delta_sq = float(torch.linalg.vector_norm(v)) ** 2
+        v.add_(w0)  # V = W0 + delta, in place of delta
         g = None
         if update.rescale is not Rescale.NONE:
             target = _target_norms(update, w0, rows, compute_dtype)
@@ -176,7 +171,9 @@ def merge_tensor(
             scale_min = min(scale_min, float(block.scale.min()))
             scale_max = max(scale_max, float(block.scale.max()))
         rounded = round_to_dtype(block.value, out_dtype)
-        if not torch.isfinite(rounded).all():
+        # A sum is finite when every element is (a fast reduction, where isfinite is a slow pass);
+        # only when it is not (or overflows) is the block searched.
+        if not math.isfinite(float(rounded.sum())) and not torch.isfinite(rounded).all():
             bad = block.rows.start + int((~torch.isfinite(rounded)).any(dim=1).nonzero()[0])
             if torch.isfinite(block.value).all():
                 raise MergeError(f"{name}: merged row {bad} overflows {out_dtype} (try --dtype float32)")

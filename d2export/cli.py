@@ -7,7 +7,9 @@ only with ``--debug``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import platform
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -451,7 +453,28 @@ def _print_bench(report, console: Console) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
 
 
+def _tune_malloc() -> None:
+    """Keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    glibc maps most large blocks afresh and unmaps them on free, and its adaptive threshold still
+    trims the heap often: a merge allocates the same few block sizes for every tensor, and merging
+    a 320M model took 500k page faults (1.6 s of kernel time, a third of the run). Fixed limits
+    (blocks up to 32 MiB from the heap, trim past 256 MiB free) cut that to 75k faults and the run
+    to 3.0 s, with the same peak RSS. Process-wide, so only the command does it, not the library.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 2**20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def run() -> None:
+    _tune_malloc()
     try:
         app()
     except D2ExportError as exc:  # raised outside a command body, or re-raised for --debug

@@ -14,10 +14,12 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,74 +185,109 @@ class ShardWriter:
 
     The header (names, dtypes, shapes, offsets) is written first; tensors then arrive in the
     declared order and go straight to disk. The sha256 of the file is computed on the way.
+
+    Writing and hashing run on a thread of their own (both release the GIL), so the next tensor is
+    merged while this one goes to disk; at most ``queue_depth`` written tensors wait, so memory
+    stays bounded. An error on that thread (a full disk) is raised by the next call.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, queue_depth: int = 2):
         self.path = path
         self._entries = entries
         self._next = 0
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for name, dtype, shape in entries:
-            size = dtype.itemsize
-            for d in shape:
-                size *= d
+            size = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
         self.nbytes = 8 + len(blob) + offset
         self._hash = hashlib.sha256()
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._emit(struct.pack("<Q", len(blob)) + blob)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close() or abort()
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
+        self._thread.start()
+        self._submit(None, [struct.pack("<Q", len(blob)) + blob], len(blob) + 8)
 
-    def _emit(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+    def _drain(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            name, chunks, nbytes = job
+            if self._error is not None or self._stop:
+                continue  # keep taking jobs so the producer never blocks on a dead writer
+            try:
+                written = 0
+                for chunk in chunks:
+                    self._file.write(chunk)
+                    self._hash.update(chunk)
+                    written += len(chunk)
+                if written != nbytes:
+                    raise RuntimeError(f"{name}: {written} bytes written, expected {nbytes}")
+            except OSError as exc:  # a full disk, a vanished folder: bad for the user to fix, not a bug
+                self._error = D2ExportError(f"{self.path}: cannot write ({exc.strerror or exc})")
+            except BaseException as exc:  # handed to the producer by the next call
+                self._error = exc
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected, dtype, shape = self._entries[self._next]
-        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(
-                f"shard writer expected {expected} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
-        self._next += 1
+    def _submit(self, name: str | None, chunks, nbytes: int) -> None:
+        self._raise_pending()
+        self._jobs.put((name, chunks, nbytes))
 
-    def write_raw(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
-        """The next tensor from its stored bytes (see :meth:`BaseModel.read_bytes`)."""
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
         expected, want_dtype, want_shape = self._entries[self._next]
         if (name, dtype, tuple(shape)) != (expected, want_dtype, want_shape):
             raise RuntimeError(f"shard writer expected {expected} {want_dtype} {want_shape}, got {name} {dtype} "
-                               f"{shape}")
-        written = 0
-        for chunk in chunks:
-            self._emit(chunk)
-            written += len(chunk)
-        if written != dtype.itemsize * math.prod(shape):
-            raise RuntimeError(f"{name}: {written} bytes copied, expected {dtype.itemsize * math.prod(shape)}")
+                               f"{tuple(shape)}")
         self._next += 1
+        return dtype.itemsize * math.prod(shape)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor. The writer keeps a reference until it is on disk: do not modify it."""
+        nbytes = self._expect(name, tensor.dtype, tuple(tensor.shape))
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._submit(name, [memoryview(data)], nbytes)
+
+    def write_raw(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
+        """The next tensor from its stored bytes (see :meth:`BaseModel.read_bytes`); the chunks
+        are read on the writer's thread, each written before the next is read."""
+        self._submit(name, chunks, self._expect(name, dtype, shape))
 
     def close(self) -> str:
         """Finish the file; return its sha256."""
         if self._next != len(self._entries):
             raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
-        self._file.close()
+        self._finish()
+        self._raise_pending()
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._stop = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
         self._file.close()
 
 
-def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256; None if ``stop`` was set before the end (checked between chunks)."""
     digest = hashlib.sha256()
     # One reused buffer: a fresh 8 MB bytes object per read, right after a merge has grown the
     # heap, added 100 MB to the peak RSS of a 320M merge (fragmentation), for nothing.
     buffer = memoryview(bytearray(chunk))
     with open(path, "rb") as handle:
         while size := handle.readinto(buffer):
+            if stop is not None and stop.is_set():
+                return None
             digest.update(buffer[:size])
     return digest.hexdigest()
 

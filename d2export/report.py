@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -13,14 +14,53 @@ from .plan import Action, MergePlan
 REPORT_VERSION = 1
 
 
+def input_files(plan: MergePlan) -> list[Path]:
+    """The files a merge reads: the adapter's and the base's weights (hashed for the report)."""
+    return [*plan.spec.files, *(plan.base.path / f for f in plan.base.files)]
+
+
+class InputHashes:
+    """sha256 of the input files, computed on a thread of its own while the merge runs (hashlib and
+    file reads release the GIL); :meth:`cancel` stops it within one chunk when the merge fails."""
+
+    def __init__(self, paths: list[Path]):
+        self._hashes: dict[Path, str] = {}
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(paths,), name="hash inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                digest = sha256_file(path, stop=self._stop)
+                if digest is None:
+                    return
+                self._hashes[path] = digest
+        except BaseException as exc:  # raised by result()
+            self._error = exc
+
+    def result(self) -> dict[Path, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashes
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def build_report(
     plan: MergePlan, stats: dict[str, MergeStats], shard_hashes: dict[str, str], out: Path,
-    *, hash_inputs: bool = True,
+    *, input_hashes: dict[Path, str] | None = None,
 ) -> dict:
+    """``input_hashes``: sha256 of the :func:`input_files` (None: not computed, recorded as null)."""
     spec, base = plan.spec, plan.base
+    hashes = input_hashes or {}
 
     def files(paths):
-        return [{"file": str(p), "sha256": sha256_file(p) if hash_inputs else None} for p in paths]
+        return [{"file": str(p), "sha256": hashes.get(p)} for p in paths]
 
     modules = []
     for t in plan.tensors:

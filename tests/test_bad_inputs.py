@@ -12,6 +12,7 @@ malicious pickle tried to create) was left behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -32,6 +33,7 @@ from typer.testing import CliRunner
 from d2export.cli import app
 from d2export.errors import D2ExportError
 
+io_module = importlib.import_module("d2export.io")
 merge_module = importlib.import_module("d2export.merge")  # the package re-exports merge() under the same name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -563,6 +565,44 @@ def test_interrupt_while_writing_leaves_no_output(fixture, tmp_path, name, exc):
     with pytest.raises(exc):
         merge_module.merge(ctx.adapter, base=ctx.base, out=ctx.out, hash_inputs=False, progress=stop)
     assert len(stop.seen) == 1  # it really stopped in the middle of writing
+    assert not ctx.out.exists()
+    assert not leftovers(tmp_path)
+    assert tree_state(tmp_path) == before
+
+
+def test_full_disk_while_writing_is_one_error_and_leaves_no_output(fixture, tmp_path, monkeypatch):
+    """Shards are written on a thread of their own: its failure reaches the caller as one error."""
+    ctx = copy_fixture(fixture, "d2lora-llama", tmp_path)
+    before = tree_state(tmp_path)
+    opened = []
+    real_open = open
+
+    class FullDisk:
+        """A file that takes 4 kB and then finds the disk full."""
+
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+
+    def open_for_writing_fills_the_disk(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return file
+        opened.append(path)
+        return FullDisk(file)
+
+    monkeypatch.setattr(io_module, "open", open_for_writing_fills_the_disk, raising=False)
+    with pytest.raises(D2ExportError, match="No space left on device"):
+        merge_module.merge(ctx.adapter, base=ctx.base, out=ctx.out, hash_inputs=False)
+    assert opened  # the writer really went through the failing file
     assert not ctx.out.exists()
     assert not leftovers(tmp_path)
     assert tree_state(tmp_path) == before

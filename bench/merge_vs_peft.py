@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method:7} {tool:8} run {rep + 1}: {result.wall_s:6.1f} s, peak RSS "
                       f"{result.peak_rss / MB:7,.0f} MB", flush=True)
 
+    # What the d2export process spends before merging anything: its imports (torch among them).
+    startup = [measure([sys.executable, "-c", "import d2export.cli, d2export.merge"]) for _ in range(args.repeats)]
+    startup_wall = statistics.median(r.wall_s for r in startup)
+    startup_rss = statistics.median(r.peak_rss for r in startup)
+
     rows, summary = [], []
     for method in methods:
         medians = {}
@@ -89,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(worst {max(ratios):.2f})" if ratios else "")
     print(f"target d2export RSS / model < {RSS_TARGET}: {'met' if worst_rss < RSS_TARGET else 'MISSED'} "
           f"(worst {worst_rss:.2f})")
+    print(f"of each d2export run, importing d2export (torch, safetensors, typer) alone takes {startup_wall:.1f} s and "
+          f"{startup_rss / MB:,.0f} MB ({startup_rss / model_bytes:.2f} of the model)")
     write_results("merge_vs_peft", {
         "model": {"shape": shape.__dict__, "params": shape.params, "bytes": model_bytes, "rank": args.rank},
         "repeats": args.repeats, "summary": summary,
         "runs": {f"{m}/{t}": [r.to_dict() for r in rs] for (m, t), rs in runs.items()},
         "targets": {"wall_ratio": WALL_TARGET, "rss_over_model": RSS_TARGET},
+        "d2export_startup": {"wall_s": startup_wall, "peak_rss": startup_rss, "runs": [r.to_dict() for r in startup]},
     })
     return 0
 

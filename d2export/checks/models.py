@@ -36,7 +36,9 @@ def read_config(folder: Path) -> dict:
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
     """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
     kind = head_kind(read_config(folder))
     cls = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}.get(
         kind, AutoModel

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -51,6 +53,7 @@ def probe_meta(config: dict) -> Architecture:
         model = _meta_model(config)
     except Exception as exc:  # any failure only means we know less; the plan says so
         return Architecture(problem=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     arch = Architecture(known=True, base_model_prefix=getattr(model, "base_model_prefix", "") or "")
@@ -67,6 +70,7 @@ def probe_meta(config: dict) -> Architecture:
 
 
 def _meta_model(config: dict) -> torch.nn.Module:
+    import torch  # imported here: a merge of a known causal LM never needs it
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**config)

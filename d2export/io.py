@@ -24,29 +24,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from .arrays import DTYPE_NAMES, DTYPES, from_torch, numpy_dtype, read_array, safetensors_header
 from .errors import D2ExportError
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     file: str  # file name inside the model folder
-    dtype: torch.dtype
+    dtype: np.dtype
     shape: tuple[int, ...]
     offset: int | None = None  # where its bytes start in a safetensors file (None for .bin)
 
@@ -72,15 +66,14 @@ class BaseModel:
     def is_safetensors(self) -> bool:
         return self.files[0].endswith(".safetensors")
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, as an owned copy (the file is unmapped again before returning)."""
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, as an owned array (read, not mapped: nothing of the file stays resident)."""
         info = self.tensors[name]
-        if self.is_safetensors:
-            with safe_open(self.path / info.file, framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+        if info.offset is not None:
+            return read_array(self.path / info.file, info.offset, info.dtype, info.shape)
         if self._bin is None or self._bin[0] != info.file:  # .bin: one mmap'd file at a time
             self._bin = (info.file, _load_bin(self.path / info.file))
-        return self._bin[1][name]
+        return from_torch(self._bin[1][name]).copy()
 
     def read_bytes(self, name: str, chunk: int = 8 * 2**20) -> Iterator[memoryview]:
         """A safetensors tensor's stored bytes, in chunks of one reused buffer: copying a tensor
@@ -105,6 +98,8 @@ class BaseModel:
 
 def _load_bin(path: Path) -> dict:
     """``pytorch_model.bin`` shards: only ``weights_only=True`` (a pickle can run code), mmap'd."""
+    import torch  # only .bin bases need it
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -155,29 +150,21 @@ def _weight_files(path: Path) -> list[str]:
 def _scan(file: Path) -> Iterator[TensorInfo]:
     if file.suffix == ".safetensors":
         try:
-            with safe_open(file, framework="pt", device="cpu") as handle:  # validates the file
-                offsets = _data_offsets(file)
+            with safe_open(file, framework="np") as handle:  # validates the file
+                header, start = safetensors_header(file)
                 for name in handle.keys():
                     piece = handle.get_slice(name)
                     dtype = DTYPES.get(piece.get_dtype())
                     if dtype is None:
                         raise D2ExportError(f"{file}: tensor {name} has unsupported dtype {piece.get_dtype()}")
-                    yield TensorInfo(name, file.name, dtype, tuple(piece.get_shape()), offsets[name])
+                    offset = start + header[name]["data_offsets"][0]
+                    yield TensorInfo(name, file.name, dtype, tuple(piece.get_shape()), offset)
         except SafetensorError as exc:
             raise D2ExportError(f"{file}: not a valid safetensors file ({exc})") from None
     else:
         for name, tensor in _load_bin(file).items():
-            if isinstance(tensor, torch.Tensor):
-                yield TensorInfo(name, file.name, tensor.dtype, tuple(tensor.shape))
-
-
-def _data_offsets(file: Path) -> dict[str, int]:
-    """Absolute file offset of each tensor's bytes (the format: u64 header size, JSON header,
-    data; a tensor's ``data_offsets`` count from the start of the data)."""
-    with open(file, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+            if hasattr(tensor, "dtype") and hasattr(tensor, "shape"):  # a torch.Tensor
+                yield TensorInfo(name, file.name, numpy_dtype(tensor.dtype), tuple(tensor.shape))
 
 
 class ShardWriter:
@@ -191,7 +178,7 @@ class ShardWriter:
     stays bounded. An error on that thread (a full disk) is raised by the next call.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, queue_depth: int = 2):
         self.path = path
         self._entries = entries
@@ -240,7 +227,7 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
-    def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    def _expect(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> int:
         expected, want_dtype, want_shape = self._entries[self._next]
         if (name, dtype, tuple(shape)) != (expected, want_dtype, want_shape):
             raise RuntimeError(f"shard writer expected {expected} {want_dtype} {want_shape}, got {name} {dtype} "
@@ -248,13 +235,13 @@ class ShardWriter:
         self._next += 1
         return dtype.itemsize * math.prod(shape)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: np.ndarray) -> None:
         """The next tensor. The writer keeps a reference until it is on disk: do not modify it."""
         nbytes = self._expect(name, tensor.dtype, tuple(tensor.shape))
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         self._submit(name, [memoryview(data)], nbytes)
 
-    def write_raw(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
+    def write_raw(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks) -> None:
         """The next tensor from its stored bytes (see :meth:`BaseModel.read_bytes`); the chunks
         are read on the writer's thread, each written before the next is read."""
         self._submit(name, chunks, self._expect(name, dtype, shape))

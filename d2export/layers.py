@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .arrays import to_torch
 from .formats.common import PEFT_PREFIX
 from .spec import AdapterSpec, ModuleUpdate, Rescale
 
@@ -59,12 +60,12 @@ class AdapterLayer(nn.Module):
                     reference_norms=reference_norms)
         with torch.no_grad():
             for term in update.terms:
-                layer.A[term.name].copy_(term.A)
-                layer.B[term.name].copy_(term.B)
+                layer.A[term.name].copy_(to_torch(term.A))
+                layer.B[term.name].copy_(to_torch(term.B))
             if update.magnitude is not None:
-                layer.magnitude.copy_(update.magnitude)
+                layer.magnitude.copy_(to_torch(update.magnitude))
         if update.bias_delta is not None:
-            layer.bias_delta = nn.Parameter(update.bias_delta.detach().clone().float(), requires_grad=False)
+            layer.bias_delta = nn.Parameter(to_torch(update.bias_delta).float(), requires_grad=False)
         return layer
 
     def _canonical_weight(self) -> torch.Tensor:
@@ -143,7 +144,7 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         module_path, _, param = name.rpartition(".")
         path, module = _resolve_module(model, module_path)
         old = getattr(module, param)
-        setattr(module, param, nn.Parameter(value.detach().to(old.dtype).clone(), requires_grad=False))
+        setattr(module, param, nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False))
     for update in spec.updates.values():
         if not update.selected:
             continue

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .algebra import MergeStats, merge_bias, merge_tensor, round_to_dtype
 from .formats import load_adapter
@@ -78,15 +79,12 @@ def merge(
 
 
 def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = None) -> tuple[dict, dict]:
-    # Writing and hashing run on threads of their own (io.ShardWriter, report.InputHashes). torch's
-    # intra-op workers spin while they wait, so they get one core fewer: on 2 cores a 320M merge took
-    # 3.1-3.5 s with one torch thread and 3.6-4.2 s with two (and 40% more CPU time).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
+    # Writing and hashing run on threads of their own (io.ShardWriter, report.InputHashes), and the
+    # matmuls are thin rank-r products: BLAS worker threads would only spin between them, taking
+    # cores from those threads (a 320M merge on 2 cores: 2.2-2.3 s with one BLAS thread, 2.3-2.5 s
+    # with two on an idle machine, and far worse when the machine was busy).
+    with threadpool_limits(limits=1, user_api="blas"):
         return _write_weights(plan, folder, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _write_weights(plan: MergePlan, folder: Path, progress: Progress | None) -> tuple[dict, dict]:
@@ -125,7 +123,7 @@ def _unchanged_bytes(plan: MergePlan, t: TensorPlan) -> bool:
             and source.offset is not None)
 
 
-def produce(plan: MergePlan, t: TensorPlan) -> tuple[torch.Tensor, MergeStats | None]:
+def produce(plan: MergePlan, t: TensorPlan) -> tuple[np.ndarray, MergeStats | None]:
     """The output value of one planned tensor."""
     if t.action is Action.COPY or t.action is Action.UNSELECTED:
         value = plan.base.read(t.source)

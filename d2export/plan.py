@@ -9,15 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import torch
+import numpy as np
 
 from .architecture import Architecture, probe_architecture
+from .arrays import bfloat16, float16, float32, float64, is_float
 from .errors import D2ExportError
 from .io import BaseModel, parse_size
 from .spec import AdapterSpec, LayerKind, ModuleUpdate
 
-OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+OUTPUT_DTYPES = {"bfloat16": bfloat16, "float16": float16, "float32": float32}
+COMPUTE_DTYPES = {"float64": float64, "float32": float32}
 
 
 class Action(StrEnum):
@@ -33,11 +34,11 @@ class TensorPlan:
     name: str  # output tensor name
     source: str  # base tensor it starts from (may differ from name for untied copies)
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: np.dtype
     action: Action
     update: ModuleUpdate | None = None
     transposed: bool = False
-    replacement: torch.Tensor | None = None  # the adapter's full tensor (REPLACE, or W0 for MERGE)
+    replacement: np.ndarray | None = None  # the adapter's full tensor (REPLACE, or W0 for MERGE)
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +54,7 @@ class MergePlan:
     base: BaseModel
     tensors: list[TensorPlan]
     shards: list[tuple[str, list[TensorPlan]]]  # (file name, tensors) in write order
-    compute_dtype: torch.dtype
+    compute_dtype: np.dtype
     config_updates: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -119,7 +120,7 @@ def build_plan(
         source = resolve.alias.get(name, name)
         info = base.tensors[source]
         out_dtype = info.dtype
-        if dtype != "auto" and info.dtype.is_floating_point:
+        if dtype != "auto" and is_float(info.dtype):
             out_dtype = OUTPUT_DTYPES[dtype]
         plan = TensorPlan(name, source, info.shape, out_dtype, Action.COPY)
         if name in replacements:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .algebra import MergeStats
+from .arrays import dtype_name
 from .io import sha256_file
 from .plan import Action, MergePlan
 
@@ -105,8 +106,8 @@ def build_report(
         "base": {"path": str(base.path), "files": files([base.path / f for f in base.files])},
         "output": {
             "path": str(out),
-            "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
-            "dtypes": sorted({str(t.out_dtype).removeprefix("torch.") for t in plan.tensors}),
+            "compute_dtype": dtype_name(plan.compute_dtype),
+            "dtypes": sorted({dtype_name(t.out_dtype) for t in plan.tensors}),
             "shards": [{"file": f, "sha256": h} for f, h in shard_hashes.items()],
             "total_bytes": plan.total_bytes,
             "config_changes": plan.config_updates,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-import torch
+import numpy as np
 
 
 class LayerKind(StrEnum):
@@ -32,8 +32,8 @@ class LowRankTerm:
 
     name: str  # "lora", "pos" or "neg"
     coefficient: float
-    B: torch.Tensor  # [out, r]
-    A: torch.Tensor  # [r, in]
+    B: np.ndarray  # [out, r]
+    A: np.ndarray  # [r, in]
 
     @property
     def rank(self) -> int:
@@ -52,8 +52,8 @@ class ModuleUpdate:
     kind: LayerKind
     terms: tuple[LowRankTerm, ...]
     rescale: Rescale = Rescale.NONE
-    magnitude: torch.Tensor | None = None  # [out], for Rescale.MAGNITUDE
-    bias_delta: torch.Tensor | None = None  # [out], added to the module's bias (PEFT lora_bias)
+    magnitude: np.ndarray | None = None  # [out], for Rescale.MAGNITUDE
+    bias_delta: np.ndarray | None = None  # [out], added to the module's bias (PEFT lora_bias)
     selected: bool = True  # False: a DiffoRA DAM left this module out; it stays the base weight
     rank: int = 0
     alpha: float = 0.0
@@ -76,9 +76,9 @@ class ModuleUpdate:
 
     @property
     def num_params(self) -> int:
-        n = sum(t.A.numel() + t.B.numel() for t in self.terms)
-        n += 0 if self.magnitude is None else self.magnitude.numel()
-        n += 0 if self.bias_delta is None else self.bias_delta.numel()
+        n = sum(t.A.size + t.B.size for t in self.terms)
+        n += 0 if self.magnitude is None else self.magnitude.size
+        n += 0 if self.bias_delta is None else self.bias_delta.size
         return n
 
 
@@ -111,7 +111,7 @@ class AdapterSpec:
     updates: dict[str, ModuleUpdate]  # by module path
     # Full tensors that replace the base's (modules_to_save, base_layer copies, trained biases),
     # keyed by base tensor name.
-    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    replacements: dict[str, np.ndarray] = field(default_factory=dict)
     selection: DamSelection | None = None
     base_model_name_or_path: str | None = None
 

@@ -177,3 +177,31 @@ def test_report_and_side_files(merged):
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(result.out.stat().st_mode) == 0o777 & ~umask  # not the temporary folder's 0700
+
+
+@pytest.mark.parametrize("name", ["d2lora-llama", "lora-llama"])
+def test_merge_and_inspect_never_import_torch(fixture, tmp_path, name):
+    """The merge path is numpy only (d2export/arrays.py): importing torch would cost a merge process
+    1.3 s and 224 MB before any work. (Architectures outside architecture.KNOWN_CAUSAL_LMS are
+    probed on torch's meta device, so there torch is imported.)"""
+    import subprocess
+    import sys
+
+    folder = fixture(name)
+    script = (
+        "import sys\n"
+        "import d2export.cli as cli\n"
+        f"for argv in (['inspect', {str(folder / 'adapter')!r}, '--base', {str(folder / 'base')!r}],\n"
+        f"             ['merge', {str(folder / 'adapter')!r}, '--base', {str(folder / 'base')!r}, '--out', "
+        f"{str(tmp_path / 'out')!r}]):\n"
+        "    sys.argv = ['d2export', *argv]\n"
+        "    try:\n"
+        "        cli.run()\n"
+        "    except SystemExit as exit:\n"
+        "        assert not exit.code, exit.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import build
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from d2export import merge, verify
+from d2export.arrays import bfloat16, numpy_dtype
 from d2export.checks.calibration import random_batches
 from d2export.checks.compare import OutputComparison
 from d2export.checks.weights import spacing
 from d2export.cli import app
-from d2export.verify import Thresholds
+from d2export.verification import Thresholds
 
 runner = CliRunner()
 
@@ -161,7 +163,7 @@ def test_one_bf16_element_moved_by_8_ulps_fails(merged, tmp_path):
     assert name in failure and "[5, 7]" in failure
     check = next(t for t in report.weights.tensors if t.name == name)
     # 8 ulps of the element itself; counted in units at the operands' (larger or equal) scale
-    ulp = float(spacing(load_file(out / "model.safetensors")[name][5, 7].double(), torch.bfloat16))
+    ulp = float(spacing(np.float64(load_file(out / "model.safetensors")[name][5, 7].double()), bfloat16))
     assert 7.5 * ulp <= check.max_abs <= 8.5 * ulp
     assert check.max_units > 3
     assert check.exact_fraction == 1 - 1 / check.elements
@@ -276,7 +278,7 @@ def test_spacing_matches_nextafter():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.tensor([1.0, 0.75, 3e-3, -2.5, 1e3], dtype=dtype)
         gap = (torch.nextafter(x.abs(), torch.full_like(x, float("inf"))) - x.abs()).double()
-        assert torch.equal(spacing(x.double(), dtype), gap)
+        assert torch.equal(torch.from_numpy(spacing(x.double().numpy(), numpy_dtype(dtype))), gap)
 
 
 # ---------------------------------------------------------------- the command line

@@ -19,10 +19,11 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import torch
+import numpy as np
 
 from ..algebra import merged_bias_exact, merged_rows, round_to_dtype
 from ..architecture import probe_architecture
+from ..arrays import bfloat16, dtype_name, finfo, float16, float32, float64, is_float
 from ..io import BaseModel
 from ..plan import Action, MergePlan, TensorPlan
 
@@ -36,14 +37,14 @@ from ..plan import Action, MergePlan, TensorPlan
 #   product each round. PEFT's float32 merges measured up to 8.6 units (DoRA, 256-wide rows); 32
 #   (relative 4e-6) leaves room for 4096-wide and wider rows, while an algebraic defect (a wrong
 #   scale or tau, a dropped branch, a missing rescale) moves elements by 10^4 units and more.
-DEFAULT_MAX_UNITS = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 32.0, torch.float64: 32.0}
+DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
 
 
-def spacing(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The gap between adjacent ``dtype`` values at ``|magnitude|`` (float64), subnormals included."""
-    info = torch.finfo(dtype)
-    _, exponent = torch.frexp(magnitude.abs().clamp_min(info.tiny))  # x = m * 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.full_like(magnitude, info.eps / 2), exponent.to(magnitude.dtype))
+    info = finfo(dtype)
+    _, exponent = np.frexp(np.maximum(np.abs(magnitude), float(info.smallest_normal)))  # x = m 2^e, m in [0.5, 1)
+    return np.ldexp(float(info.eps) / 2, exponent)
 
 
 @dataclass
@@ -116,8 +117,7 @@ def check_weights(
             continue
         found.add(name)
         info = merged.tensors[name]
-        dtype_name = str(info.dtype).removeprefix("torch.")
-        check = TensorCheck(t.name, t.action.value, dtype_name, elements=math.prod(info.shape))
+        check = TensorCheck(t.name, t.action.value, dtype_name(info.dtype), elements=math.prod(info.shape))
         report.tensors.append(check)
         if info.shape != t.shape:
             check.problem = f"shape {info.shape}, expected {t.shape}"
@@ -126,7 +126,7 @@ def check_weights(
             check.identical = True  # compared as bytes, in chunks: neither tensor is loaded
             continue
         stored = merged.read(name)
-        if stored.dtype.is_floating_point and not torch.isfinite(stored).all():
+        if is_float(stored.dtype) and not np.isfinite(stored).all():
             check.problem = "holds non-finite values"
             continue
         if t.action in (Action.COPY, Action.UNSELECTED):
@@ -155,36 +155,38 @@ def _same_bytes(a: BaseModel, a_name: str, b: BaseModel, b_name: str) -> bool:
     return all(p == q for p, q in zip(a.read_bytes(a_name), b.read_bytes(b_name), strict=True))
 
 
-def _argmax_index(x: torch.Tensor) -> list[int]:
-    return [int(i) for i in torch.unravel_index(torch.argmax(x), x.shape)]
+def _argmax_index(x: np.ndarray) -> list[int]:
+    return [int(i) for i in np.unravel_index(np.argmax(x), x.shape)]
 
 
-def _check_copy(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: TensorCheck) -> None:
+def _check_copy(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: TensorCheck) -> None:
     base = plan.base.read(t.source)
     expected = base if base.dtype == stored.dtype else round_to_dtype(base, stored.dtype)
-    check.identical = expected.dtype == stored.dtype and torch.equal(
-        expected.contiguous().view(torch.uint8), stored.contiguous().view(torch.uint8)
+    check.identical = expected.dtype == stored.dtype and np.array_equal(
+        np.ascontiguousarray(expected).view(np.uint8), np.ascontiguousarray(stored).view(np.uint8)
     )
-    check.exact_fraction = 1.0 if check.identical else float((expected == stored).double().mean())
+    values = [a.astype(float64) if is_float(a.dtype) else a for a in (expected, stored)]
+    check.exact_fraction = 1.0 if check.identical else float(np.mean(values[0] == values[1]))
     if not check.identical:
-        if stored.dtype.is_floating_point:
-            err = (stored.double() - expected.double()).abs()
+        if is_float(stored.dtype):
+            err = np.abs(values[1] - values[0])
             check.max_abs = float(err.max())
-            check.max_units = float((err / spacing(expected.double(), stored.dtype)).max())
+            check.max_units = float((err / spacing(values[0], stored.dtype)).max())
             check.worst = _argmax_index(err)
         what = "left out by the DiffoRA selection" if t.action is Action.UNSELECTED else "not adapted"
         check.problem = f"{what} but differs from the base ({1 - check.exact_fraction:.2%} of elements)"
 
 
-def _check_adapted(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: TensorCheck) -> None:
+def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: TensorCheck) -> None:
     """Merged, lora_bias and replaced tensors against their exact value, in blocks of rows."""
     dtype = stored.dtype
     exact_count = 0
     worst_units, worst_at = -1.0, None
     for rows, exact, operands, candidate in _blocks(plan, t, stored):
-        err = (candidate.double() - exact).abs()
+        candidate = candidate.astype(float64)
+        err = np.abs(candidate - exact)
         units = err / spacing(operands, dtype)
-        exact_count += int((candidate == round_to_dtype(exact, dtype)).sum())
+        exact_count += int(np.count_nonzero(candidate == round_to_dtype(exact, dtype).astype(float64)))
         check.max_abs = max(check.max_abs, float(err.max()))
         block_worst = float(units.max())
         if block_worst > worst_units:
@@ -200,35 +202,35 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: torch.Tensor, check: 
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
 
 
-def _blocks(plan: MergePlan, t: TensorPlan, stored: torch.Tensor):
+def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
     """(rows, exact float64 value, operands' magnitude, stored values) in canonical row blocks."""
     start = t.replacement if t.replacement is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
-        exact = start.double()
-        yield slice(0, exact.shape[0] if exact.dim() else 1), exact, exact.abs(), stored
+        exact = start.astype(float64)
+        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored
         return
     assert t.update is not None
     if t.action is Action.BIAS:
         exact = merged_bias_exact(start, t.update)
-        yield slice(0, exact.shape[0]), exact, _operands(exact, start.double()), stored
+        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored
         return
     canonical = stored.T if t.transposed else stored
-    for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=torch.float64, name=t.name):
-        g = block.scale.unsqueeze(1) if block.scale is not None else 1.0
-        operands = torch.maximum(_operands(block.value, block.base * g), _term_magnitude(t.update, block.rows) * g)
+    for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
+        g = block.scale[:, None] if block.scale is not None else 1.0
+        operands = np.maximum(_operands(block.value, block.base * g), _term_magnitude(t.update, block.rows) * g)
         yield block.rows, block.value, operands, canonical[block.rows]
 
 
-def _term_magnitude(update, rows: slice) -> torch.Tensor:
+def _term_magnitude(update, rows: slice) -> np.ndarray:
     """``sum_t |c_t| |B_t| |A_t|``: the size of the products inside the low-rank update. Another
     tool's float32 ``B @ A`` is accurate to this scale, not to the (possibly cancelled) result."""
     total = None
     for term in update.terms:
-        part = term.B[rows].double().abs() @ term.A.double().abs() * abs(term.coefficient)
-        total = part if total is None else total.add_(part)
+        part = np.abs(term.B[rows].astype(float64)) @ np.abs(term.A.astype(float64)) * abs(term.coefficient)
+        total = part if total is None else np.add(total, part, out=total)
     return total
 
 
-def _operands(exact: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def _operands(exact: np.ndarray, start: np.ndarray) -> np.ndarray:
     """The magnitude a merge works at: the result, the (rescaled) base and the update itself."""
-    return torch.maximum(torch.maximum(exact.abs(), start.abs()), (exact - start).abs())
+    return np.maximum(np.maximum(np.abs(exact), np.abs(start)), np.abs(exact - start))

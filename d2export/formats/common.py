@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+import numpy as np
+from safetensors import SafetensorError, safe_open
 
+from ..arrays import from_torch, is_float, load_safetensors
 from ..errors import D2ExportError
 from ..spec import AdapterSpec, ModuleUpdate
 
@@ -23,7 +23,7 @@ PEFT_PREFIX = "base_model.model."
 class RawAdapter:
     path: Path  # the folder holding adapter_config.json
     config: dict
-    tensors: dict[str, torch.Tensor]  # keys with the PEFT prefix removed
+    tensors: dict[str, np.ndarray]  # keys with the PEFT prefix removed
     files: list[Path]
 
 
@@ -68,24 +68,20 @@ def read_adapter(path: str | Path) -> RawAdapter:
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise D2ExportError(f"{folder}: no adapter weights ({' or '.join(WEIGHTS_NAMES)})")
-    raw = _load_tensors(weights)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        if not isinstance(value, torch.Tensor):
-            raise D2ExportError(f"{weights}: entry {key!r} is not a tensor")
-        tensors[key.removeprefix(PEFT_PREFIX)] = value
+    tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in _load_tensors(weights).items()}
     for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if is_float(value.dtype) and not np.isfinite(value).all():
             raise D2ExportError(f"{weights}: adapter tensor {key} contains NaN or Inf")
     return RawAdapter(folder, config, tensors, [folder / CONFIG_NAME, weights])
 
 
-def _load_tensors(path: Path) -> dict:
+def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         if path.suffix == ".safetensors":
-            return load_file(path)
-        # weights_only: a pickle can run code; we accept tensors and plain containers only.
-        return torch.load(path, map_location="cpu", weights_only=True)
+            with safe_open(path, framework="np"):  # validates the file
+                pass
+            return load_safetensors(path)
+        return _load_bin(path)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise D2ExportError(f"{path}: cannot read adapter weights ({first})") from None
@@ -95,6 +91,19 @@ def _load_tensors(path: Path) -> dict:
                 f"{path}: refused, the pickle holds more than tensors (weights_only=True)"
             ) from None
         raise
+
+
+def _load_bin(path: Path) -> dict[str, np.ndarray]:
+    import torch  # only .bin adapters need it
+
+    # weights_only: a pickle can run code; we accept tensors and plain containers only.
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = {}
+    for key, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise D2ExportError(f"{path}: entry {key!r} is not a tensor")
+        tensors[key] = from_torch(value)
+    return tensors
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -121,13 +130,13 @@ def base_key(adapter_key: str) -> str:
     return adapter_key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
-def check_factor(name: str, tensor: torch.Tensor, ndim: int, where: Path) -> torch.Tensor:
+def check_factor(name: str, tensor: np.ndarray, ndim: int, where: Path) -> np.ndarray:
     if tensor.ndim != ndim:
         raise D2ExportError(
             f"{where}: {name} has shape {tuple(tensor.shape)}; a {ndim}-d tensor was expected "
             "(convolution adapters are not supported)"
         )
-    if not tensor.is_floating_point():
+    if not is_float(tensor.dtype):
         raise D2ExportError(f"{where}: {name} has dtype {tensor.dtype}, not a float type")
     return tensor
 

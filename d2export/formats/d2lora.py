@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from ..errors import D2ExportError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
@@ -25,7 +25,7 @@ _SUFFIXES = {
 _ROLES = ("A_pos", "B_pos", "A_neg", "B_neg")
 
 
-def orient(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def orient(A: np.ndarray, B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Return ``(B, A, swapped)`` with ``B: [out, r]``, ``A: [r, in]``.
 
     The documented layout (``A: [r, in]``, ``B: [out, r]``) wins whenever it fits; a pair stored
@@ -92,11 +92,11 @@ def read_d2lora(raw: RawAdapter) -> AdapterSpec:
 
 def _tau(stored, default, module: str, raw: RawAdapter) -> tuple[float, bool]:
     if stored is not None:
-        if stored.numel() != 1:
+        if stored.size != 1:
             raise D2ExportError(
                 f"{raw.path}: {module}.d2_tau has shape {tuple(stored.shape)}; a scalar was expected"
             )
-        return float(stored.reshape(())), True
+        return float(stored.reshape(()).astype(np.float64)), True
     if default is None:
         raise D2ExportError(
             f"{raw.path}: {module} has no learned d2_tau and adapter_config.json sets no 'tau'"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..arrays import dtype_name, is_float
 from ..checks.models import read_config
 from ..errors import D2ExportError
 from ..io import atomic_output, check_output_location, current_umask, open_base
@@ -98,7 +99,7 @@ def export_onnx(
     if source_dtype in ("bfloat16", "float16") and source_dtype != precision:
         reason = "ONNX Runtime has no bf16 CPU kernels" if source_dtype == "bfloat16" else "--fp16 not given"
         notes.append(f"model is {source_dtype}; exported {precision} ({reason})")
-    graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if t.dtype.is_floating_point)
+    graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if is_float(t.dtype))
     graph_bytes *= 2 if fp16 else 4
     if external_data is False and graph_bytes >= PROTOBUF_LIMIT:
         raise D2ExportError(f"the {precision} weights take {graph_bytes / 2**30:.1f} GiB, more than one .onnx file "
@@ -207,7 +208,7 @@ def _check_optimizable(model_type: str, level: str) -> None:
 
 def _source_dtype(config: dict, weights) -> str:
     """The floating dtype of the stored weights (what the merge wrote), else config.json's."""
-    dtypes = {str(t.dtype).removeprefix("torch.") for t in weights.tensors.values() if t.dtype.is_floating_point}
+    dtypes = {dtype_name(t.dtype) for t in weights.tensors.values() if is_float(t.dtype)}
     if len(dtypes) == 1:
         return dtypes.pop()
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .arrays import dtype_name, is_float, to_torch
 from .checks.calibration import Batch, random_batches, special_ids, text_batches
 from .checks.models import head_kind, load_model, read_config
 from .checks.outputs import PEFT_METHODS, ModelRun, OutputCheck, compare_runs, peft_model, run_model, unmerged_model
@@ -199,14 +200,15 @@ def _open_merged(path: Path):
 
 
 def _main_dtype(model) -> torch.dtype:
-    counts: dict[torch.dtype, int] = {}
+    """The dtype holding most of the weights' bytes, as the torch dtype the models run in."""
+    counts: dict[str, int] = {}
     for info in model.tensors.values():
-        if info.dtype.is_floating_point:
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
-    dtype = max(counts, key=counts.get) if counts else torch.float32
-    if dtype not in DTYPE_NAMES:
-        raise D2ExportError(f"{model.path}: weights are {dtype}; outputs can be checked for float32, bf16, fp16")
-    return dtype
+        if is_float(info.dtype):
+            counts[dtype_name(info.dtype)] = counts.get(dtype_name(info.dtype), 0) + info.nbytes
+    name = max(counts, key=counts.get) if counts else "float32"
+    if name not in DTYPE_NAMES.values():
+        raise D2ExportError(f"{model.path}: weights are {name}; outputs can be checked for float32, bf16, fp16")
+    return getattr(torch, name)
 
 
 def _merged_by(folder: Path) -> str:
@@ -289,7 +291,7 @@ def in_memory_merge(plan: MergePlan, base: Path, dtype: torch.dtype) -> torch.nn
             (k for k in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if k in keys), None)
         if key is None:
             raise D2ExportError(f"in-memory merge: {name} is not a parameter of the loaded base model")
-        renamed[key] = value.to(dtype)
+        renamed[key] = to_torch(value).to(dtype)
     model.load_state_dict(renamed, strict=False)
     return model.eval()
 

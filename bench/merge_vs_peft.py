@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(worst {max(ratios):.2f})" if ratios else "")
     print(f"target d2export RSS / model < {RSS_TARGET}: {'met' if worst_rss < RSS_TARGET else 'MISSED'} "
           f"(worst {worst_rss:.2f})")
-    print(f"of each d2export run, importing d2export (torch, safetensors, typer) alone takes {startup_wall:.1f} s and "
+    print(f"of each d2export run, importing d2export alone takes {startup_wall:.1f} s and "
           f"{startup_rss / MB:,.0f} MB ({startup_rss / model_bytes:.2f} of the model)")
     write_results("merge_vs_peft", {
         "model": {"shape": shape.__dict__, "params": shape.params, "bytes": model_bytes, "rank": args.rank},

@@ -220,7 +220,7 @@ def machine() -> dict:
         info["ram_bytes"] = psutil.virtual_memory().total
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
         info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    for module in ("transformers", "safetensors", "peft", "d2export"):
+    for module in ("numpy", "transformers", "safetensors", "peft", "d2export"):
         with contextlib.suppress(ImportError):
             info[module] = __import__(module).__version__
     return info

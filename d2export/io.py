@@ -1,8 +1,9 @@
 """Reading base models and writing merged ones, tensor by tensor.
 
-Reading goes through ``safe_open`` (memory-mapped), opened per tensor: a mapping that stayed open
-would keep every page read so far resident (and counted in RSS), so a long-lived handle on a 5 GB
-shard looks like 5 GB of memory to monitoring and container limits.
+``safe_open`` validates each file and lists its tensors; each tensor is then read from its offset
+into an owned array (``arrays.read_array``), not memory-mapped: a mapping keeps every page read so
+far resident (and counted in RSS), so a long-lived handle on a 5 GB shard looks like 5 GB of memory
+to monitoring and container limits. Unchanged tensors are copied as bytes, never materialised.
 Writing uses :class:`ShardWriter`, which lays down the safetensors header from the plan first and
 then streams each tensor's bytes as it is produced: a shard never has to be held in memory.
 """

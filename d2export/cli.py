@@ -66,6 +66,23 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def _reported(live=None, interrupted: str = "interrupted"):
+    """Bad input -> one line and exit 2 (:func:`_fail`); Ctrl-C -> one line and exit 130. ``live``:
+    the progress display to stop first, so the line is not drawn over."""
+    try:
+        yield
+    except D2ExportError as exc:
+        if live is not None:
+            live.stop()
+        _fail(exc)
+    except KeyboardInterrupt:
+        if live is not None:
+            live.stop()
+        err.print(interrupted)
+        raise typer.Exit(130) from None
+
+
 @app.command("inspect")
 def inspect_cmd(
     checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_HELP)],
@@ -154,17 +171,10 @@ def merge_cmd(
         def progress(name: str, nbytes: int, total: int) -> None:
             bar.update(task, total=total, advance=nbytes, description=name[-48:])
 
-        try:
+        with _reported(bar, "interrupted: no output was written"):
             result = merge(checkpoint, base=base, out=out_dir, dtype=dtype, compute_dtype=compute_dtype,
                            max_shard_size=max_shard_size, force=force, hash_inputs=not no_hash,
                            progress=progress)
-        except D2ExportError as exc:
-            bar.stop()
-            _fail(exc)
-        except KeyboardInterrupt:
-            bar.stop()
-            err.print("interrupted: no output was written")
-            raise typer.Exit(130) from None
     report = result.report
     verification = None
     if verify:
@@ -231,15 +241,8 @@ def _run_onnx(model_dir: Path, out_dir: Path | None, **options):
             if status is not None:
                 status.update(f"ONNX: {escape(stage)}")
 
-        try:
+        with _reported(status, "interrupted: no output was written"):
             result = export_onnx(model_dir, out_dir, progress=progress, **options)
-        except D2ExportError as exc:
-            if status is not None:
-                status.stop()
-            _fail(exc)
-        except KeyboardInterrupt:
-            err.print("interrupted: no output was written")
-            raise typer.Exit(130) from None
     _print_onnx(result.report, result.out)
     return result
 
@@ -320,15 +323,8 @@ def _run_verify(merged: Path, adapter: Path, base: Path | None, **options):
             if status is not None:
                 status.update(f"verifying: {escape(stage[-60:])}")
 
-        try:
+        with _reported(status):
             return verify(merged, adapter, base=base, progress=progress, **options)
-        except D2ExportError as exc:
-            if status is not None:
-                status.stop()
-            _fail(exc)
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
 
 
 def _print_verify(report, console: Console) -> None:
@@ -400,20 +396,13 @@ def bench_cmd(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=escape(what[-48:]), completed=done, total=total)
 
-        try:
+        with _reported(bar):
             if plot is not None:
                 require_matplotlib()  # fail before minutes of timing, not after
             report = run_bench(merged, adapter, base=base, onnx_dir=onnx_dir,
                                batch_sizes=parse_sizes(batch_sizes, "--batch-sizes"),
                                seq_lens=parse_sizes(seq_lens, "--seq-lens"), warmup=warmup, repeats=repeats,
                                threads=threads, dtype=dtype, progress=progress)
-        except D2ExportError as exc:
-            bar.stop()
-            _fail(exc)
-        except KeyboardInterrupt:
-            bar.stop()
-            err.print("interrupted")
-            raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     _print_bench(report, console=err if as_json else out)

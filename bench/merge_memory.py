@@ -26,12 +26,9 @@ and is what the table reports; ``ru_maxrss`` is kept in the JSON for comparison.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,10 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from synthetic import MB, Shape, machine, write_adapter, write_base
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "merge_memory.json"
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MB = 1e6
 
 # ---------------------------------------------------------------------------------------------
 # The measuring child. Run as ``python -c CHILD MODE JSON_ARGS``; prints one JSON line at the end.
@@ -157,111 +154,18 @@ def run_child(mode: str, args: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic models, written shard by shard.
+# Synthetic models: synthetic.py writes them shard by shard; here, what each one came to on disk.
 # ---------------------------------------------------------------------------------------------
-def tensor_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a Llama checkpoint (k/v as wide as q: num_key_value_heads = num_attention_heads)."""
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        shapes += [(f"{p}.self_attn.{n}.weight", (hidden, hidden)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        shapes += [
-            (f"{p}.mlp.gate_proj.weight", (intermediate, hidden)),
-            (f"{p}.mlp.up_proj.weight", (intermediate, hidden)),
-            (f"{p}.mlp.down_proj.weight", (hidden, intermediate)),
-            (f"{p}.input_layernorm.weight", (hidden,)),
-            (f"{p}.post_attention_layernorm.weight", (hidden,)),
-        ]
-    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return shapes
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
-    ).to_dict()
-    config.pop("dtype", None)
-    config.update(architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
-    return config
-
-
-def write_base(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int, shard_bytes: int,
-               seed: int) -> dict:
-    """A bf16 Llama in HF layout; returns its byte counts. At most one shard is ever in memory."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(llama_config(layers, hidden, intermediate, vocab), indent=2))
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in tensor_shapes(layers, hidden, intermediate, vocab):
-        nbytes = 2 * numel(shape)
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    generator = torch.Generator().manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    files = []
-    for k, group in enumerate(shards):
-        # As transformers writes them: one file is model.safetensors (no index), more are numbered.
-        file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in group:
-            if len(shape) == 1:
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                tensors[name] = torch.randn(shape, generator=generator, dtype=torch.bfloat16).mul_(0.02)
-            weight_map[name] = file
-        save_file(tensors, folder / file, metadata={"format": "pt"})
-        del tensors
-        files.append(file)
-    total = sum(2 * numel(s) for g in shards for _, s in g)
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    file_sizes = [(folder / f).stat().st_size for f in files]
-    return {"model_bytes": total, "files_bytes": sum(file_sizes), "shards": len(files),
-            "largest_shard_bytes": max(file_sizes)}
-
-
-def write_adapter(folder: Path, base: Path, layers: int, hidden: int, intermediate: int, r: int, seed: int) -> dict:
-    """A D2-LoRA checkpoint (float32 factors, all non-zero) on every linear layer of every block."""
-    import torch
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(seed)
-    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-            "o_proj": (hidden, hidden), "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
-            "down_proj": (hidden, intermediate)}  # [out, in]
-    tensors = {}
-    for i in range(layers):
-        for kind, (out, inp) in dims.items():
-            group = "self_attn" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            module = f"model.layers.{i}.{group}.{kind}"
-            for sign in ("pos", "neg"):
-                bound = 1 / math.sqrt(inp)
-                tensors[f"base_model.model.{module}.lora_A_{sign}.weight"] = (
-                    torch.rand((r, inp), generator=generator).mul_(2 * bound).sub_(bound))
-                tensors[f"base_model.model.{module}.lora_B_{sign}.weight"] = (
-                    torch.randn((out, r), generator=generator).mul_(0.01))
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "D2LORA", "r": r, "lora_alpha": 2 * r, "tau": 0.5, "norm_projection": True,
-              "target_modules": list(LINEAR), "base_model_name_or_path": str(base)}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"adapter_bytes": (folder / "adapter_model.safetensors").stat().st_size,
-            "adapter_tensors": len(tensors)}
+def build_model(folder: Path, shape: Shape, shard_bytes: int, seed: int, rank: int) -> tuple[Path, Path, dict]:
+    """A bf16 Llama base and a rank-``rank`` D2-LoRA adapter on every linear layer; their sizes."""
+    base, adapter = folder / "base", folder / "adapter"
+    model_bytes = write_base(base, shape, shard_bytes=shard_bytes, seed=seed)
+    write_adapter(adapter, base, shape, "d2lora", r=rank, seed=seed + 1000)
+    shard_sizes = [f.stat().st_size for f in base.glob("*.safetensors")]
+    info = {"model_bytes": model_bytes, "files_bytes": sum(shard_sizes), "shards": len(shard_sizes),
+            "largest_shard_bytes": max(shard_sizes),
+            "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size}
+    return base, adapter, info
 
 
 def check_output(base: Path, out: Path) -> dict:
@@ -305,26 +209,6 @@ def check_output(base: Path, out: Path) -> dict:
     return checks
 
 
-# ---------------------------------------------------------------------------------------------
-def machine() -> dict:
-    import torch
-
-    info = {"cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import psutil
-
-        info["ram_bytes"] = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    for mod in ("transformers", "safetensors", "d2export"):
-        info[mod] = __import__(mod).__version__
-    return info
-
-
 def fmt_mb(n: float) -> str:
     return f"{n / MB:,.1f}"
 
@@ -358,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("not enough free disk space; pass --workdir elsewhere or fewer --sizes")
 
     info = machine()
-    print(f"machine: {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "
+    print(f"machine: {info['cpu_count']} CPUs, "
           f"RAM {info.get('ram_bytes', 0) / 2**30:,.1f} GiB, {info['platform']}")
     runs = []
     try:
@@ -367,12 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  peak RSS {fmt_mb(baseline['vm_hwm'])} MB")
         for layers in sizes:
             folder = work / f"llama-{layers}L"
-            base, adapter, out = folder / "base", folder / "adapter", folder / "merged"
+            shape = Shape(layers=layers, hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
             t0 = time.perf_counter()
-            sizes_info = write_base(base, layers, args.hidden, args.intermediate, args.vocab,
-                                    int(args.shard_mb * MB), args.seed + layers)
-            sizes_info.update(write_adapter(adapter, base, layers, args.hidden, args.intermediate, args.rank,
-                                            args.seed + 1000 + layers))
+            base, adapter, sizes_info = build_model(folder, shape, int(args.shard_mb * MB), args.seed + layers,
+                                                    args.rank)
+            out = folder / "merged"
             build_s = time.perf_counter() - t0
             print(f"{layers} layers: built {fmt_mb(sizes_info['model_bytes'])} MB in {sizes_info['shards']} shards "
                   f"+ {fmt_mb(sizes_info['adapter_bytes'])} MB adapter ({build_s:.1f} s); merging ...", flush=True)

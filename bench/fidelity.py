@@ -4,7 +4,7 @@ float64 merge with d2export's weight-level verification: the fraction of element
 correctly rounded value, the largest error in bf16 units at the operands' scale, the largest
 absolute error, and whether every untouched tensor is the base's exact bytes.
 
-    python bench/fidelity.py                 # about 2 minutes on 2 cores (reuses merge_vs_peft's models)
+    python bench/fidelity.py                 # about 1 minute on 2 cores (reuses merge_vs_peft's models)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ reported); then PEFT's path is attempted on a LoRA adapter of the same shape und
 (the process is killed when its RSS passes the cap, as the OOM killer would on a smaller machine)
 and its outcome reported.
 
-Opt-in, it needs about 41 GB of free disk (base, two outputs) and 10-15 minutes on 2 cores:
+Opt-in, it needs about 41 GB of free disk (base, two outputs) and about 4 minutes on 2 cores:
 
     python bench/merge_scale.py --run [--peft-cap-gb 16] [--workdir /tmp/d2export-bench] [--keep]
 """

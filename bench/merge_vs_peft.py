@@ -12,7 +12,7 @@ Each is a fresh process, measured whole by GNU time: wall time and peak RSS. Run
 between the tools and the median of ``--repeats`` is reported. Targets (issue 5): d2export at most
 a third of PEFT's wall time, and a peak RSS under 0.4x the model's bytes.
 
-    python bench/merge_vs_peft.py                    # about 3 minutes on 2 cores, 3 GB of disk
+    python bench/merge_vs_peft.py                    # 1-2 minutes on 2 cores, 3 GB of disk
     python bench/merge_vs_peft.py --repeats 3 --methods lora,d2lora --workdir /tmp/bench
 """
 

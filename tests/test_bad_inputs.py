@@ -214,6 +214,15 @@ def _nan_tensor(c: Ctx):
     return c.argv(), [str(c.adapter / SAFE), f"{Q0}.lora_A.weight"]
 
 
+def _unsupported_adapter_dtype(c: Ctx):
+    def edit(t):
+        key = f"{PREFIX}{Q0}.lora_A.weight"
+        t[key] = t[key].to(torch.uint16)
+
+    c.weights(edit)
+    return c.argv(), [str(c.adapter / SAFE), f"{Q0}.lora_A.weight", "unsupported dtype U16"]
+
+
 def _inf_tensor_d2(c: Ctx):
     def edit(t):
         t[f"{PREFIX}{Q0}.lora_B_neg.weight"][0, 0] = math.inf
@@ -414,6 +423,7 @@ CASES = [
     ("lora-llama", _truncated_safetensors),
     ("lora-llama", _garbage_safetensors),
     ("lora-llama", _nan_tensor),
+    ("lora-llama", _unsupported_adapter_dtype),
     ("d2lora-llama", _inf_tensor_d2),
     ("lora-llama", _missing_lora_b),
     ("d2lora-llama", _d2_missing_negative_branch),

@@ -48,8 +48,7 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def finfo(dtype: np.dtype):
-    return ml_dtypes.finfo(dtype) if np.dtype(dtype) in _VIA_INT else np.finfo(dtype)
+finfo = ml_dtypes.finfo  # numpy's finfo, extended to bfloat16 and float8
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -95,9 +94,12 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).view(via[0])).view(getattr(torch, via[1]))
 
 
+_BY_TORCH_NAME = {torch_name: dtype for dtype, (_, torch_name) in _VIA_INT.items()}
+
+
 def numpy_dtype(torch_dtype: torch.dtype) -> np.dtype:
     name = str(torch_dtype).removeprefix("torch.")
-    return next((dtype for dtype, (_, torch_name) in _VIA_INT.items() if torch_name == name), None) or np.dtype(name)
+    return _BY_TORCH_NAME[name] if name in _BY_TORCH_NAME else np.dtype(name)
 
 
 def from_torch(tensor: torch.Tensor) -> np.ndarray:

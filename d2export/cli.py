@@ -407,10 +407,8 @@ def bench_cmd(
         print(json.dumps(report.to_dict(), indent=2))
     _print_bench(report, console=err if as_json else out)
     if plot is not None:
-        try:
+        with _reported():
             err.print(f"plot written to {escape(str(plot_report(report, plot)))}", highlight=False)
-        except D2ExportError as exc:
-            _fail(exc)
 
 
 def _print_bench(report, console: Console) -> None:
@@ -446,10 +444,10 @@ def _tune_malloc() -> None:
     """Keep freed memory for reuse instead of handing it back to the kernel at once.
 
     glibc maps most large blocks afresh and unmaps them on free, and its adaptive threshold still
-    trims the heap often, while a merge allocates the same few block sizes for every tensor:
-    merging a 320M model took 380k page faults and 2.6-2.8 s. Fixed limits (blocks up to 32 MiB
-    from the heap, trim past 256 MiB free) cut that to 36k faults and 1.7-2.3 s, for 10 MB more
-    peak RSS. Process-wide, so only the command does it, not the library.
+    trims the heap often, while a merge allocates the same few sizes (a tensor read, its merged
+    copy) for every tensor: merging a 320M model took 310k page faults and 2.1-2.2 s. Fixed limits
+    (blocks up to 32 MiB from the heap, trim past 256 MiB free) cut that to 35k faults and
+    1.7-2.0 s, for 5-13 MB more peak RSS. Process-wide, so only the command does it, not the library.
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return

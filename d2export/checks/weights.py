@@ -165,16 +165,18 @@ def _check_copy(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Tenso
     check.identical = expected.dtype == stored.dtype and np.array_equal(
         np.ascontiguousarray(expected).view(np.uint8), np.ascontiguousarray(stored).view(np.uint8)
     )
-    values = [a.astype(float64) if is_float(a.dtype) else a for a in (expected, stored)]
-    check.exact_fraction = 1.0 if check.identical else float(np.mean(values[0] == values[1]))
-    if not check.identical:
-        if is_float(stored.dtype):
-            err = np.abs(values[1] - values[0])
-            check.max_abs = float(err.max())
-            check.max_units = float((err / spacing(values[0], stored.dtype)).max())
-            check.worst = _argmax_index(err)
-        what = "left out by the DiffoRA selection" if t.action is Action.UNSELECTED else "not adapted"
-        check.problem = f"{what} but differs from the base ({1 - check.exact_fraction:.2%} of elements)"
+    if check.identical:
+        return
+    dtype = stored.dtype
+    expected, stored = (a.astype(float64) if is_float(dtype) else a for a in (expected, stored))
+    check.exact_fraction = float(np.mean(expected == stored))
+    if is_float(dtype):
+        err = np.abs(stored - expected)
+        check.max_abs = float(err.max())
+        check.max_units = float((err / spacing(expected, dtype)).max())
+        check.worst = _argmax_index(err)
+    what = "left out by the DiffoRA selection" if t.action is Action.UNSELECTED else "not adapted"
+    check.problem = f"{what} but differs from the base ({1 - check.exact_fraction:.2%} of elements)"
 
 
 def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: TensorCheck) -> None:

@@ -1,24 +1,26 @@
 """d2export: fold LoRA-family adapters (D2-LoRA, LoRA, rsLoRA, DoRA, DiffoRA) into plain weights.
 
-Merging and inspecting never import torch (see ``arrays.py``); ``verify``, ``export_onnx`` and the
-benchmark run models and do, so they are imported on first use.
+The public API, imported on first use: merging and inspecting never import torch (see
+``arrays.py``), and the CLI's start-up stays small; ``verify``, ``export_onnx`` and ``run_bench``
+run models and import torch when called.
 """
 
 from importlib import import_module
 
-__version__ = "0.1.0"  # before the imports below: report.py reads it
+__version__ = "0.1.0"
 
-from .errors import D2ExportError, UnsupportedAdapterError
-from .formats import load_adapter
-from .inspect import inspect
-from .merge import MergeResult, merge
+from .errors import D2ExportError, OptionError, UnsupportedAdapterError
 
-_LAZY = {"Thresholds": "verification", "VerifyReport": "verification", "verify": "verification",
-         "OnnxResult": "onnx", "export_onnx": "onnx"}
-__all__ = [
-    "D2ExportError", "MergeResult", "OnnxResult", "Thresholds", "UnsupportedAdapterError", "VerifyReport",
-    "__version__", "export_onnx", "inspect", "load_adapter", "merge", "verify",
-]
+_LAZY = {
+    "load_adapter": "formats", "prepare": "job", "Job": "job",
+    "merge": "merging", "MergeResult": "merging", "inspect": "inspection",
+    "MergeOptions": "options", "VerifyOptions": "options", "OnnxOptions": "options", "BenchOptions": "options",
+    "Thresholds": "options",
+    "verify": "verification", "VerifyReport": "verification",
+    "export_onnx": "onnx", "OnnxResult": "onnx",
+    "run_bench": "bench", "BenchReport": "bench",
+}
+__all__ = ["D2ExportError", "OptionError", "UnsupportedAdapterError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The pure arithmetic of DESIGN.md section 2. No I/O: tensors in, tensors out.
+"""The pure arithmetic of docs/design.md §2 and §3. No I/O: tensors in, tensors out.
 
 Canonical orientation: ``M`` is ``[out, in]`` with one row per output unit. A stored weight is
 ``M`` (``transposed=False``, ``nn.Linear``) or ``M.T`` (``transposed=True``: GPT-2 ``Conv1D``,
@@ -136,8 +136,7 @@ def merged_rows(
     B, A = stacked_factors(update, compute_dtype)
     step = _row_block(n_in, compute_dtype.itemsize)
     # Two block buffers reused for every block: fresh ones are mapped and zeroed by the kernel each
-    # time (glibc hands large blocks back on free); a 320M merge through the Python API took
-    # 390-510k page faults with fresh blocks, 310k with these.
+    # time (glibc hands large blocks back on free), a page fault per page per block.
     w0_buffer = np.empty((min(step, n_out), n_in), compute_dtype)
     v_buffer = np.empty_like(w0_buffer)
     for start in range(0, n_out, step):

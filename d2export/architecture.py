@@ -33,8 +33,8 @@ class Architecture:
 # one input embedding ``model.embed_tokens``, and an ``lm_head`` tied to it when the config says
 # so (the value here is the config class's default, used when config.json leaves the key out, as
 # save_pretrained does for defaults). Building even a meta-device model imports torch and
-# transformers' modeling code: 4.8 s and 426 MB of RSS in a fresh process, where a whole 320M merge
-# takes under 2 s and 190 MB.
+# transformers' modeling code, which costs more time and memory than a whole merge of a
+# mid-sized model (bench/README.md).
 # tests/test_architecture.py checks every entry against the meta-device probe.
 KNOWN_CAUSAL_LMS = {  # model_type -> tie_word_embeddings default
     "llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True, "gemma2": True,

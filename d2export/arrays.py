@@ -2,8 +2,7 @@
 read straight from safetensors files; and the conversion to and from torch where a model runs.
 
 The merge path (reading, planning, the algebra, writing) uses only these, so a merge never imports
-torch: importing it costs 1.3-1.8 s and 224 MB of RSS on the 2-core machine, which was 40% of a
-320M merge's wall time and 0.35x the model's bytes in memory before any work was done.
+torch: importing it costs a large share of a whole merge's time and memory (bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,17 +25,18 @@ bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float16, float32, float64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 # safetensors' dtype names
-DTYPES: dict[str, np.dtype] = {
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": float64, "F32": float32, "F16": float16, "BF16": bfloat16,
     "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = frozenset({float64, float32, float16, bfloat16, DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]})
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = frozenset({float64, float32, float16, bfloat16,
+                          SAFETENSORS_DTYPES["F8_E4M3"], SAFETENSORS_DTYPES["F8_E5M2"]})
 # dtypes numpy cannot hand to torch.from_numpy: moved as same-size integers and viewed back
-_VIA_INT = {bfloat16: (np.int16, "bfloat16"), DTYPES["F8_E4M3"]: (np.uint8, "float8_e4m3fn"),
-            DTYPES["F8_E5M2"]: (np.uint8, "float8_e5m2")}
+_VIA_INT = {bfloat16: (np.int16, "bfloat16"), SAFETENSORS_DTYPES["F8_E4M3"]: (np.uint8, "float8_e4m3fn"),
+            SAFETENSORS_DTYPES["F8_E5M2"]: (np.uint8, "float8_e5m2")}
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -78,7 +78,7 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     header, start = safetensors_header(path)
     arrays = {}
     for name, entry in header.items():
-        dtype = DTYPES.get(entry["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise D2ExportError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
         arrays[name] = read_array(path, start + entry["data_offsets"][0], dtype, tuple(entry["shape"]))

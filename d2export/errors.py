@@ -10,3 +10,13 @@ class D2ExportError(Exception):
 
 class UnsupportedAdapterError(D2ExportError):
     """The adapter uses a feature that cannot be folded into plain weights (or is not supported yet)."""
+
+
+class OptionError(D2ExportError):
+    """A bad or missing value of one named option. The library's message names the parameter
+    (``dtype must be ...``); the CLI shows the flag it maps to (``--dtype must be ...``)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option} {message}")
+        self.option = option
+        self.message = message

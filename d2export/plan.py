@@ -12,13 +12,14 @@ from enum import StrEnum
 import numpy as np
 
 from .architecture import Architecture, probe_architecture
-from .arrays import bfloat16, float16, float32, float64, is_float
+from .arrays import is_float
 from .errors import D2ExportError
-from .io import BaseModel, parse_size
+from .names import find_name
+from .options import MergeOptions
+from .reading import ModelFolder
 from .spec import AdapterSpec, LayerKind, ModuleUpdate
 
-OUTPUT_DTYPES = {"bfloat16": bfloat16, "float16": float16, "float32": float32}
-COMPUTE_DTYPES = {"float64": float64, "float32": float32}
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' own default for save_pretrained
 
 
 class Action(StrEnum):
@@ -51,11 +52,13 @@ class TensorPlan:
 @dataclass
 class MergePlan:
     spec: AdapterSpec
-    base: BaseModel
+    base: ModelFolder
+    arch: Architecture
     tensors: list[TensorPlan]
     shards: list[tuple[str, list[TensorPlan]]]  # (file name, tensors) in write order
     compute_dtype: np.dtype
-    config_updates: dict = field(default_factory=dict)
+    out_dtype: str | None = None  # every floating tensor written in this dtype; None: each keeps its own
+    config_updates: dict = field(default_factory=dict)  # keys config.json gets besides the dtype
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -63,20 +66,11 @@ class MergePlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def build_plan(
-    spec: AdapterSpec,
-    base: BaseModel,
-    *,
-    dtype: str = "auto",
-    compute_dtype: str = "float64",
-    max_shard_size: str | int | None = None,
-    arch: Architecture | None = None,
-) -> MergePlan:
+def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | None = None, *,
+               arch: Architecture | None = None) -> MergePlan:
     """Match ``spec`` against ``base`` and decide every output tensor; raises on any mismatch."""
-    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
-        raise D2ExportError(f"--dtype must be auto, {', '.join(OUTPUT_DTYPES)}; got {dtype!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise D2ExportError(f"--compute-dtype must be {' or '.join(COMPUTE_DTYPES)}; got {compute_dtype!r}")
+    options = options or MergeOptions()
+    out_dtype = None if options.out_dtype is None else np.dtype(options.out_dtype)
     arch = arch if arch is not None else probe_architecture(base.config)
     notes: list[str] = []
     if not arch.known:
@@ -119,10 +113,8 @@ def build_plan(
     for name in out_names:
         source = resolve.alias.get(name, name)
         info = base.tensors[source]
-        out_dtype = info.dtype
-        if dtype != "auto" and is_float(info.dtype):
-            out_dtype = OUTPUT_DTYPES[dtype]
-        plan = TensorPlan(name, source, info.shape, out_dtype, Action.COPY)
+        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
+        plan = TensorPlan(name, source, info.shape, dtype, Action.COPY)
         if name in replacements:
             value = replacements[name]
             if tuple(value.shape) != info.shape:
@@ -147,12 +139,11 @@ def build_plan(
                 plan.action = Action.BIAS
         tensors.append(plan)
 
-    if dtype != "auto":
-        config_updates["dtype"] = dtype
     return MergePlan(
-        spec=spec, base=base, tensors=tensors,
-        shards=_shard_layout(tensors, base, max_shard_size),
-        compute_dtype=COMPUTE_DTYPES[compute_dtype], config_updates=config_updates, notes=notes,
+        spec=spec, base=base, arch=arch, tensors=tensors,
+        shards=_shard_layout(tensors, base, options.max_shard_size),
+        compute_dtype=np.dtype(options.compute_dtype), out_dtype=options.out_dtype,
+        config_updates=config_updates, notes=notes,
     )
 
 
@@ -160,22 +151,20 @@ class _Resolver:
     """Maps adapter-side tensor names to base tensor names (tolerating the base-model prefix
     difference between e.g. ``BertModel`` and ``BertFor...`` checkpoints)."""
 
-    def __init__(self, base: BaseModel, arch: Architecture):
+    def __init__(self, base: ModelFolder, arch: Architecture):
         self.base, self.arch = base, arch
         self.alias: dict[str, str] = {}
 
+    def _known(self, name: str) -> bool:
+        """Stored in the base, or tied to a stored tensor (not stored on its own: the plan unties it)."""
+        group = self.arch.tied_group(name)
+        return name in self.base.tensors or bool(group and any(n in self.base.tensors for n in group))
+
     def __call__(self, key: str, what: str, missing: str | None = None) -> str:
-        prefix = self.arch.base_model_prefix
-        candidates = [key]
-        if prefix:
-            candidates += [key.removeprefix(prefix + "."), f"{prefix}.{key}"]
-        for candidate in candidates:
-            if candidate in self.base.tensors:
-                return candidate
-            group = self.arch.tied_group(candidate)
-            if group and any(n in self.base.tensors for n in group):
-                return candidate  # a tied tensor not stored on its own: the plan unties it
-        raise D2ExportError(missing or f"{what} has no base tensor {key} in {self.base.path}")
+        found = find_name(key, self._known, self.arch.base_model_prefix)
+        if found is None:
+            raise D2ExportError(missing or f"{what} has no base tensor {key} in {self.base.path}")
+        return found
 
 
 def _layout(update: ModuleUpdate, shape: tuple[int, ...], arch: Architecture, spec: AdapterSpec) -> bool:
@@ -217,14 +206,15 @@ def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
             )
 
 
-def _shard_layout(tensors: list[TensorPlan], base: BaseModel, max_shard_size) -> list[tuple[str, list[TensorPlan]]]:
+def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: int | None
+                  ) -> list[tuple[str, list[TensorPlan]]]:
     """The base's own layout (same files, same grouping) unless a maximum shard size is given."""
     if max_shard_size is None and base.is_safetensors:
         groups: dict[str, list[TensorPlan]] = {f: [] for f in base.files}
         for t in tensors:
             groups[base.tensors[t.source].file].append(t)
         return [(f, g) for f, g in groups.items() if g]
-    limit = parse_size(max_shard_size) if max_shard_size is not None else 5 * 10**9
+    limit = max_shard_size if max_shard_size is not None else DEFAULT_SHARD_SIZE
     chunks: list[list[TensorPlan]] = [[]]
     size = 0
     for t in tensors:

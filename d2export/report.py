@@ -3,53 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from pathlib import Path
 
 from . import __version__
 from .algebra import MergeStats
 from .arrays import dtype_name
-from .io import sha256_file
 from .plan import Action, MergePlan
+from .writing import write_json, write_text
 
+REPORT_NAME = "d2export_report.json"
+CARD_NAME = "README.md"
 REPORT_VERSION = 1
 
 
 def input_files(plan: MergePlan) -> list[Path]:
     """The files a merge reads: the adapter's and the base's weights (hashed for the report)."""
     return [*plan.spec.files, *(plan.base.path / f for f in plan.base.files)]
-
-
-class InputHashes:
-    """sha256 of the input files, computed on a thread of its own while the merge runs (hashlib and
-    file reads release the GIL); :meth:`cancel` stops it within one chunk when the merge fails."""
-
-    def __init__(self, paths: list[Path]):
-        self._hashes: dict[Path, str] = {}
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(paths,), name="hash inputs", daemon=True)
-        self._thread.start()
-
-    def _run(self, paths: list[Path]) -> None:
-        try:
-            for path in paths:
-                digest = sha256_file(path, stop=self._stop)
-                if digest is None:
-                    return
-                self._hashes[path] = digest
-        except BaseException as exc:  # raised by result()
-            self._error = exc
-
-    def result(self) -> dict[Path, str]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hashes
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_report(
@@ -110,7 +79,7 @@ def build_report(
             "dtypes": sorted({dtype_name(t.out_dtype) for t in plan.tensors}),
             "shards": [{"file": f, "sha256": h} for f, h in shard_hashes.items()],
             "total_bytes": plan.total_bytes,
-            "config_changes": plan.config_updates,
+            "config_changes": config_changes(plan),
         },
         "tensors": counts,
         "modules": modules,
@@ -118,6 +87,17 @@ def build_report(
         "diffora_selection": selection,
         "notes": plan.notes,
     }
+
+
+def config_changes(plan: MergePlan) -> dict:
+    """What the output's config.json says differently from the base's."""
+    return {**plan.config_updates, **({"dtype": plan.out_dtype} if plan.out_dtype else {})}
+
+
+def write_report(folder: Path, report: dict) -> None:
+    """``d2export_report.json`` and the model card, both from ``report`` (each replaced atomically)."""
+    write_json(folder / REPORT_NAME, report)
+    write_text(folder / CARD_NAME, model_card(report))
 
 
 def _config_summary(config: dict) -> dict:
@@ -148,5 +128,19 @@ def model_card(report: dict) -> str:
         f"- computed in {report['output']['compute_dtype']}, written as {', '.join(report['output']['dtypes'])}",
     ]
     lines += [f"- note: {n}" for n in report["notes"]]
+    verification = report.get("verification")
+    if verification is not None:
+        lines.append(_verification_line(verification))
     lines += ["", "Per-module figures and input hashes are in `d2export_report.json`.", ""]
     return "\n".join(lines)
+
+
+def _verification_line(verification: dict) -> str:
+    verdict = "passed" if verification["passed"] else f"FAILED ({len(verification['failures'])} checks)"
+    line = f"- verification {verdict}"
+    weights = verification.get("weights")
+    if weights:
+        summary = weights["summary"]
+        line += (f": weights within {summary['max_units']:.2f} units, "
+                 f"{summary['exact_fraction']:.2%} correctly rounded")
+    return line

@@ -1,6 +1,6 @@
 """The in-memory description every adapter format is read into.
 
-All geometry is in the *canonical* orientation of DESIGN.md section 2: a matrix ``M`` of shape
+All geometry is in the *canonical* orientation of docs/design.md §2: a matrix ``M`` of shape
 ``[out, in]`` whose rows are the output units (the axis DoRA and D2-LoRA normalise). The stored
 base tensor is ``M`` itself (``nn.Linear``) or ``M.T`` (GPT-2 ``Conv1D`` and embeddings); which one
 is decided when the adapter is matched against the base (see ``plan.py``).

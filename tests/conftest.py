@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny models and trained adapters built once per session (seconds)."""
+"""Shared test fixtures: tiny models and trained adapters built once per session (seconds), and
+their merges. Helper functions live in ``support.py``; no test module imports another."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+
+from d2export.merging import MergeResult, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
@@ -48,17 +50,33 @@ def _session_tmp() -> Path:
     return _TMP[0]
 
 
-def load_model(path: Path, dtype=torch.float32):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build._load(path).to(dtype).eval()
+@pytest.fixture(scope="session")
+def merge_result(fixture, tmp_path_factory):
+    """``merge_result(name)`` -> (fixture folder, :class:`~d2export.merging.MergeResult`): the fixture's
+    adapter merged into its base with the default options, once per session.
+
+    The merged folders are shared by every module: read them, or copy them before changing
+    anything. Only test_bench.py writes beside one (``d2lora-llama-onnx``, which its bench finds);
+    test_onnx.py exports beside merged folders of its own.
+    """
+    root = tmp_path_factory.mktemp("merged")
+    done: dict[str, MergeResult] = {}
+
+    def get(name: str) -> tuple[Path, MergeResult]:
+        folder = fixture(name)
+        if name not in done:
+            done[name] = merge(folder / "adapter", base=folder / "base", out=root / name)
+        return folder, done[name]
+
+    return get
 
 
-def model_output(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=tokens, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+@pytest.fixture(scope="session")
+def merged(merge_result):
+    """``merged(name)`` -> (fixture folder, merged folder): see :func:`merge_result`."""
 
+    def get(name: str) -> tuple[Path, Path]:
+        folder, result = merge_result(name)
+        return folder, result.out
 
-def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, build.VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return get

@@ -1,4 +1,4 @@
-"""An independent float64 merge, written from DESIGN.md section 2 and the raw checkpoint files.
+"""An independent float64 merge, written from docs/design.md §2 and the raw checkpoint files.
 
 It shares no code with ``d2export.formats`` or ``d2export.algebra`` so that a bug there cannot
 hide in both the result and the reference.

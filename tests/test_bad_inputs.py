@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -30,11 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from d2export import merging as merge_module
+from d2export import writing as io_module
 from d2export.cli import app
 from d2export.errors import D2ExportError
-
-io_module = importlib.import_module("d2export.io")
-merge_module = importlib.import_module("d2export.merge")  # the package re-exports merge() under the same name
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "base_model.model."
@@ -560,7 +558,7 @@ class Interrupt:
     def __init__(self, exc: type[BaseException], after: int = 1):
         self.exc, self.after, self.seen = exc, after, []
 
-    def __call__(self, name: str, nbytes: int, total: int) -> None:
+    def __call__(self, name: str, done: int, total: int) -> None:
         self.seen.append(name)
         if len(self.seen) >= self.after:
             raise self.exc("stop")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from d2export import export_onnx, merge
+from d2export import BenchOptions, OptionError, export_onnx, merge
 from d2export.bench import (
     BASE,
     MERGED,
@@ -27,17 +27,15 @@ from d2export.bench import (
     UNMERGED_PEFT,
     BenchReport,
     Workload,
-    bench_inputs,
     run_bench,
-    unmerged_model,
-    workloads,
 )
-from d2export.checks.calibration import Batch, special_ids
-from d2export.checks.models import model_output, read_config
-from d2export.checks.outputs import unmerged_model as reference_unmerged_model
+from d2export.bench.inputs import bench_inputs, workloads
 from d2export.cli import app
 from d2export.formats import load_adapter
-from d2export.layers import AdapterLayer
+from d2export.reading import read_config
+from d2export.runtime.calibration import Batch, special_ids
+from d2export.runtime.layers import AdapterLayer
+from d2export.runtime.models import model_output, unmerged_model
 from d2export.spec import Rescale
 
 FAST = {"warmup": 1, "repeats": 2, "batch_sizes": (1, 2), "seq_lens": (8, 16)}
@@ -173,13 +171,13 @@ def test_benchmark_unmerged_model_matches_reference(fixture):
     spec = load_adapter(folder / "adapter")
     ids, mask = bench_inputs(read_config(folder / "base"), Workload(2, 24))
     batch = Batch(ids, mask)
-    timed = unmerged_model(folder / "base", spec, torch.float32)
+    timed = unmerged_model(folder / "base", spec, torch.float32, reference_norms=False)
     layers = [m for m in timed.modules() if isinstance(m, AdapterLayer)]
     assert len(layers) == 14 and not any(m.reference_norms for m in layers)
     assert all(m.rescale is Rescale.ORIGINAL_NORM for m in layers)
     got = model_output(timed, batch)
     del timed
-    reference = reference_unmerged_model(folder / "base", spec, torch.float32)
+    reference = unmerged_model(folder / "base", spec, torch.float32)
     assert all(m.reference_norms for m in reference.modules() if isinstance(m, AdapterLayer))  # default kept
     expected = model_output(reference, batch)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -9,17 +9,15 @@ import json
 import os
 import stat
 import warnings
-from pathlib import Path
 
 import build
 import pytest
 import torch
-from conftest import load_model, model_output, tokens
 from reference import correctly_rounded, expected_weight, load_raw
-from safetensors import safe_open
+from support import load_model, model_output, read_all, tokens
 
-from d2export import load_adapter, merge
-from d2export.layers import inject_adapter
+from d2export import load_adapter
+from d2export.runtime.layers import inject_adapter
 
 # fp32 logits: merged (x W'^T) and unmerged (g * (x W0^T + c (x A^T) B^T)) differ only in the order
 # of float32 operations, i.e. by a few float32 ulps per layer of the logit scale. 1e-5 relative
@@ -35,34 +33,9 @@ PEFT_FIXTURES = [n for n in build.FIXTURES if not n.startswith("d2lora")]
 CONV1D_FIXTURES = {"d2lora-gpt2", "lora-gpt2-bias", "dora-gpt2"}
 
 
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    if not tensors:
-        for file in sorted(folder.glob("*.bin")):
-            tensors.update(torch.load(file, weights_only=True))
-    return tensors
-
-
-@pytest.fixture(scope="module")
-def merged(fixture, tmp_path_factory):
-    out_root = tmp_path_factory.mktemp("merged")
-    done = {}
-
-    def get(name: str):
-        if name not in done:
-            folder = fixture(name)
-            done[name] = merge(folder / "adapter", base=folder / "base", out=out_root / name)
-        return fixture(name), done[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", build.FIXTURES)
-def test_weights_match_independent_reference(merged, name):
-    folder, result = merged(name)
+def test_weights_match_independent_reference(merge_result, name):
+    folder, result = merge_result(name)
     base, out = read_all(folder / "base"), read_all(result.out)
     spec = load_adapter(folder / "adapter")
     config, raw = load_raw(folder / "adapter")
@@ -89,8 +62,8 @@ def test_weights_match_independent_reference(merged, name):
 
 
 @pytest.mark.parametrize("name", build.FIXTURES)
-def test_merged_model_matches_run_time_adapter(merged, name):
-    folder, result = merged(name)
+def test_merged_model_matches_run_time_adapter(merge_result, name):
+    folder, result = merge_result(name)
     rtol = LOGIT_RTOL[next(iter(read_all(folder / "base").values())).dtype]
     merged_model = load_model(result.out)  # transformers' from_pretrained on our folder, run in fp32
     reference = inject_adapter(load_model(folder / "base"), load_adapter(folder / "adapter"))
@@ -104,10 +77,10 @@ def test_merged_model_matches_run_time_adapter(merged, name):
 
 
 @pytest.mark.parametrize("name", PEFT_FIXTURES)
-def test_peft_adapters_match_peft_unmerged_model(merged, name):
+def test_peft_adapters_match_peft_unmerged_model(merge_result, name):
     from peft import PeftModel
 
-    folder, result = merged(name)
+    folder, result = merge_result(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(load_model(folder / "base"), folder / "adapter").eval()
@@ -116,8 +89,8 @@ def test_peft_adapters_match_peft_unmerged_model(merged, name):
     assert (a - b).abs().max() <= FP32_LOGIT_RTOL * b.abs().max()
 
 
-def test_bf16_merge_is_bit_identical_to_correctly_rounded_float64(merged):
-    folder, result = merged("d2lora-llama-bf16")
+def test_bf16_merge_is_bit_identical_to_correctly_rounded_float64(merge_result):
+    folder, result = merge_result("d2lora-llama-bf16")
     out, base = read_all(result.out), read_all(folder / "base")
     assert all(v.dtype == torch.bfloat16 for v in out.values())
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -128,8 +101,8 @@ def test_bf16_merge_is_bit_identical_to_correctly_rounded_float64(merged):
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-def test_diffora_unselected_modules_are_base_bytes(merged):
-    folder, result = merged("d2lora-llama-diffora")
+def test_diffora_unselected_modules_are_base_bytes(merge_result):
+    folder, result = merge_result("d2lora-llama-diffora")
     spec = load_adapter(folder / "adapter")
     assert spec.method == "d2lora+diffora"
     unselected = [u for u in spec.updates.values() if not u.selected]
@@ -144,8 +117,8 @@ def test_diffora_unselected_modules_are_base_bytes(merged):
     assert result.report["diffora_selection"]["num_selected"] == 8
 
 
-def test_tied_embeddings_are_untied_not_merged_twice(merged):
-    folder, result = merged("lora-llama-tied")
+def test_tied_embeddings_are_untied_not_merged_twice(merge_result):
+    folder, result = merge_result("lora-llama-tied")
     config = json.loads((result.out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     out = read_all(result.out)
@@ -154,8 +127,8 @@ def test_tied_embeddings_are_untied_not_merged_twice(merged):
     assert any("untied" in n for n in result.report["notes"])
 
 
-def test_sharded_base_keeps_its_layout(merged):
-    folder, result = merged("rslora-llama-patterns")
+def test_sharded_base_keeps_its_layout(merge_result):
+    folder, result = merge_result("rslora-llama-patterns")
     base_index = json.loads((folder / "base" / "model.safetensors.index.json").read_text())
     out_index = json.loads((result.out / "model.safetensors.index.json").read_text())
     assert out_index["weight_map"] == base_index["weight_map"]
@@ -163,8 +136,8 @@ def test_sharded_base_keeps_its_layout(merged):
     assert sizes["model.layers.0.mlp.down_proj"] == 2 and sizes["model.layers.1.self_attn.q_proj"] == 6
 
 
-def test_report_and_side_files(merged):
-    _, result = merged("d2lora-llama")
+def test_report_and_side_files(merge_result):
+    _, result = merge_result("d2lora-llama")
     report = json.loads((result.out / "d2export_report.json").read_text())
     assert report["method"] == "d2lora" and report["tool"]["name"] == "d2export"
     assert all(len(f["sha256"]) == 64 for f in report["adapter"]["files"] + report["base"]["files"])

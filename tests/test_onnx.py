@@ -25,15 +25,17 @@ import d2export.onnx as donnx
 import d2export.onnx.export as onnx_export
 import d2export.onnx.validate as onnx_validate
 from d2export import D2ExportError, merge
-from d2export.checks.models import load_model
 from d2export.onnx import APPROXIMATE, FLOAT32, export_onnx, infer_task, resolve_task
 from d2export.onnx.export import REPORT_NAME
+from d2export.runtime.models import load_model
 
 
 @pytest.fixture(scope="module")
-def merged(fixture, tmp_path_factory):
-    """``merged(name)`` -> a merged model folder (merged once per module)."""
-    root = tmp_path_factory.mktemp("merged")
+def merged_model(fixture, tmp_path_factory):
+    """``merged_model(name)`` -> a merged model folder, merged once per module into a folder of this
+    module's own, not conftest's shared ``merged``: tests here write ``<merged>-onnx`` beside it,
+    which test_bench.py's bench would find beside a shared merge."""
+    root = tmp_path_factory.mktemp("onnx-merged")
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -46,14 +48,14 @@ def merged(fixture, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(merged, tmp_path_factory):
+def exported(merged_model, tmp_path_factory):
     """``exported(key, name, **options)`` -> OnnxResult, one export per key for the whole module."""
     root = tmp_path_factory.mktemp("onnx")
     done: dict[str, donnx.OnnxResult] = {}
 
     def get(key: str, name: str, **options) -> donnx.OnnxResult:
         if key not in done:
-            done[key] = export_onnx(merged(name), root / key, **options)
+            done[key] = export_onnx(merged_model(name), root / key, **options)
         return done[key]
 
     return get
@@ -104,7 +106,7 @@ def test_infer_task_from_architecture(arch, past, task):
 
 @pytest.mark.parametrize("config", [{"architectures": ["BertForPreTraining"]}, {"architectures": []}, {}])
 def test_infer_task_refuses_what_it_cannot_name(config):
-    with pytest.raises(D2ExportError, match="--task"):
+    with pytest.raises(D2ExportError, match="task is needed"):
         infer_task(config)
 
 
@@ -113,11 +115,11 @@ def test_resolve_task_checks_optimum_support():
     assert resolve_task(llama, None, True) == ("text-generation-with-past", [])
     assert resolve_task(llama, "causal-lm", True)[0] == "text-generation"  # optimum's synonym
     assert resolve_task(llama, "text-classification", True)[0] == "text-classification"
-    with pytest.raises(D2ExportError, match="unknown task 'text-generaton'"):
+    with pytest.raises(D2ExportError, match="task 'text-generaton' is unknown"):
         resolve_task(llama, "text-generaton", True)
     with pytest.raises(D2ExportError, match="cannot export llama for fill-mask"):
         resolve_task(llama, "fill-mask", True)
-    with pytest.raises(D2ExportError, match="contradicts --no-past"):
+    with pytest.raises(D2ExportError, match="contradicts past=False"):
         resolve_task(llama, "text-generation-with-past", False)
     with pytest.raises(D2ExportError, match="model type 'd2x-unknown'"):
         resolve_task({"architectures": ["D2xForCausalLM"], "model_type": "d2x-unknown"}, None, True)
@@ -151,7 +153,7 @@ def test_llama_with_past(exported):
     assert all(len(tokens) == generate["new_tokens"] for tokens in generate["pytorch"])
 
 
-def test_llama_without_past(exported, merged):
+def test_llama_without_past(exported, merged_model):
     result = exported("llama-nopast", "d2lora-llama", past=False)
     assert result.passed and result.report["task"] == "text-generation"
     sess = session(result.out / "model.onnx")
@@ -164,7 +166,7 @@ def test_llama_without_past(exported, merged):
     feeds = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy()),
              "position_ids": np.arange(IDS.shape[1])[None]}
     logits = sess.run(["logits"], feeds)[0]
-    reference = torch_logits(merged("d2lora-llama"), IDS).numpy()
+    reference = torch_logits(merged_model("d2lora-llama"), IDS).numpy()
     assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
@@ -262,7 +264,7 @@ def test_optimize_o2_fuses_and_stays_exact(exported):
 
 # --- external data ----------------------------------------------------------------------------------
 
-def test_forced_external_data(exported, merged, tmp_path):
+def test_forced_external_data(exported, merged_model, tmp_path):
     result = exported("llama-ext", "d2lora-llama", external_data=True, quantize="int8")
     assert result.passed and result.report["external_data"] is True
     files = result.report["files"]
@@ -283,28 +285,28 @@ def test_forced_external_data(exported, merged, tmp_path):
         warnings.simplefilter("ignore")
         model = ORTModelForCausalLM.from_pretrained(moved, file_name="model.onnx", use_cache=True)
         logits = model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits
-    reference = torch_logits(merged("d2lora-llama"), IDS)
+    reference = torch_logits(merged_model("d2lora-llama"), IDS)
     assert (logits - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 
-def test_external_data_automatic_past_limit(merged, tmp_path, monkeypatch):
+def test_external_data_automatic_past_limit(merged_model, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 10_000)  # the tiny BERT "passes 2 GiB"
-    result = export_onnx(merged("d2lora-bert"), tmp_path / "auto")
+    result = export_onnx(merged_model("d2lora-bert"), tmp_path / "auto")
     assert result.passed and result.report["external_data"] is True
     assert (tmp_path / "auto" / "model.onnx_data").is_file()
     with pytest.raises(D2ExportError, match=r"more than one \.onnx file can hold"):
-        export_onnx(merged("d2lora-bert"), tmp_path / "never", external_data=False)
+        export_onnx(merged_model("d2lora-bert"), tmp_path / "never", external_data=False)
     assert not (tmp_path / "never").exists()
 
 
 # --- a failing validation -----------------------------------------------------------------------------
 
-def test_wrong_model_fails_validation(merged, tmp_path, monkeypatch):
+def test_wrong_model_fails_validation(merged_model, tmp_path, monkeypatch):
     """The ONNX graph of one adapter checked against a model merged with another: passed is False,
     no exception, the folder is still written and the report says why."""
-    other = load_model(merged("lora-llama"), torch.float32)  # same base, different adapter
+    other = load_model(merged_model("lora-llama"), torch.float32)  # same base, different adapter
     monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: other)
-    result = export_onnx(merged("d2lora-llama"), tmp_path / "wrong", past=False)
+    result = export_onnx(merged_model("d2lora-llama"), tmp_path / "wrong", past=False)
     assert result.passed is False
     report = json.loads((tmp_path / "wrong" / REPORT_NAME).read_text())
     assert report["passed"] is False and report["validation"]["passed"] is False
@@ -315,15 +317,15 @@ def test_wrong_model_fails_validation(merged, tmp_path, monkeypatch):
     assert (tmp_path / "wrong" / "model.onnx").is_file()
 
 
-def test_small_defect_fails_float32_tolerance(exported, merged, monkeypatch):
+def test_small_defect_fails_float32_tolerance(exported, merged_model, monkeypatch):
     """A reference off by 0.1% (the final norm's gain scaled by 1.001, what one wrong rounding of a
     merged tensor can do) is caught by the float32 bound even where every arg-max still agrees."""
     result = exported("llama-nopast", "d2lora-llama", past=False)
-    reference = load_model(merged("d2lora-llama"), torch.float32)
+    reference = load_model(merged_model("d2lora-llama"), torch.float32)
     with torch.no_grad():
         reference.model.norm.weight.mul_(1.001)
     monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: reference)
-    validation = donnx.validate_export(result.out, merged("d2lora-llama"), "text-generation")
+    validation = donnx.validate_export(result.out, merged_model("d2lora-llama"), "text-generation")
     assert validation.passed is False
     logits = validation.checks[0].outputs["logits"]
     assert FLOAT32.max_relative < logits.relative < 1e-2
@@ -351,9 +353,9 @@ def test_not_a_model_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file.txt"]  # nothing written
 
 
-def test_unsupported_architecture(merged, tmp_path):
+def test_unsupported_architecture(merged_model, tmp_path):
     folder = tmp_path / "custom"
-    shutil.copytree(merged("d2lora-llama"), folder)
+    shutil.copytree(merged_model("d2lora-llama"), folder)
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="d2x-custom", architectures=["D2xCustomForCausalLM"])
     (folder / "config.json").write_text(json.dumps(config))
@@ -362,16 +364,16 @@ def test_unsupported_architecture(merged, tmp_path):
     assert not (tmp_path / "custom-onnx").exists()
 
 
-def test_bad_options(merged, tmp_path):
-    model = merged("d2lora-llama")
+def test_bad_options(merged_model, tmp_path):
+    model = merged_model("d2lora-llama")
     cases = [
-        ({"task": "text-generaton"}, "unknown task"),
+        ({"task": "text-generaton"}, "is unknown"),
         ({"task": "question-answering"}, "cannot export llama for question-answering"),
-        ({"optimize": "O7"}, "invalid --optimize"),
+        ({"optimize": "O7"}, "optimize must be O1, O2 or O3"),
         ({"optimize": "O4"}, "needs a CUDA GPU"),
-        ({"quantize": "int4"}, "invalid --quantize"),
-        ({"quantize": "int8", "fp16": True}, "drop --fp16"),
-        ({"opset": 99}, "invalid --opset 99"),
+        ({"quantize": "int4"}, "quantize must be int8"),
+        ({"quantize": "int8", "fp16": True}, "cannot be combined with fp16"),
+        ({"opset": 99}, "opset 99 is not one"),
     ]
     for options, message in cases:
         with pytest.raises(D2ExportError, match=message):
@@ -379,36 +381,36 @@ def test_bad_options(merged, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_existing_output_needs_force(merged, tmp_path):
+def test_existing_output_needs_force(merged_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(D2ExportError, match="already exists"):
-        export_onnx(merged("d2lora-bert"), out)
+        export_onnx(merged_model("d2lora-bert"), out)
     assert (out / "keep.txt").read_text() == "mine"
-    result = export_onnx(merged("d2lora-bert"), out, force=True, validate=False)
+    result = export_onnx(merged_model("d2lora-bert"), out, force=True, validate=False)
     assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
     assert "not validated (validate=False)" in result.report["notes"]
     with pytest.raises(D2ExportError, match="overlaps the input"):
-        export_onnx(merged("d2lora-bert"), merged("d2lora-bert") / "onnx")
+        export_onnx(merged_model("d2lora-bert"), merged_model("d2lora-bert") / "onnx")
 
 
-def test_failed_export_leaves_nothing(merged, tmp_path, monkeypatch):
+def test_failed_export_leaves_nothing(merged_model, tmp_path, monkeypatch):
     # An opset without scaled_dot_product_attention: torch refuses, with a message naming the opset.
     with pytest.raises(D2ExportError, match="opset version 11"):
-        export_onnx(merged("d2lora-llama"), tmp_path / "old-opset", opset=11)
+        export_onnx(merged_model("d2lora-llama"), tmp_path / "old-opset", opset=11)
 
     def broken(source, target):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(onnx_export, "quantize_int8", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_onnx(merged("d2lora-bert"), tmp_path / "half", quantize="int8")
+        export_onnx(merged_model("d2lora-bert"), tmp_path / "half", quantize="int8")
     assert not list(tmp_path.iterdir())  # no output, no .partial folder
 
 
-def test_default_output_beside_model(merged):
-    model = merged("lora-bert-cls")
+def test_default_output_beside_model(merged_model):
+    model = merged_model("lora-bert-cls")
     result = export_onnx(model, validate=False)
     try:
         assert result.out == model.parent / f"{model.name}-onnx"
@@ -422,20 +424,20 @@ def test_default_output_beside_model(merged):
 
 # --- the command line ------------------------------------------------------------------------------
 
-def test_cli_onnx_exit_codes(merged, tmp_path, monkeypatch):
+def test_cli_onnx_exit_codes(merged_model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from d2export.cli import app
 
     runner = CliRunner()
-    ok = runner.invoke(app, ["onnx", str(merged("d2lora-bert")), "--out", str(tmp_path / "ok"), "--json"])
+    ok = runner.invoke(app, ["onnx", str(merged_model("d2lora-bert")), "--out", str(tmp_path / "ok"), "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["passed"] is True and "ONNX export validated" in ok.output
     bad = runner.invoke(app, ["onnx", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "model folder not found" in bad.output and not (tmp_path / "x").exists()
-    other = load_model(merged("lora-llama"), torch.float32)
+    other = load_model(merged_model("lora-llama"), torch.float32)
     monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: other)
-    failed = runner.invoke(app, ["onnx", str(merged("d2lora-llama")), "--out", str(tmp_path / "f"), "--no-past"])
+    failed = runner.invoke(app, ["onnx", str(merged_model("d2lora-llama")), "--out", str(tmp_path / "f"), "--no-past"])
     assert failed.exit_code == 1 and "ONNX validation FAILED" in failed.output and "FAIL logits" in failed.output
 
 

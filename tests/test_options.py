@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_model, model_output, tokens
+from support import load_model, model_output, tokens
 from reference import correctly_rounded, expected_weight
 from safetensors.torch import load_file, save_file
 from test_merge import read_all

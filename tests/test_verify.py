@@ -17,28 +17,13 @@ from typer.testing import CliRunner
 
 from d2export import merge, verify
 from d2export.arrays import bfloat16, numpy_dtype
-from d2export.checks.calibration import random_batches
-from d2export.checks.compare import OutputComparison
-from d2export.checks.weights import spacing
 from d2export.cli import app
+from d2export.runtime.calibration import random_batches
+from d2export.runtime.comparison import OutputComparison
 from d2export.verification import Thresholds
+from d2export.verification.weights import spacing
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def merged(fixture, tmp_path_factory):
-    """``merged(name)`` -> (fixture folder, d2export's merged folder), cached per module."""
-    root = tmp_path_factory.mktemp("verify-merged")
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        folder = fixture(name)
-        if name not in done:
-            done[name] = merge(folder / "adapter", base=folder / "base", out=root / name).out
-        return folder, done[name]
-
-    return get
 
 
 def copy_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=None) -> Path:

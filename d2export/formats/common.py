@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..arrays import from_torch, is_float, load_safetensors
 from ..errors import D2ExportError
+from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,21 +50,9 @@ def find_adapter_dir(path: str | Path) -> Path:
     raise D2ExportError(f"{path} is not an adapter checkpoint: no {CONFIG_NAME} found")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise D2ExportError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    except OSError as exc:
-        raise D2ExportError(f"{path}: cannot read ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise D2ExportError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_adapter(path: str | Path) -> RawAdapter:
     folder = find_adapter_dir(path)
-    config = read_json(folder / CONFIG_NAME)
+    config = read_json_object(folder / CONFIG_NAME)
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise D2ExportError(f"{folder}: no adapter weights ({' or '.join(WEIGHTS_NAMES)})")

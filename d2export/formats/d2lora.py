@@ -1,4 +1,4 @@
-"""D2-LoRA checkpoints (DESIGN.md 3.2): two signed low-rank branches and the row-norm projection.
+"""D2-LoRA checkpoints (docs/design.md §4.2): two signed low-rank branches and the row-norm projection.
 
 ``dW = (alpha/r) (B+ A+ - tau B- A-)``; with ``norm_projection`` each row of ``W0 + dW`` is scaled
 back to the norm it had in ``W0``. ``tau`` is the config's float unless the module stores a learned

@@ -1,4 +1,4 @@
-"""DiffoRA module selection (DESIGN.md 3.3): a Differential Adaptation Matrix (DAM) of scores per
+"""DiffoRA module selection (docs/design.md §4.3): a Differential Adaptation Matrix (DAM) of scores per
 (layer, module type); the top ``k = round(sample_rate * L * M)`` are merged, or an explicit
 ``selected`` grid wins. Unselected modules stay exactly the base weights."""
 
@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 from ..errors import D2ExportError
+from ..reading import read_json_object
 from ..spec import AdapterSpec, DamSelection
-from .common import read_json
 
 DAM_NAME = "diffora_dam.json"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -24,7 +24,7 @@ def module_position(module: str) -> tuple[int | None, str]:
 
 
 def read_dam(path: Path) -> DamSelection:
-    data = read_json(path)
+    data = read_json_object(path)
     types = data.get("module_types")
     num_layers = data.get("num_layers")
     if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):

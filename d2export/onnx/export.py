@@ -11,18 +11,18 @@ reproduce PyTorch's greedy tokens. The figures go into ``onnx_report.json`` besi
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..arrays import dtype_name, is_float
-from ..checks.models import read_config
-from ..errors import D2ExportError
-from ..io import atomic_output, check_output_location, current_umask, open_base
+from ..errors import D2ExportError, OptionError
+from ..options import OnnxOptions, with_settings
+from ..progress import Progress, silent
+from ..reading import ModelFolder
+from ..writing import atomic_output, check_output_location, current_umask, write_json
 from .files import (
     MODEL_NAME,
     QUANTIZED_NAME,
@@ -36,11 +36,7 @@ from .files import (
 from .tasks import resolve_task
 from .validate import validate_export
 
-Progress = Callable[[str], None]  # called with a short stage name: "exporting", "validating", ...
-
 REPORT_NAME = "onnx_report.json"
-OPTIMIZE_LEVELS = ("O1", "O2", "O3", "O4")
-QUANTIZE_MODES = ("int8",)
 # A protobuf message (one .onnx file holding its weights inline) cannot exceed 2 GiB.
 PROTOBUF_LIMIT = 2**31
 
@@ -53,51 +49,57 @@ class OnnxResult:
 
 
 
-def export_onnx(
-    model_dir: str | Path,
-    out: str | Path | None = None,
-    *,
-    task: str | None = None,
-    opset: int | None = None,
-    past: bool = True,
-    optimize: str | None = None,
-    quantize: str | None = None,
-    fp16: bool = False,
-    force: bool = False,
-    external_data: bool | None = None,
-    validate: bool = True,
-    progress: Progress | None = None,
-) -> OnnxResult:
+def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, options: OnnxOptions | None = None,
+                progress: Progress = silent, **settings) -> OnnxResult:
     """Export a (merged) Hugging Face model folder to ONNX and check the result with ONNX Runtime.
 
     Writes ``model.onnx`` (``model_quantized.onnx`` beside it with ``quantize="int8"``), optimum's
     config/tokenizer files and ``onnx_report.json`` into ``out`` (default ``<model_dir>-onnx``),
     atomically. ``external_data``: ``None`` writes ``model.onnx`` + ``model.onnx_data`` when the
     weights pass 2 GiB, ``True`` always, ``False`` refuses a model too large for one file.
-    Bad input raises :class:`D2ExportError`; a failed validation does not: the folder is written
-    (so it can be inspected), the report says so and ``passed`` is False (``validate=False``
-    skips the check, notes it, and leaves ``passed`` True).
+
+    Args:
+        model_dir: the model folder to export.
+        out: output folder; default ``<model_dir>-onnx``.
+        options: an :class:`OnnxOptions`; ``settings`` (its field names as keywords) override it.
+        progress: called with (stage, 0, 0) as the export goes.
+
+    Returns:
+        An :class:`OnnxResult`. A failed validation does not raise: the folder is written (so it
+        can be inspected), the report says so and ``passed`` is False (``validate=False`` skips
+        the check, notes it, and leaves ``passed`` True).
+
+    Raises:
+        D2ExportError: bad input or an export optimum refuses; nothing is written.
     """
-    say = progress or (lambda stage: None)
+    options = with_settings(OnnxOptions, options, settings)
+
+    def say(stage: str) -> None:
+        progress(stage, 0, 0)
+
     _require_onnx_stack()
-    optimize = _check_options(optimize, quantize, fp16, opset)
+    _check_opset(options.opset)
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise D2ExportError(f"model folder not found: {model_dir}")
-    config = read_config(model_dir)
-    weights = open_base(model_dir)  # a folder with a config but no weights is not a model either
+    # a folder with a config but no weights is not a model either
+    with ModelFolder.open(model_dir) as weights:
+        return _export(weights, Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-onnx",
+                       options, say)
+
+
+def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxResult:
+    model_dir, config = weights.path, weights.config
+    task, optimize, fp16, external_data = options.task, options.optimize, options.fp16, options.external_data
     if config.get("is_encoder_decoder"):
         raise D2ExportError(f"{model_dir}: encoder-decoder models (several ONNX graphs) are not supported yet")
-    task, notes = resolve_task(config, task, past)
-    out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-onnx"
-    check_output_location(out, [model_dir], force)
+    task, notes = resolve_task(config, task, options.past)
+    check_output_location(out, [model_dir], options.force)
     if optimize is not None:
         _check_optimizable(config["model_type"], optimize)
 
     source_dtype = _source_dtype(config, weights)
     precision = "float16" if fp16 else "float32"
     if source_dtype in ("bfloat16", "float16") and source_dtype != precision:
-        reason = "ONNX Runtime has no bf16 CPU kernels" if source_dtype == "bfloat16" else "--fp16 not given"
+        reason = "ONNX Runtime has no bf16 CPU kernels" if source_dtype == "bfloat16" else "fp16 not asked for"
         notes.append(f"model is {source_dtype}; exported {precision} ({reason})")
     graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if is_float(t.dtype))
     graph_bytes *= 2 if fp16 else 4
@@ -111,11 +113,11 @@ def export_onnx(
     with atomic_output(out) as tmp:
         say("exporting")
         started = time.perf_counter()
-        _run_optimum(model_dir, tmp, task=task, opset=opset, optimize=optimize, fp16=fp16)
+        _run_optimum(model_dir, tmp, task=task, opset=options.opset, optimize=optimize, fp16=fp16)
         if want_external and not uses_external_data(tmp / MODEL_NAME):
             say("writing external data")
             to_external_data(tmp / MODEL_NAME)
-        if quantize == "int8":
+        if options.quantize == "int8":
             say("quantizing")
             quantize_int8(tmp / MODEL_NAME, tmp / QUANTIZED_NAME)
         export_seconds = time.perf_counter() - started
@@ -128,15 +130,15 @@ def export_onnx(
             "model_type": config["model_type"],
             "task": task, "opset": graph_opset(tmp / MODEL_NAME),
             "source_dtype": source_dtype, "dtype": precision,
-            "optimize": optimize, "quantize": quantize,
+            "optimize": optimize, "quantize": options.quantize,
             "external_data": uses_external_data(tmp / MODEL_NAME),
             "notes": notes, "export_seconds": round(export_seconds, 2),
         }
         passed = True
-        if validate:
+        if options.validate:
             say("validating")
             started = time.perf_counter()
-            validation = validate_export(tmp, model_dir, task, progress=say, approximate=optimize == "O3")
+            validation = validate_export(tmp, weights, task, progress=say, approximate=optimize == "O3")
             report["validation_seconds"] = round(time.perf_counter() - started, 2)
             report["validation"] = validation.to_dict()
             passed = validation.passed
@@ -146,7 +148,7 @@ def export_onnx(
             notes.append("not validated (validate=False)")
         report["passed"] = passed
         report["files"] = file_sizes(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(tmp / REPORT_NAME, report)
         _usual_modes(tmp)
     return OnnxResult(out, report, passed)
 
@@ -170,23 +172,10 @@ def _usual_modes(folder: Path) -> None:
             os.chmod(path, mode)
 
 
-def _check_options(optimize: str | None, quantize: str | None, fp16: bool, opset: int | None) -> str | None:
-    if optimize is not None:
-        optimize = optimize.upper()
-        if optimize not in OPTIMIZE_LEVELS:
-            raise D2ExportError(f"invalid --optimize {optimize!r}: use one of {', '.join(OPTIMIZE_LEVELS)}")
-        if optimize == "O4":
-            # optimum's O4 is O3 plus fp16 mixed precision, which it only builds for (and on) a CUDA GPU.
-            raise D2ExportError("--optimize O4 (fp16 mixed precision) needs a CUDA GPU; use O1, O2 or O3 on CPU")
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise D2ExportError(f"invalid --quantize {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
-    if quantize is not None and fp16:
-        # Dynamic quantisation rewrites float32 MatMuls (MatMulInteger takes float32 activations).
-        raise D2ExportError("--quantize int8 quantises the float32 graph; drop --fp16")
+def _check_opset(opset: int | None) -> None:
     low, high = _opset_range()
     if opset is not None and not low <= opset <= high:
-        raise D2ExportError(f"invalid --opset {opset}: torch's ONNX exporter writes opsets {low} to {high}")
-    return optimize
+        raise OptionError("opset", f"{opset} is not one torch's ONNX exporter writes ({low} to {high})")
 
 
 def _opset_range() -> tuple[int, int]:
@@ -203,7 +192,8 @@ def _check_optimizable(model_type: str, level: str) -> None:
         config = AutoOptimizationConfig.with_optimization_level(level)
         ORTConfigManager.check_optimization_supported_model(model_type, config)
     except (NotImplementedError, KeyError):
-        raise D2ExportError(f"ONNX Runtime has no graph optimisation for {model_type}; drop --optimize") from None
+        raise OptionError("optimize", f"is not available: ONNX Runtime has no graph optimisation for {model_type}"
+                          ) from None
 
 
 def _source_dtype(config: dict, weights) -> str:

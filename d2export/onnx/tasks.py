@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import D2ExportError
+from ..errors import D2ExportError, OptionError
 
 # Architecture-name endings -> optimum task, most specific first ("LMHeadModel" before "Model").
 ARCHITECTURE_TASKS = (
@@ -25,12 +25,12 @@ def infer_task(config: dict, past: bool = True) -> str:
     """The optimum task for a model folder's ``config.json`` (optimum cannot infer it for a local folder)."""
     architectures = config.get("architectures") or []
     if not architectures:
-        raise D2ExportError("config.json names no architectures; pass --task")
+        raise OptionError("task", "is needed: config.json names no architectures")
     arch = architectures[0]
     for ending, task in ARCHITECTURE_TASKS:
         if arch.endswith(ending):
             return f"{task}-with-past" if task == "text-generation" and past else task
-    raise D2ExportError(f"cannot infer an ONNX task for architecture {arch}; pass --task")
+    raise OptionError("task", f"is needed: no ONNX task is known for architecture {arch}")
 
 
 def resolve_task(config: dict, task: str | None, past: bool) -> tuple[str, list[str]]:
@@ -53,10 +53,10 @@ def resolve_task(config: dict, task: str | None, past: bool) -> tuple[str, list[
     else:
         base = TasksManager.map_from_synonym(task.removesuffix("-with-past"))
         if base not in TasksManager.get_all_tasks():
-            raise D2ExportError(f"unknown task {task!r}; {model_type} supports: {', '.join(supported)}")
+            raise OptionError("task", f"{task!r} is unknown; {model_type} supports: {', '.join(supported)}")
         task = base + ("-with-past" if task.endswith("-with-past") else "")
         if task.endswith("-with-past") and not past:
-            raise D2ExportError(f"task {task} contradicts --no-past; use {base}")
+            raise OptionError("task", f"{task} contradicts past=False (no past key/values); use {base}")
     if task not in supported:
         raise D2ExportError(f"optimum cannot export {model_type} for {task}; supported: {', '.join(supported)}")
     if task not in VALIDATED_TASKS:

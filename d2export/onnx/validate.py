@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks.calibration import Batch, random_batches, special_ids
-from ..checks.compare import OutputComparison
-from ..checks.models import head_kind, load_model, read_config
 from ..errors import D2ExportError
+from ..reading import ModelFolder
+from ..runtime.calibration import Batch, config_batches
+from ..runtime.comparison import OutputComparison
+from ..runtime.models import head_kind, load_model
 from .files import graph_precision, quiet
 
 # head_kind() of the shared loader for the tasks it loads with the right Auto class.
@@ -130,7 +131,7 @@ class Validation:
                 "graphs": {check.file: check.to_dict() for check in self.checks}, "passed": self.passed}
 
 
-def validate_export(onnx_dir: Path, model_dir: Path, task: str, *, approximate: bool = False,
+def validate_export(onnx_dir: Path, model: ModelFolder, task: str, *, approximate: bool = False,
                     progress: Callable[[str], None] | None = None) -> Validation:
     """Check every ``.onnx`` file in ``onnx_dir`` against the float32 PyTorch model in ``model_dir``.
 
@@ -138,9 +139,9 @@ def validate_export(onnx_dir: Path, model_dir: Path, task: str, *, approximate: 
     int8 graphs are recognised from the files.
     """
     say = progress or (lambda stage: None)
-    config = read_config(model_dir)
-    reference = load_reference(model_dir, task)
-    batches = calibration_batches(config)
+    config = model.config
+    reference = load_reference(model.path, config, task)
+    batches = config_batches(config)
     validation = Validation(
         reference=f"{type(reference).__name__} (PyTorch, float32)",
         calibration={"kind": "seeded random tokens, right-padded", "batches": len(batches),
@@ -160,10 +161,10 @@ def validate_export(onnx_dir: Path, model_dir: Path, task: str, *, approximate: 
     return validation
 
 
-def load_reference(model_dir: Path, task: str) -> torch.nn.Module:
+def load_reference(model_dir: Path, config: dict, task: str) -> torch.nn.Module:
     """The merged model in float32, loaded with the transformers class optimum exported for ``task``."""
     base = task.removesuffix("-with-past")
-    if SHARED_LOADER_KINDS.get(base) == head_kind(read_config(model_dir)):
+    if SHARED_LOADER_KINDS.get(base) == head_kind(config):
         return load_model(model_dir, torch.float32)
     from optimum.exporters.tasks import TasksManager
 
@@ -175,16 +176,6 @@ def load_reference(model_dir: Path, task: str) -> torch.nn.Module:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise D2ExportError(f"{model_dir}: transformers cannot load it ({msg})") from None
     return model.eval()
-
-
-def calibration_batches(config: dict) -> list[Batch]:
-    vocab = config.get("vocab_size")
-    if not isinstance(vocab, int):
-        raise D2ExportError("config.json has no vocab_size; cannot build calibration inputs")
-    pad = config.get("pad_token_id")
-    max_length = config.get("max_position_embeddings") or config.get("n_positions")
-    return random_batches(vocab, pad_id=pad if isinstance(pad, int) else 0, max_length=max_length,
-                          avoid=special_ids(config))
 
 
 class OnnxGraph:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import D2ExportError
+from ..errors import D2ExportError, OptionError
 
 DEFAULT_LENGTHS = (8, 24, 64)
 
@@ -84,3 +84,16 @@ def special_ids(config: dict) -> tuple[int, ...]:
         elif isinstance(value, list):
             ids.extend(v for v in value if isinstance(v, int))
     return tuple(ids)
+
+
+def config_batches(config: dict, *, seed: int = 0, lengths=DEFAULT_LENGTHS, batch_size: int = 4) -> list[Batch]:
+    """The random calibration batches for a model, from its config: its vocabulary, its pad and
+    special tokens (avoided), and its position table (lengths clipped to it)."""
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+        raise OptionError("calibration", "is needed: config.json has no vocab_size to draw random tokens from")
+    pad = config.get("pad_token_id")
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    return random_batches(vocab, lengths=lengths, batch_size=batch_size, seed=seed,
+                          pad_id=pad if isinstance(pad, int) else 0,
+                          max_length=limit if isinstance(limit, int) else None, avoid=special_ids(config))

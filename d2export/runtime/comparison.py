@@ -78,11 +78,3 @@ class OutputComparison:
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         data.update(mean_abs=self.mean_abs, relative=self.relative, top1=self.top1, mean_kl=self.mean_kl)
         return data
-
-
-def compare_outputs(pairs, *, distributions: bool = True) -> OutputComparison:
-    """``pairs``: iterable of ``(reference, candidate, mask_or_None)``."""
-    result = OutputComparison(distributions=distributions)
-    for reference, candidate, mask in pairs:
-        result.add(reference, candidate, mask)
-    return result

@@ -1,11 +1,10 @@
-"""Execute a :class:`~d2export.plan.MergePlan`: stream every tensor from the base, fold the adapter
-in, and write the output folder atomically."""
+"""Execute a merge plan: stream every tensor from the base, fold the adapter in, and write the
+output folder atomically."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,84 +12,86 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .algebra import MergeStats, merge_bias, merge_tensor, round_to_dtype
-from .formats import load_adapter
-from .io import (
-    SAFE_INDEX,
-    WEIGHT_SUFFIXES,
-    ShardWriter,
-    atomic_output,
-    check_output_location,
-    open_base,
-)
-from .plan import Action, MergePlan, TensorPlan, build_plan
-from .report import InputHashes, build_report, input_files, model_card
-from .resolve import resolve_base
-
-Progress = Callable[[str, int, int], None]  # (tensor just written, its bytes, total bytes of the output)
+from .job import Job, prepare
+from .options import MergeOptions, with_settings
+from .plan import Action, MergePlan, TensorPlan
+from .progress import Progress, silent
+from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
+from .report import REPORT_NAME, build_report, input_files, write_report
+from .writing import InputHashes, ShardWriter, atomic_output, check_output_location
 
 
 @dataclass
 class MergeResult:
     out: Path
-    plan: MergePlan
+    job: Job  # what was merged (spec, base, plan): ``verify`` takes it on
     stats: dict[str, MergeStats]
     report: dict
     shard_hashes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def plan(self) -> MergePlan:
+        return self.job.plan
 
-def merge(
-    adapter: str | Path,
-    *,
-    base: str | Path | None = None,
-    out: str | Path | None = None,
-    dtype: str = "auto",
-    compute_dtype: str = "float64",
-    max_shard_size: str | int | None = None,
-    force: bool = False,
-    hash_inputs: bool = True,
-    progress: Progress | None = None,
-) -> MergeResult:
+
+def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Path | None = None,
+          options: MergeOptions | None = None, progress: Progress = silent, **settings) -> MergeResult:
     """Merge an adapter checkpoint into its base and write a Hugging Face model folder.
 
     Everything is checked (keys, shapes, layouts, ties) before the first byte is written, the
     output appears only when complete, and the inputs are only ever read.
+
+    Args:
+        adapter: adapter folder (or a trainer ``checkpoint-N`` folder holding one).
+        base: base model folder; default: the adapter's ``base_model_name_or_path``.
+        out: output folder; default ``<adapter>-merged`` beside the adapter.
+        options: a :class:`MergeOptions`; ``settings`` (its field names as keywords) override it.
+        progress: called with (tensor name, bytes written, bytes in all).
+
+    Returns:
+        A :class:`MergeResult` (output folder, the job, per-tensor figures, the report).
+
+    Raises:
+        D2ExportError: bad input; nothing is written.
     """
-    spec = load_adapter(adapter)
-    base_path = resolve_base(spec, base)
-    model = open_base(base_path)
-    out = Path(out) if out is not None else spec.path.parent / f"{spec.path.name}-merged"
-    check_output_location(out, [spec.path, base_path], force)
-    plan = build_plan(spec, model, dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size)
-    hashing = InputHashes(input_files(plan)) if hash_inputs else None
+    job = prepare(adapter, base, with_settings(MergeOptions, options, settings))
+    try:
+        default = job.spec.path.parent / f"{job.spec.path.name}-merged"
+        return write_merge(job, Path(out) if out is not None else default, progress)
+    finally:
+        job.close()
+
+
+def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult:
+    """Write the merge ``job`` plans into the folder ``out`` (atomically)."""
+    check_output_location(out, [job.spec.path, job.base.path], job.options.force)
+    hashing = InputHashes(input_files(job.plan)) if job.options.hash_inputs else None
     try:
         with atomic_output(out) as tmp:
-            stats, hashes = write_weights(plan, tmp, progress)
-            write_config(plan, tmp)
-            copy_side_files(model.path, tmp)
-            report = build_report(plan, stats, hashes, out,
-                                  input_hashes=hashing.result() if hashing else None)
-            (tmp / "d2export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(report))
+            stats, hashes = write_weights(job.plan, tmp, progress)
+            write_config(job.plan, tmp)
+            copy_side_files(job.base.path, tmp)
+            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
+            write_report(tmp, report)
     finally:
         if hashing:
             hashing.cancel()
-        model.close()
-    return MergeResult(out, plan, stats, report, hashes)
+    return MergeResult(out, job, stats, report, hashes)
 
 
-def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = None) -> tuple[dict, dict]:
-    # Writing and hashing run on threads of their own (io.ShardWriter, report.InputHashes), and the
-    # matmuls are thin rank-r products: BLAS worker threads would only spin between them, taking
-    # cores from those threads (a 320M merge on 2 cores: 2.2-2.3 s with one BLAS thread, 2.3-2.5 s
-    # with two on an idle machine; a prototype of this loop took 5.8 s against 2.2 s on a busy one).
+def write_weights(plan: MergePlan, folder: Path, progress: Progress = silent) -> tuple[dict, dict]:
+    # Writing and hashing run on threads of their own (ShardWriter, InputHashes), and the matmuls
+    # are thin rank-r products: BLAS worker threads would only spin between them, taking cores from
+    # those threads (bench/README.md has the measurement).
     with threadpool_limits(limits=1, user_api="blas"):
         return _write_weights(plan, folder, progress)
 
 
-def _write_weights(plan: MergePlan, folder: Path, progress: Progress | None) -> tuple[dict, dict]:
+def _write_weights(plan: MergePlan, folder: Path, progress: Progress) -> tuple[dict, dict]:
     stats: dict[str, MergeStats] = {}
     hashes: dict[str, str] = {}
     weight_map: dict[str, str] = {}
+    written = 0
     for file, tensors in plan.shards:
         writer = ShardWriter(folder / file, [(t.name, t.out_dtype, t.shape) for t in tensors])
         try:
@@ -104,8 +105,8 @@ def _write_weights(plan: MergePlan, folder: Path, progress: Progress | None) -> 
                     writer.write(t.name, value)
                     del value
                 weight_map[t.name] = file
-                if progress:
-                    progress(t.name, t.nbytes, plan.total_bytes)
+                written += t.nbytes
+                progress(t.name, written, plan.total_bytes)
             hashes[file] = writer.close()
         except BaseException:
             writer.abort()
@@ -141,20 +142,17 @@ def produce(plan: MergePlan, t: TensorPlan) -> tuple[np.ndarray, MergeStats | No
 
 
 def write_config(plan: MergePlan, folder: Path) -> None:
-    config = dict(plan.base.config)
-    updates = dict(plan.config_updates)
-    dtype = updates.pop("dtype", None)
-    config.update(updates)
-    if dtype is not None:  # transformers >= 4.56 writes "dtype", older ones "torch_dtype"
+    config = {**plan.base.config, **plan.config_updates}
+    if plan.out_dtype is not None:  # transformers >= 4.56 writes "dtype", older ones "torch_dtype"
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
-            config[key] = dtype
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            config[key] = plan.out_dtype
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(base: Path, folder: Path) -> None:
     """Tokenizer, generation config and other small files travel with the model; weights, indexes
     and the old config do not (they are rewritten)."""
-    skip = {"config.json", SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", "d2export_report.json"}
+    skip = {CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
     for item in base.iterdir():
         if item.name in skip or item.name.startswith("."):
             continue

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import D2ExportError
 from .formats import load_adapter
 from .formats.diffora import module_position
-from .io import open_base
-from .plan import Action, build_plan
-from .resolve import resolve_base
+from .job import BaseModelError, prepare
+from .options import MergeOptions, with_settings
+from .plan import Action
+from .report import config_changes
 
 
-def inspect(adapter: str | Path, *, base: str | Path | None = None, dtype: str = "auto",
-            max_shard_size: str | int | None = None) -> dict:
-    """A JSON-able description of the adapter and, when its base is found, of the planned merge."""
+def inspect(adapter: str | Path, *, base: str | Path | None = None, options: MergeOptions | None = None,
+            **settings) -> dict:
+    """Describe an adapter and, when its base is found, the merge it would make.
+
+    Args:
+        adapter: adapter folder (or a trainer checkpoint folder holding one).
+        base: base model folder; default: the adapter's ``base_model_name_or_path``.
+        options: a :class:`MergeOptions` (dtype, shard size); ``settings`` override its fields.
+
+    Returns:
+        A JSON-able dict: method, modules, DiffoRA grid, and ``merge_plan`` (``available`` False
+        with the reason when the base cannot be found or opened).
+
+    Raises:
+        D2ExportError: the adapter is unreadable, or it does not fit its base.
+    """
     spec = load_adapter(adapter)
     modules = []
     for u in spec.updates.values():
@@ -49,19 +62,19 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, dtype: str =
             "num_layers": sel.num_layers, "num_selected": sel.num_selected, "grid": [list(r) for r in sel.grid],
         }
     try:
-        base_path = resolve_base(spec, base)
-        model = open_base(base_path)
-    except D2ExportError as exc:
+        job = prepare(spec, base, with_settings(MergeOptions, options, settings))
+    except BaseModelError as exc:
         info["merge_plan"] = {"available": False, "reason": str(exc)}
         return info
-    plan = build_plan(spec, model, dtype=dtype, max_shard_size=max_shard_size)
+    job.close()
+    plan = job.plan
     info["merge_plan"] = {
         "available": True,
-        "base": str(base_path),
+        "base": str(job.base.path),
         "tensors": {a.value: sum(t.action is a for t in plan.tensors) for a in Action},
         "shards": [{"file": f, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for f, ts in plan.shards],
         "total_bytes": plan.total_bytes,
-        "config_changes": plan.config_updates,
+        "config_changes": config_changes(plan),
         "notes": plan.notes,
     }
     return info

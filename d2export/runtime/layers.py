@@ -5,23 +5,18 @@
     y = g * (base(x) + sum_t c_t * lowrank_t(x)) + b         g = m / ||W0 + dW||_row  (or 1)
 
 without ever forming the merged weight in the output path: the low-rank paths run as two thin
-matmuls, as during training. The same class is used (trainable) to make the D2-LoRA fixtures.
+matmuls, as during training. fixtures/build.py trains the D2-LoRA fixtures with the same class.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .arrays import to_torch
-from .formats.common import PEFT_PREFIX
-from .spec import AdapterSpec, ModuleUpdate, Rescale
+from ..arrays import to_torch
+from ..names import name_variants
+from ..spec import AdapterSpec, ModuleUpdate, Rescale
 
 
 class AdapterLayer(nn.Module):
@@ -122,8 +117,7 @@ class AdapterLayer(nn.Module):
 
 
 def _resolve_module(model: nn.Module, path: str) -> tuple[str, nn.Module]:
-    prefix = getattr(model, "base_model_prefix", "")
-    for candidate in (path, path.removeprefix(f"{prefix}."), f"{prefix}.{path}"):
+    for candidate in name_variants(path, getattr(model, "base_model_prefix", "") or ""):
         try:
             return candidate, model.get_submodule(candidate)
         except AttributeError:
@@ -131,7 +125,7 @@ def _resolve_module(model: nn.Module, path: str) -> tuple[str, nn.Module]:
     raise KeyError(f"module {path} not found in the model")
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -150,52 +144,8 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
             continue
         path, module = _resolve_module(model, update.module)
         layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
-        _set_module(model, path, layer.to(module.weight.dtype))
+        set_module(model, path, layer.to(module.weight.dtype))
     return model
 
 
-def add_d2lora(model: nn.Module, target_modules: list[str], *, r: int, alpha: float, tau: float,
-               learn_tau: bool = False, norm_projection: bool = True, seed: int = 0) -> dict[str, AdapterLayer]:
-    """Wrap every module whose name ends with a target in a trainable D2-LoRA layer (A random as
-    LoRA initialises it, B zero, so training starts from the base model)."""
-    generator = torch.Generator().manual_seed(seed)
-    rescale = Rescale.ORIGINAL_NORM if norm_projection else Rescale.NONE
-    layers = {}
-    for name, module in list(model.named_modules()):
-        if not name or name.rsplit(".", 1)[-1] not in target_modules:
-            continue
-        layer = AdapterLayer(module, rank=r, scale=alpha / r, branches=("pos", "neg"), rescale=rescale,
-                             tau=tau, learn_tau=learn_tau)
-        with torch.no_grad():
-            for b in layer.branches:
-                bound = 1 / math.sqrt(layer.A[b].shape[1])
-                layer.A[b].uniform_(-bound, bound, generator=generator)
-        _set_module(model, name, layer)
-        layers[name] = layer
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers.values():
-        for p in [*layer.A.values(), *layer.B.values()]:
-            p.requires_grad_(True)
-        if learn_tau:
-            layer.tau.requires_grad_(True)
-    return layers
-
-
-def save_d2lora(layers: dict[str, AdapterLayer], folder: str | Path, config: dict, *,
-                save_tau: bool = False) -> None:
-    """Write layers in the D2-LoRA checkpoint format (DESIGN.md 3.2)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, layer in layers.items():
-        for b in layer.branches:
-            tensors[f"{PEFT_PREFIX}{name}.lora_A_{b}.weight"] = layer.A[b].detach().contiguous()
-            tensors[f"{PEFT_PREFIX}{name}.lora_B_{b}.weight"] = layer.B[b].detach().contiguous()
-        if save_tau:
-            tensors[f"{PEFT_PREFIX}{name}.d2_tau"] = layer.tau.detach().reshape(1).clone()
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "D2LORA", **config}, indent=2) + "\n")
-
-
-__all__ = ["AdapterLayer", "add_d2lora", "inject_adapter", "save_d2lora"]
+__all__ = ["AdapterLayer", "inject_adapter"]

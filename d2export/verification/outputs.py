@@ -1,27 +1,21 @@
 """Output-level check: the merged model against the unmerged one (base + the adapter applied at run
 time), on padded calibration batches, in a given dtype.
 
-References: d2export's run-time adapter layers (``layers.inject_adapter``, computing what training
+References: d2export's run-time adapter layers (``runtime.layers.inject_adapter``, computing what training
 computed) always; for PEFT LoRA-family adapters also PEFT's own unmerged ``PeftModel``, an
 implementation that shares nothing with ours.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..layers import inject_adapter
-from ..spec import AdapterSpec
-from .calibration import Batch
-from .compare import OutputComparison
-from .models import greedy_tokens, load_model, model_output
-
-PEFT_METHODS = {"lora", "rslora", "dora"}
+from ..runtime.calibration import Batch
+from ..runtime.comparison import OutputComparison
+from ..runtime.models import greedy_tokens, model_output
 
 
 @dataclass
@@ -70,24 +64,6 @@ class OutputCheck:
                 "output": self.output, **self.comparison.to_dict(),
                 "generation": self.generation.to_dict() if self.generation else None,
                 "max_abs_allowed": self.max_abs_allowed, "min_top1": self.min_top1, "passed": self.passed}
-
-
-def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module:
-    """The base with the adapter applied at run time (d2export's reference layers)."""
-    return inject_adapter(load_model(base, dtype), spec).eval()
-
-
-def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module | None:
-    """PEFT's own unmerged model, where PEFT can load the adapter (and is installed)."""
-    if spec.method not in PEFT_METHODS or spec.config.get("peft_type", "LORA") != "LORA":
-        return None
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
 
 
 @dataclass

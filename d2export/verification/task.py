@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import D2ExportError
-from .calibration import tokenize
-from .models import head_kind
+from ..runtime.calibration import tokenize
+from ..runtime.models import head_kind
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..algebra import merged_bias_exact, merged_rows, round_to_dtype
-from ..architecture import probe_architecture
 from ..arrays import bfloat16, dtype_name, finfo, float16, float32, float64, is_float
-from ..io import BaseModel
+from ..names import find_name
 from ..plan import Action, MergePlan, TensorPlan
+from ..reading import ModelFolder
 
 # Max error in units of the stored dtype at the operands' scale, per dtype. A correct single
 # rounding is at most 0.5 unit.
@@ -100,18 +100,18 @@ class WeightReport:
 
 
 def check_weights(
-    plan: MergePlan, merged: BaseModel, *, max_units: float | None = None,
+    plan: MergePlan, merged: ModelFolder, *, max_units: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> WeightReport:
     """Check every tensor of ``merged`` against ``plan`` (built for the same adapter and base).
     ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`."""
     report = WeightReport()
     found: set[str] = set()
-    prefix = probe_architecture(plan.base.config).base_model_prefix
     for t in plan.tensors:
         if progress:
             progress(t.name)
-        name = _stored_name(t.name, merged, prefix)
+        # the folder may be saved with or without the base-model prefix (BertModel vs BertFor...)
+        name = find_name(t.name, merged.tensors, plan.arch.base_model_prefix)
         if name is None:
             report.tensors.append(TensorCheck(t.name, t.action.value, "-", problem="missing from the merged folder"))
             continue
@@ -139,16 +139,7 @@ def check_weights(
     return report
 
 
-def _stored_name(name: str, merged: BaseModel, prefix: str) -> str | None:
-    """The tensor's name in the merged folder, which may have been saved with or without the base
-    model prefix (``BertModel`` vs ``BertFor...``)."""
-    candidates = [name]
-    if prefix:
-        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
-    return next((c for c in candidates if c in merged.tensors), None)
-
-
-def _same_bytes(a: BaseModel, a_name: str, b: BaseModel, b_name: str) -> bool:
+def _same_bytes(a: ModelFolder, a_name: str, b: ModelFolder, b_name: str) -> bool:
     x, y = a.tensors[a_name], b.tensors[b_name]
     if x.offset is None or y.offset is None or x.dtype != y.dtype or x.nbytes != y.nbytes:
         return False

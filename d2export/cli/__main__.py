@@ -1,0 +1,5 @@
+"""``python -m d2export.cli``."""
+
+from . import run
+
+run()

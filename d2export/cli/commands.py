@@ -1,0 +1,239 @@
+"""The ``d2export`` commands: each maps its flags onto an options object, calls the Python API and
+renders the result. Validation lives in the options objects, the work in the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import D2ExportError
+from ..options import BenchOptions, MergeOptions, OnnxOptions, Thresholds, VerifyOptions, help_of
+from . import render
+from .process import err, message, out, reported, settings
+from .progress import progress_display
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fold LoRA-family adapters (D2-LoRA, LoRA, rsLoRA, DoRA, DiffoRA) into plain weights.")
+
+CheckpointArg = Annotated[Path, typer.Argument(help="Adapter folder (or a trainer checkpoint-N/ folder).")]
+AdapterOption = Annotated[Path, typer.Option(help="Adapter folder (or a trainer checkpoint-N/ folder).")]
+BaseOption = Annotated[Path | None, typer.Option(help="Base model folder (default: the adapter's "
+                                                       "base_model_name_or_path).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the machine-readable report on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+CalibrationOption = Annotated[Path | None, typer.Option(help=help_of(VerifyOptions, "calibration"))]
+TaskDataOption = Annotated[Path | None, typer.Option(help=help_of(VerifyOptions, "task_data"))]
+AtolOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "atol"))]
+MinTop1Option = Annotated[float | None, typer.Option(help=help_of(Thresholds, "min_top1"))]
+MaxUnitsOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_units"))]
+ForceOption = Annotated[bool, typer.Option(help=help_of(MergeOptions, "force"))]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"d2export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    settings["debug"] = debug
+
+
+@app.command("inspect")
+def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, as_json: JsonOption = False) -> None:
+    """Describe an adapter: method, modules, ranks, the DiffoRA grid, and what a merge would write."""
+    from ..inspection import inspect
+
+    with reported():
+        info = inspect(checkpoint, base=base)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        render.print_inspect(info)
+
+
+@app.command("merge")
+def merge_cmd(
+    checkpoint: CheckpointArg,
+    base: BaseOption = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <checkpoint>-merged).")
+                       ] = None,
+    dtype: Annotated[str, typer.Option(help=help_of(MergeOptions, "dtype"))] = "auto",
+    compute_dtype: Annotated[str, typer.Option(help=help_of(MergeOptions, "compute_dtype"))] = "float64",
+    max_shard_size: Annotated[str | None, typer.Option(help=help_of(MergeOptions, "max_shard_size"))] = None,
+    force: ForceOption = False,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the inputs' sha256 (faster on big models).")
+                       ] = False,
+    as_json: JsonOption = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Verify the merged folder (exit 1 if it fails).")] = False,
+    calibration: CalibrationOption = None,
+    task_data: TaskDataOption = None,
+    atol: AtolOption = None,
+    min_top1: MinTop1Option = None,
+    max_units: MaxUnitsOption = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Merge an adapter into its base model and write a Hugging Face model folder."""
+    from ..merging import merge
+
+    with reported():  # every option is checked before anything is read or written
+        options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
+                               hash_inputs=not no_hash)
+        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, thresholds=Thresholds(
+            atol=atol, min_top1=min_top1, max_units=max_units)) if verify else None
+    with progress_display("merging", quiet=quiet) as (progress, display), \
+            reported(display, "interrupted: no output was written"):
+        result = merge(checkpoint, base=base, out=out_dir, options=options, progress=progress)
+    report = result.report
+    failed = False
+    if verify_options is not None:
+        verification = _verify(result.out, None, None, verify_options, quiet, job=result.job,
+                               written=f"the merged folder {result.out} was written; ")
+        report["verification"] = verification.to_dict()
+        from ..report import write_report
+
+        with reported():
+            write_report(result.out, report)
+        failed = not verification.passed
+    if as_json:
+        print(json.dumps(report, indent=2))
+    render.print_merge(report, result.out)
+    if verify_options is not None:
+        render.print_verify(verification, console=err)
+    if onnx and not failed:
+        failed = not _onnx(result.out, result.out.parent / f"{result.out.name}-onnx", OnnxOptions(force=force),
+                           quiet).passed
+    if failed:
+        raise typer.Exit(1)
+
+
+def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,
+            job=None, written: str = ""):
+    from ..verification import verify
+
+    with progress_display("verifying", quiet=quiet) as (progress, display), reported(display):
+        try:
+            return verify(merged, adapter, base=base, job=job, options=options, progress=progress)
+        except D2ExportError as exc:
+            if not written:
+                raise
+            # say plainly that the folder exists and only the check could not run
+            raise D2ExportError(f"{written}verification could not run: {message(exc)}") from exc
+
+
+@app.command("verify")
+def verify_cmd(
+    merged: Annotated[Path, typer.Argument(help="Merged model folder (by d2export or another tool).")],
+    adapter: AdapterOption,
+    base: BaseOption = None,
+    calibration: CalibrationOption = None,
+    task_data: TaskDataOption = None,
+    atol: AtolOption = None,
+    min_top1: MinTop1Option = None,
+    max_units: MaxUnitsOption = None,
+    max_task_gap: Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_task_gap_pp"))] = None,
+    weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
+    no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
+    seed: Annotated[int, typer.Option(help=help_of(VerifyOptions, "seed"))] = 0,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Check a merged folder against the adapter: weights, outputs (and a task, with --task-data).
+    Exit 1 if a check fails."""
+    with reported():
+        gap = {} if max_task_gap is None else {"max_task_gap_pp": max_task_gap}
+        options = VerifyOptions(outputs=not weights_only, calibration=calibration, task_data=task_data,
+                                peft_reference=not no_peft, seed=seed,
+                                thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units, **gap))
+    report = _verify(merged, adapter, base, options, quiet)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    render.print_verify(report, console=err if as_json else out)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command("onnx")
+def onnx_cmd(
+    merged: Annotated[Path, typer.Argument(help="Model folder to export (e.g. a merged one).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <merged>-onnx).")
+                       ] = None,
+    task: Annotated[str | None, typer.Option(help=help_of(OnnxOptions, "task"))] = None,
+    opset: Annotated[int | None, typer.Option(help=help_of(OnnxOptions, "opset"))] = None,
+    no_past: Annotated[bool, typer.Option("--no-past", help="Causal LMs: export without past key/values.")] = False,
+    optimize: Annotated[str | None, typer.Option(help=help_of(OnnxOptions, "optimize"))] = None,
+    quantize: Annotated[str | None, typer.Option(help=help_of(OnnxOptions, "quantize"))] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help=help_of(OnnxOptions, "fp16"))] = False,
+    external_data: Annotated[bool, typer.Option(
+        "--external-data", help="Always write model.onnx_data (default: when the weights pass 2 GB).")] = False,
+    force: ForceOption = False,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the ONNX Runtime check.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print onnx_report.json on stdout.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Export a model folder to ONNX through optimum and check it with ONNX Runtime against PyTorch.
+    Exit 1 if the check fails (the files are written, and the report says so)."""
+    with reported():
+        options = OnnxOptions(task=task, opset=opset, past=not no_past, optimize=optimize, quantize=quantize,
+                              fp16=fp16, external_data=True if external_data else None, force=force,
+                              validate=not no_validate)
+    result = _onnx(merged, out_dir, options, quiet)
+    if as_json:
+        print(json.dumps(result.report, indent=2))
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _onnx(model_dir: Path, out_dir: Path | None, options: OnnxOptions, quiet: bool):
+    from ..onnx import export_onnx
+
+    with progress_display("ONNX", quiet=quiet) as (progress, display), \
+            reported(display, "interrupted: no output was written"):
+        result = export_onnx(model_dir, out_dir, options=options, progress=progress)
+    render.print_onnx(result.report, result.out)
+    return result
+
+
+@app.command("bench")
+def bench_cmd(
+    merged: Annotated[Path, typer.Argument(help="Merged model folder.")],
+    adapter: AdapterOption,
+    base: BaseOption = None,
+    onnx_dir: Annotated[Path | None, typer.Option(
+        "--onnx", help="ONNX export to time too (default: <merged>-onnx when it exists).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help=help_of(BenchOptions, "batch_sizes"))] = "1,4",
+    seq_lens: Annotated[str, typer.Option(help=help_of(BenchOptions, "seq_lens"))] = "32,128",
+    warmup: Annotated[int, typer.Option(help=help_of(BenchOptions, "warmup"))] = 2,
+    repeats: Annotated[int, typer.Option(help=help_of(BenchOptions, "repeats"))] = 10,
+    threads: Annotated[int | None, typer.Option(help=help_of(BenchOptions, "threads"))] = None,
+    dtype: Annotated[str, typer.Option(help=help_of(BenchOptions, "dtype"))] = "float32",
+    as_json: JsonOption = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of throughput per model and shape.")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Throughput and latency of the unmerged (run-time adapter), merged and base models, and an ONNX
+    export, on the same random-token prefill at each batch size x sequence length."""
+    from ..bench import plot_report, require_matplotlib, run_bench
+
+    with reported():
+        options = BenchOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, warmup=warmup, repeats=repeats,
+                               threads=threads, dtype=dtype)
+        if plot is not None:
+            require_matplotlib()  # fail before minutes of timing, not after
+    with progress_display("benchmark", quiet=quiet) as (progress, display), reported(display):
+        report = run_bench(merged, adapter, base=base, onnx_dir=onnx_dir, options=options, progress=progress)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    render.print_bench(report, console=err if as_json else out)
+    if plot is not None:
+        with reported():
+            err.print(f"plot written to {plot_report(report, plot)}", highlight=False, markup=False)

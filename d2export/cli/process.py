@@ -1,0 +1,86 @@
+"""What the command does for the process as a whole: the one error path (bad input -> one line,
+exit 2; Ctrl-C -> exit 130; anything unexpected -> one line and exit 2, never 1), ``--debug``,
+and the allocator setting that only a command, never the library, may make."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import platform
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import D2ExportError, OptionError
+
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: don't fold tables at 80
+settings = {"debug": False}
+
+# Options whose flag is not the field name with "-" for "_" (negated or shortened flags).
+FLAGS = {"past": "--no-past", "hash_inputs": "--no-hash", "onnx_dir": "--onnx", "max_task_gap_pp": "--max-task-gap",
+         "validate": "--no-validate", "peft_reference": "--no-peft", "outputs": "--weights-only"}
+
+
+def flag(option: str) -> str:
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def message(exc: BaseException) -> str:
+    """The one line a user sees: the library's text, with an option named as its flag."""
+    if isinstance(exc, OptionError):
+        return f"{flag(exc.option)} {exc.message}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(exc: BaseException, *, unexpected: bool = False) -> None:
+    if settings["debug"]:
+        raise exc
+    line = message(exc)
+    if unexpected:
+        line = f"unexpected {type(exc).__name__}: {line} (rerun with --debug for the traceback)"
+    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def reported(live=None, interrupted: str = "interrupted"):
+    """Bad input -> one line and exit 2; Ctrl-C -> one line and exit 130; an exception nobody
+    anticipated -> one line and exit 2 (exit 1 means "verification failed", nothing else).
+    ``live``: the progress display to stop first, so the line is not drawn over it."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        if live is not None:
+            live.stop()
+        err.print(interrupted)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if live is not None:
+            live.stop()
+        fail(exc, unexpected=not isinstance(exc, D2ExportError))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def tune_malloc() -> None:
+    """Keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    glibc maps most large blocks afresh and unmaps them on free, and its adaptive threshold still
+    trims the heap often, while a merge allocates the same few sizes (a tensor read, its merged
+    copy) for every tensor: every tensor paid page faults for memory just freed. Fixed limits
+    (blocks up to 32 MiB from the heap, trim past 256 MiB free) keep those pages for a few MB more
+    peak RSS (bench/README.md has the figures). Process-wide, so only the command does it.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 2**20)

@@ -1,0 +1,192 @@
+"""The read side of a model folder: its config and an index of its tensors, read one at a time.
+
+``safe_open`` validates each file and lists its tensors; each tensor is then read from its offset
+into an owned array (``arrays.read_array``), not memory-mapped: a mapping keeps every page read so
+far resident (and counted in RSS), so a long-lived handle on a 5 GB shard looks like 5 GB of memory
+to monitoring and container limits. Unchanged tensors are copied as bytes, never materialised.
+The same class opens a base model and a merged folder (verify reads both).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .arrays import SAFETENSORS_DTYPES, dtype_name, from_torch, is_float, numpy_dtype, read_array, safetensors_header
+from .errors import D2ExportError
+
+CONFIG_NAME = "config.json"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; any problem is one :class:`D2ExportError` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise D2ExportError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise D2ExportError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise D2ExportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise D2ExportError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise D2ExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(folder: str | Path) -> dict:
+    """``config.json`` of a Hugging Face model folder."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise D2ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    return read_json_object(path)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # file name inside the model folder
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int | None = None  # where its bytes start in a safetensors file (None for .bin)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class ModelFolder:
+    """A Hugging Face model folder (a base, or a merged one), indexed by tensor without loading any."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]  # in file order
+    files: list[str]  # weight files in order
+    _bin: tuple[str, dict] | None = field(default=None, repr=False)  # the one .bin file loaded (mmap)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.files[0].endswith(".safetensors")
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, as an owned array (read, not mapped: nothing of the file stays resident)."""
+        info = self.tensors[name]
+        if info.offset is not None:
+            return read_array(self.path / info.file, info.offset, info.dtype, info.shape)
+        if self._bin is None or self._bin[0] != info.file:  # .bin: one mmap'd file at a time
+            self._bin = (info.file, _load_bin(self.path / info.file))
+        return from_torch(self._bin[1][name]).copy()
+
+    def read_bytes(self, name: str, chunk: int = 8 * 2**20) -> Iterator[memoryview]:
+        """A safetensors tensor's stored bytes, in chunks of one reused buffer: copying a tensor
+        unchanged never materialises it (a 32000 x 4096 embedding is 260 MB in bf16)."""
+        info = self.tensors[name]
+        if info.offset is None:
+            raise ValueError(f"{name}: raw bytes are only available from safetensors files")
+        buffer = memoryview(bytearray(min(chunk, max(info.nbytes, 1))))
+        with open(self.path / info.file, "rb") as handle:
+            handle.seek(info.offset)
+            left = info.nbytes
+            while left:
+                size = handle.readinto(buffer[: min(left, len(buffer))])
+                if not size:
+                    raise D2ExportError(f"{self.path / info.file}: truncated inside tensor {name}")
+                left -= size
+                yield buffer[:size]
+
+    def close(self) -> None:
+        self._bin = None
+
+
+    @classmethod
+    def open(cls, path: str | Path, what: str = "model") -> ModelFolder:
+        """Read ``config.json`` and index every tensor; ``what`` names the folder in messages."""
+        path = Path(path)
+        if not path.is_dir():
+            raise D2ExportError(f"{what} folder not found: {path}")
+        config = read_config(path)
+        files = _weight_files(path)
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            for info in _scan(path / file):
+                if info.name in tensors:
+                    raise D2ExportError(f"{path}: tensor {info.name} appears in two weight files")
+                tensors[info.name] = info
+        return cls(path, config, tensors, files)
+
+    def main_float_dtype(self) -> str:
+        """The floating dtype holding most of the weights' bytes (``float32`` when there is none)."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            if is_float(info.dtype):
+                counts[dtype_name(info.dtype)] = counts.get(dtype_name(info.dtype), 0) + info.nbytes
+        return max(counts, key=counts.__getitem__) if counts else "float32"
+
+    def __enter__(self) -> ModelFolder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _load_bin(path: Path) -> dict:
+    """``pytorch_model.bin`` shards: only ``weights_only=True`` (a pickle can run code), mmap'd."""
+    import torch  # only .bin bases need it
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise D2ExportError(f"{path}: cannot read with weights_only=True ({msg})") from None
+
+
+def _weight_files(path: Path) -> list[str]:
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise D2ExportError(f"{index}: not a valid shard index") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise D2ExportError(f"{path}: shard {missing[0]} named in {index_name} is missing")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [name]
+    raise D2ExportError(f"{path}: no model weights (model.safetensors, shards with an index, or pytorch_model.bin)")
+
+
+def _scan(file: Path) -> Iterator[TensorInfo]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="np") as handle:  # validates the file
+                header, start = safetensors_header(file)
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise D2ExportError(f"{file}: tensor {name} has unsupported dtype {piece.get_dtype()}")
+                    offset = start + header[name]["data_offsets"][0]
+                    yield TensorInfo(name, file.name, dtype, tuple(piece.get_shape()), offset)
+        except SafetensorError as exc:
+            raise D2ExportError(f"{file}: not a valid safetensors file ({exc})") from None
+    else:
+        for name, tensor in _load_bin(file).items():
+            if hasattr(tensor, "dtype") and hasattr(tensor, "shape"):  # a torch.Tensor
+                yield TensorInfo(name, file.name, numpy_dtype(tensor.dtype), tuple(tensor.shape))

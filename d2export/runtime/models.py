@@ -1,0 +1,128 @@
+"""Models as they run: a folder loaded the way a serving stack would, the unmerged model (the base
+with the adapter applied at run time, by d2export's layers or by PEFT), d2export's merge held in
+memory, and running any of them on a calibration batch."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..arrays import to_torch
+from ..errors import D2ExportError
+from ..names import find_name
+from ..reading import read_config
+from ..spec import AdapterSpec
+from .calibration import Batch
+from .layers import inject_adapter
+
+# The dtypes models run in, by the names config.json and the options use.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEFT_METHODS = {"lora", "rslora", "dora"}
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def head_kind(config: dict) -> str:
+    """``causal-lm``, ``sequence-classification`` or ``encoder`` (hidden states, no head)."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return "causal-lm"
+    if arch.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    return "encoder"
+
+
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
+    """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
+    kind = head_kind(read_config(folder))
+    cls = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}.get(
+        kind, AutoModel
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = cls.from_pretrained(folder, dtype=dtype, **config_overrides)
+        except (OSError, ValueError, KeyError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers) or the last hidden state."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens after ``prompt`` ([T], no padding), by full forwards (no cache), so
+    the run-time adapter model and any merged model take exactly the same path."""
+    ids = prompt.unsqueeze(0)
+    for _ in range(steps):
+        logits = model(input_ids=ids).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[0, prompt.numel():]
+
+
+def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype, *, reference_norms: bool = True,
+                   **config_overrides) -> nn.Module:
+    """The base with the adapter applied at run time by d2export's layers. ``reference_norms``:
+    rescaling norms in float64 (the accuracy reference); False: in the model dtype, as training
+    code computes them (what the benchmark times)."""
+    model = load_model(base, dtype, **config_overrides)
+    try:
+        return inject_adapter(model, spec, reference_norms=reference_norms).eval()
+    except KeyError as exc:  # a module the plan check did not catch; say it as bad input
+        raise D2ExportError(f"{spec.path}: {exc.args[0]}") from None
+
+
+def peft_usable(spec: AdapterSpec) -> bool:
+    """Whether PEFT itself can load this adapter (a PEFT LoRA-family adapter, peft installed)."""
+    import importlib.util
+
+    return (spec.method in PEFT_METHODS and spec.config.get("peft_type", "LORA") == "LORA"
+            and importlib.util.find_spec("peft") is not None)
+
+
+def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module | None:
+    """PEFT's own unmerged model, where PEFT can load the adapter (and is installed)."""
+    if not peft_usable(spec):
+        return None
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
+
+
+def merged_in_memory(plan, dtype: torch.dtype) -> nn.Module:
+    """d2export's merge of ``plan`` (a :class:`~d2export.plan.MergePlan`) loaded into the base
+    model in memory, for figures side by side with a folder another tool wrote."""
+    from ..merging import produce
+    from ..plan import Action
+
+    model = load_model(plan.base.path, dtype, **plan.config_updates)
+    keys = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    state = {}
+    for t in plan.tensors:
+        if t.action is Action.COPY:
+            continue
+        key = find_name(t.name, keys, prefix)
+        if key is None:
+            raise D2ExportError(f"in-memory merge: {t.name} is not a parameter of the loaded base model")
+        state[key] = to_torch(produce(plan, t)[0]).to(dtype)
+    model.load_state_dict(state, strict=False)
+    return model.eval()

@@ -4,10 +4,11 @@ PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup demo test lint fixtures
 
-# torch is pinned and installed first, on its own: an unpinned torch would pull CUDA builds.
+# torch is pinned and installed first, on its own: an unpinned torch would pull CUDA builds. The
+# rest installs within constraints.txt, the exact set the tests run against.
 setup:
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[onnx,dev,plot]"
+	$(PIP) -c constraints.txt -e ".[onnx,dev,plot]"
 
 demo: setup
 	bash scripts/demo.sh
@@ -15,7 +16,7 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q
 
-lint:
+lint: setup
 	$(PYTHON) -m ruff check d2export tests fixtures bench scripts
 
 fixtures:

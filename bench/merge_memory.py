@@ -112,8 +112,8 @@ if mode == "merge":
             order += [file] * len(list(f.keys()))
     done = [0, 0]
 
-    def progress(name, nbytes, *_):  # (name, bytes) or (name, bytes, total), depending on the version
-        done[0] += nbytes
+    def progress(name, written, total):  # (tensor just written, bytes written so far, bytes in all)
+        done[0] = written
         done[1] += 1
         sampler.bucket = order[done[1]] if done[1] < len(order) else "finish"
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result.peak_rss / MB:7,.0f} MB", flush=True)
 
     # What the d2export process spends before merging anything: its imports (torch among them).
-    startup = [measure([sys.executable, "-c", "import d2export.cli, d2export.merge"]) for _ in range(args.repeats)]
+    startup = [measure([sys.executable, "-c", "import d2export.cli, d2export.merging"]) for _ in range(args.repeats)]
     startup_wall = statistics.median(r.wall_s for r in startup)
     startup_rss = statistics.median(r.peak_rss for r in startup)
 

@@ -10,6 +10,7 @@ from .job import BaseModelError, prepare
 from .options import MergeOptions, with_settings
 from .plan import Action
 from .report import config_changes
+from .spec import ModuleUpdate
 
 
 def inspect(adapter: str | Path, *, base: str | Path | None = None, options: MergeOptions | None = None,
@@ -29,20 +30,7 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, options: Mer
         D2ExportError: the adapter is unreadable, or it does not fit its base.
     """
     spec = load_adapter(adapter)
-    modules = []
-    for u in spec.updates.values():
-        layer, module_type = module_position(u.module)
-        entry = {
-            "module": u.module, "kind": u.kind.value, "layer": layer, "type": module_type,
-            "shape": list(u.shape), "rank": u.rank, "alpha": u.alpha,
-            "coefficients": {t.name: t.coefficient for t in u.terms},
-            "rescale": u.rescale.value, "selected": u.selected, "params": u.num_params,
-        }
-        if u.tau is not None:
-            entry.update(tau=u.tau, tau_learned=u.tau_learned)
-        if u.bias_delta is not None:
-            entry["lora_bias"] = True
-        modules.append(entry)
+    modules = [_module_entry(u) for u in spec.updates.values()]
     info: dict = {
         "adapter": str(spec.path),
         "method": spec.method,
@@ -52,15 +40,9 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, options: Mer
         "num_params": spec.num_params,
         "modules": modules,
         "full_tensors": sorted(spec.replacements),
-        "diffora": None,
+        "diffora": spec.selection.to_dict() if spec.selection is not None else None,
         "merge_plan": None,
     }
-    if spec.selection is not None:
-        sel = spec.selection
-        info["diffora"] = {
-            "source": sel.source, "sample_rate": sel.sample_rate, "module_types": list(sel.module_types),
-            "num_layers": sel.num_layers, "num_selected": sel.num_selected, "grid": [list(r) for r in sel.grid],
-        }
     try:
         job = prepare(spec, base, with_settings(MergeOptions, options, settings))
     except BaseModelError as exc:
@@ -78,3 +60,18 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, options: Mer
         "notes": plan.notes,
     }
     return info
+
+
+def _module_entry(u: ModuleUpdate) -> dict:
+    layer, module_type = module_position(u.module)
+    entry = {
+        "module": u.module, "kind": u.kind.value, "layer": layer, "type": module_type,
+        "shape": list(u.shape), "rank": u.rank, "alpha": u.alpha,
+        "coefficients": {t.name: t.coefficient for t in u.terms},
+        "rescale": u.rescale.value, "selected": u.selected, "params": u.num_params,
+    }
+    if u.tau is not None:
+        entry.update(tau=u.tau, tau_learned=u.tau_learned)
+    if u.bias_delta is not None:
+        entry["lora_bias"] = True
+    return entry

@@ -76,27 +76,101 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
     if not arch.known:
         notes.append(f"architecture not instantiable ({arch.problem}); layouts inferred from shapes")
     resolve = _Resolver(base, arch)
+    targets = _Targets.of(spec, resolve)
+    out_names, config_updates = _untie(base, arch, targets.touched, resolve, notes)
+    tensors = []
+    for name in out_names:
+        source = resolve.alias.get(name, name)
+        info = base.tensors[source]
+        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
+        plan = TensorPlan(name, source, info.shape, dtype, Action.COPY)
+        targets.apply(plan, arch, spec)
+        tensors.append(plan)
+    return MergePlan(
+        spec=spec, base=base, arch=arch, tensors=tensors,
+        shards=_shard_layout(tensors, base, options.max_shard_size),
+        compute_dtype=np.dtype(options.compute_dtype), out_dtype=options.out_dtype,
+        config_updates=config_updates, notes=notes,
+    )
 
-    # What each output tensor gets from the adapter, keyed by output tensor name.
-    weight_updates: dict[str, ModuleUpdate] = {}
-    bias_updates: dict[str, ModuleUpdate] = {}
-    for update in spec.updates.values():
-        weight_updates[resolve(update.weight_key, f"adapter module {update.module}")] = update
-        if update.bias_delta is not None:
-            key = resolve(update.bias_key, f"lora_bias of {update.module}", missing=(
-                f"{update.module} has a trained lora_bias but the base module has no bias; "
-                "it cannot be merged (PEFT refuses this too)"))
-            bias_updates[key] = update
-    replacements = {resolve(k, f"adapter tensor {k}"): v for k, v in spec.replacements.items()}
 
-    touched = set(weight_updates) | set(bias_updates) | set(replacements)
+@dataclass
+class _Targets:
+    """What each output tensor gets from the adapter, keyed by output tensor name."""
+
+    weights: dict[str, ModuleUpdate]
+    biases: dict[str, ModuleUpdate]
+    replacements: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, spec: AdapterSpec, resolve: _Resolver) -> _Targets:
+        weights: dict[str, ModuleUpdate] = {}
+        biases: dict[str, ModuleUpdate] = {}
+        sources: dict[str, str] = {}  # base tensor -> the adapter entry that resolved to it
+        for update in spec.updates.values():
+            key = _claim(sources, resolve(update.weight_key, f"adapter module {update.module}"),
+                         f"module {update.module}")
+            weights[key] = update
+            if update.bias_delta is not None:
+                key = resolve(update.bias_key, f"lora_bias of {update.module}", missing=(
+                    f"{update.module} has a trained lora_bias but the base module has no bias; "
+                    "it cannot be merged (PEFT refuses this too)"))
+                biases[_claim(sources, key, f"lora_bias of {update.module}")] = update
+        replacements: dict[str, np.ndarray] = {}
+        claimed: dict[str, str] = {}  # a full tensor may be the starting point of a module's merge
+        for k, v in spec.replacements.items():
+            replacements[_claim(claimed, resolve(k, f"adapter tensor {k}"), f"tensor {k}")] = v
+        return cls(weights, biases, replacements)
+
+    @property
+    def touched(self) -> set[str]:
+        return set(self.weights) | set(self.biases) | set(self.replacements)
+
+    def apply(self, plan: TensorPlan, arch: Architecture, spec: AdapterSpec) -> None:
+        """Set ``plan``'s action (and its inputs) from what the adapter does to that tensor."""
+        name, shape = plan.name, plan.shape
+        if name in self.replacements:
+            value = self.replacements[name]
+            if tuple(value.shape) != shape:
+                raise D2ExportError(
+                    f"adapter tensor for {name} has shape {tuple(value.shape)}, the base has {shape}"
+                    " (resized vocabularies are not supported)"
+                )
+            plan.action, plan.replacement = Action.REPLACE, value
+        if name in self.weights:
+            update = plan.update = self.weights[name]
+            plan.transposed = _layout(update, shape, arch, spec)
+            plan.action = Action.MERGE if update.selected else Action.UNSELECTED
+            if plan.action is Action.UNSELECTED:
+                plan.replacement = None  # unselected modules stay exactly the base weights
+        elif name in self.biases:
+            update = self.biases[name]
+            if shape != (update.shape[0],):
+                raise D2ExportError(f"{name}: base bias has shape {shape}, lora_bias has [{update.shape[0]}]")
+            plan.update = update
+            if update.selected:
+                plan.action = Action.BIAS
+
+
+def _claim(sources: dict[str, str], key: str, what: str) -> str:
+    """``key``, refused if another adapter entry already resolved to the same base tensor: one of the
+    two would be silently dropped (e.g. one saved with the base-model prefix and one without)."""
+    if key in sources:
+        raise D2ExportError(f"adapter {sources[key]} and {what} both resolve to the base tensor {key}; "
+                            "remove one of them from the adapter")
+    sources[key] = what
+    return key
+
+
+def _untie(base: ModelFolder, arch: Architecture, touched: set[str], resolve: _Resolver,
+           notes: list[str]) -> tuple[list[str], dict]:
+    """The output's tensor names and config changes: a tied group the adapter touches is written
+    untied (each member its own tensor), so the change does not reach the others through the tie."""
     out_names = list(base.tensors)
     config_updates: dict = {}
     for group in arch.tied:
-        if not group & touched:
-            continue
         stored = [n for n in group if n in base.tensors]
-        if not stored:
+        if not group & touched or not stored:
             continue
         for name in sorted(group - set(out_names)):
             out_names.append(name)
@@ -108,43 +182,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         )
     if config_updates:
         _check_untied(base.config, config_updates, touched)
-
-    tensors = []
-    for name in out_names:
-        source = resolve.alias.get(name, name)
-        info = base.tensors[source]
-        dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
-        plan = TensorPlan(name, source, info.shape, dtype, Action.COPY)
-        if name in replacements:
-            value = replacements[name]
-            if tuple(value.shape) != info.shape:
-                raise D2ExportError(
-                    f"adapter tensor for {name} has shape {tuple(value.shape)}, the base has {info.shape}"
-                    " (resized vocabularies are not supported)"
-                )
-            plan.action, plan.replacement = Action.REPLACE, value
-        if name in weight_updates:
-            update = weight_updates[name]
-            plan.update = update
-            plan.transposed = _layout(update, info.shape, arch, spec)
-            plan.action = Action.MERGE if update.selected else Action.UNSELECTED
-            if plan.action is Action.UNSELECTED:
-                plan.replacement = None  # unselected modules stay exactly the base weights
-        elif name in bias_updates:
-            update = bias_updates[name]
-            if info.shape != (update.shape[0],):
-                raise D2ExportError(f"{name}: base bias has shape {info.shape}, lora_bias has [{update.shape[0]}]")
-            plan.update = update
-            if update.selected:
-                plan.action = Action.BIAS
-        tensors.append(plan)
-
-    return MergePlan(
-        spec=spec, base=base, arch=arch, tensors=tensors,
-        shards=_shard_layout(tensors, base, options.max_shard_size),
-        compute_dtype=np.dtype(options.compute_dtype), out_dtype=options.out_dtype,
-        config_updates=config_updates, notes=notes,
-    )
+    return out_names, config_updates
 
 
 class _Resolver:

@@ -10,6 +10,7 @@ The same class opens a base model and a merged folder (verify reads both).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .arrays import SAFETENSORS_DTYPES, dtype_name, from_torch, is_float, numpy_dtype, read_array, safetensors_header
+from . import jsonfiles
+from .arrays import SAFETENSORS_DTYPES, dtype_name, from_torch, is_float, numpy_dtype, read_array
 from .errors import D2ExportError
 
 CONFIG_NAME = "config.json"
@@ -26,29 +28,18 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; any problem is one :class:`D2ExportError` naming the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise D2ExportError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError:
-        raise D2ExportError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise D2ExportError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except RecursionError:
-        raise D2ExportError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise D2ExportError(f"{path}: expected a JSON object")
-    return data
+def read_json_object(path: Path, schema: dict | None = None) -> dict:
+    """A JSON file that must hold an object (see :mod:`d2export.jsonfiles`); any problem is one
+    :class:`D2ExportError` naming the file."""
+    return jsonfiles.read_json_object(path, schema)
 
 
 def read_config(folder: str | Path) -> dict:
-    """``config.json`` of a Hugging Face model folder."""
+    """``config.json`` of a Hugging Face model folder, its keys' types checked."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise D2ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
-    return read_json_object(path)
+    return read_json_object(path, jsonfiles.MODEL_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -118,13 +109,18 @@ class ModelFolder:
         if not path.is_dir():
             raise D2ExportError(f"{what} folder not found: {path}")
         config = read_config(path)
-        files = _weight_files(path)
+        for name in jsonfiles.SIDE_FILES:
+            if (path / name).is_file():
+                jsonfiles.check_side_file(path / name)
+        files, weight_map = _weight_files(path)
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             for info in _scan(path / file):
                 if info.name in tensors:
                     raise D2ExportError(f"{path}: tensor {info.name} appears in two weight files")
                 tensors[info.name] = info
+        if weight_map is not None:
+            _check_index(path, tensors, weight_map)
         return cls(path, config, tensors, files)
 
     def main_float_dtype(self) -> str:
@@ -153,30 +149,83 @@ def _load_bin(path: Path) -> dict:
         raise D2ExportError(f"{path}: cannot read with weights_only=True ({msg})") from None
 
 
-def _weight_files(path: Path) -> list[str]:
+_SHARD_NAME = re.compile(r"(.+)-\d+-of-(\d+)(\.[a-z]+)")
+
+
+def _weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The weight files in order, and the index's weight map where the folder has one."""
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise D2ExportError(f"{index}: not a valid shard index") from None
+            weight_map = read_json_object(index, jsonfiles.SHARD_INDEX)["weight_map"]
             files = list(dict.fromkeys(weight_map.values()))
+            for file in files:
+                if Path(file).name != file or file in (".", ".."):  # the index may not point out of the folder
+                    raise D2ExportError(f"{index}: shard name {file!r} is not a file name in the folder")
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
                 raise D2ExportError(f"{path}: shard {missing[0]} named in {index_name} is missing")
-            return files
+            _check_no_omitted_shard(path, index, files)
+            return files, weight_map
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
-            return [name]
+            return [name], None
     raise D2ExportError(f"{path}: no model weights (model.safetensors, shards with an index, or pytorch_model.bin)")
+
+
+def _check_no_omitted_shard(path: Path, index: Path, files: list[str]) -> None:
+    """A file named like the index's shards (``model-00002-of-00003.safetensors``) that the index
+    does not list would be silently left out of the output."""
+    patterns = {(m.group(1), m.group(2), m.group(3)) for f in files if (m := _SHARD_NAME.fullmatch(f))}
+    for item in sorted(path.iterdir()):
+        match = _SHARD_NAME.fullmatch(item.name)
+        if match and (match.group(1), match.group(2), match.group(3)) in patterns and item.name not in files:
+            raise D2ExportError(f"{path}: shard {item.name} is not in {index.name}; the index is incomplete")
+
+
+def _check_index(path: Path, tensors: dict[str, TensorInfo], weight_map: dict[str, str]) -> None:
+    """The index must say where each tensor really is, and list every tensor."""
+    for name, file in weight_map.items():
+        info = tensors.get(name)
+        if info is None:
+            raise D2ExportError(f"{path}: the index puts tensor {name} in {file}, which does not hold it")
+        if info.file != file:
+            raise D2ExportError(f"{path}: the index puts tensor {name} in {file}, but it is in {info.file}")
+    unlisted = next((n for n in tensors if n not in weight_map), None)
+    if unlisted is not None:
+        raise D2ExportError(f"{path}: tensor {unlisted} in {tensors[unlisted].file} is not in the index")
+
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header(file: Path) -> tuple[dict, int]:
+    """The safetensors header, its length checked against the file before it is read."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER, size - 8):
+            raise D2ExportError(f"{file}: not a valid safetensors file (header length {length}, file size {size})")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError):
+            raise D2ExportError(f"{file}: not a valid safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise D2ExportError(f"{file}: not a valid safetensors file (header is not an object)")
+    header.pop("__metadata__", None)
+    for name in header:
+        if not name or len(name) > 1024 or _BAD_NAME.search(name):
+            raise D2ExportError(f"{file}: tensor name {name[:80]!r} is empty, too long or holds control characters")
+    return header, 8 + length
 
 
 def _scan(file: Path) -> Iterator[TensorInfo]:
     if file.suffix == ".safetensors":
+        header, start = _header(file)  # before safe_open: nothing is read beyond the checked header
         try:
-            with safe_open(file, framework="np") as handle:  # validates the file
-                header, start = safetensors_header(file)
+            with safe_open(file, framework="np") as handle:  # validates offsets and sizes against the file
                 for name in handle.keys():
                     piece = handle.get_slice(name)
                     dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import __version__
 from .algebra import MergeStats
 from .arrays import dtype_name
-from .plan import Action, MergePlan
+from .plan import Action, MergePlan, TensorPlan
 from .writing import write_json, write_text
 
 REPORT_NAME = "d2export_report.json"
@@ -32,40 +32,10 @@ def build_report(
     def files(paths):
         return [{"file": str(p), "sha256": hashes.get(p)} for p in paths]
 
-    modules = []
-    for t in plan.tensors:
-        if t.update is None or t.action not in (Action.MERGE, Action.UNSELECTED):
-            continue
-        u = t.update
-        entry = {
-            "tensor": t.name,
-            "module": u.module,
-            "action": t.action.value,
-            "rank": u.rank,
-            "alpha": u.alpha,
-            "coefficients": {term.name: term.coefficient for term in u.terms},
-            "rescale": u.rescale.value,
-            "layout": "[in, out]" if t.transposed else "[out, in]",
-        }
-        if u.tau is not None:
-            entry["tau"] = u.tau
-            entry["tau_learned"] = u.tau_learned
-        if u.swapped_factors:
-            entry["factors_stored_swapped"] = True
-        s = stats.get(t.name)
-        if s is not None:
-            entry["delta_fro_norm"] = s.delta_norm
-            if s.scale_min is not None:
-                entry["rescale_range"] = [s.scale_min, s.scale_max]
-        modules.append(entry)
+    modules = [_module_entry(t, stats.get(t.name)) for t in plan.tensors
+               if t.update is not None and t.action in (Action.MERGE, Action.UNSELECTED)]
     counts = {a.value: sum(t.action is a for t in plan.tensors) for a in Action}
-    selection = None
-    if spec.selection is not None:
-        sel = spec.selection
-        selection = {
-            "source": sel.source, "sample_rate": sel.sample_rate, "module_types": list(sel.module_types),
-            "num_layers": sel.num_layers, "num_selected": sel.num_selected, "grid": [list(r) for r in sel.grid],
-        }
+    selection = spec.selection.to_dict() if spec.selection is not None else None
     return {
         "report_version": REPORT_VERSION,
         "tool": {"name": "d2export", "version": __version__},
@@ -87,6 +57,30 @@ def build_report(
         "diffora_selection": selection,
         "notes": plan.notes,
     }
+
+
+def _module_entry(t: TensorPlan, stats: MergeStats | None) -> dict:
+    u = t.update
+    entry = {
+        "tensor": t.name,
+        "module": u.module,
+        "action": t.action.value,
+        "rank": u.rank,
+        "alpha": u.alpha,
+        "coefficients": {term.name: term.coefficient for term in u.terms},
+        "rescale": u.rescale.value,
+        "layout": "[in, out]" if t.transposed else "[out, in]",
+    }
+    if u.tau is not None:
+        entry["tau"] = u.tau
+        entry["tau_learned"] = u.tau_learned
+    if u.swapped_factors:
+        entry["factors_stored_swapped"] = True
+    if stats is not None:
+        entry["delta_fro_norm"] = stats.delta_norm
+        if stats.scale_min is not None:
+            entry["rescale_range"] = [stats.scale_min, stats.scale_max]
+    return entry
 
 
 def config_changes(plan: MergePlan) -> dict:

@@ -99,6 +99,10 @@ class DamSelection:
     def num_selected(self) -> int:
         return sum(sum(row) for row in self.grid)
 
+    def to_dict(self) -> dict:
+        return {"source": self.source, "sample_rate": self.sample_rate, "module_types": list(self.module_types),
+                "num_layers": self.num_layers, "num_selected": self.num_selected, "grid": [list(r) for r in self.grid]}
+
 
 @dataclass
 class AdapterSpec:

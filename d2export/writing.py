@@ -4,6 +4,8 @@ when complete, and sha256 of what was read and written."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -173,9 +175,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    # backslashreplace: a path that is not valid UTF-8 (a surrogate escape) is written visibly
+    # escaped instead of failing the whole run after the weights were written.
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -183,40 +187,152 @@ def write_text(path: Path, text: str) -> None:
 
 
 def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that would overwrite or nest inside an input, or an existing folder
-    without ``force``."""
-    target = out.resolve()
+    """Refuse an output that would overwrite or nest inside an input, the current folder or one
+    of its parents, a path whose parent is not a folder, or an existing folder without ``force``."""
+    target = _resolved(out)
     for source in inputs:
-        source = source.resolve()
+        source = _resolved(source)
         if target == source or target in source.parents or source in target.parents:
             raise OptionError("out", f"{out} overlaps the input {source}; choose another folder")
+    cwd = _resolved(Path.cwd())
+    if target == cwd or target in cwd.parents:
+        raise OptionError("out", f"{out} is the current folder or holds it; name a new folder")
+    parent = target.parent
+    for folder in (parent, *parent.parents):  # the first one that exists must be a folder
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise OptionError("out", f"{out}: {folder} exists and is not a folder")
+            break
+    if len(os.fsencode(target.name)) > _name_max(parent):
+        raise OptionError("out", f"{out}: the folder name is too long for the file system")
     if out.exists() and not force:
         raise OptionError("force", f"is not set and the output {out} already exists")
     if out.exists() and not out.is_dir():
         raise D2ExportError(f"output {out} exists and is not a folder")
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a path through a file
+        raise OptionError("out", f"{path} cannot be resolved ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _name_max(folder: Path) -> int:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+_OWNER = ".d2export-partial"  # marks a temporary folder as ours, naming its target
+
+
+def _stem(out: Path) -> str:
+    """The output's name in its sibling temporary names, short enough to leave room for the suffixes."""
+    raw = os.fsencode(out.name)
+    return out.name if len(raw) <= 180 else hashlib.sha256(raw).hexdigest()[:24]
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``out`` only if the block completes.
 
-    On any error or Ctrl-C the temporary folder is removed and ``out`` is left as it was.
+    On any error, Ctrl-C or SIGTERM the temporary folder is removed and ``out`` is left as it was.
+    A lock beside ``out`` keeps two runs from writing the same output at once; holding it, a run
+    removes the temporary folders earlier runs left for the same output when they were killed, and
+    an output that appears while the block runs (created by another program) is never replaced.
+    Filesystem errors (full disk, read-only folder) are one :class:`D2ExportError`.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output is a folder like any other
+    out = Path(os.path.abspath(out))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise D2ExportError(f"cannot create the output's folder {out.parent} ({exc.strerror or exc})") from None
+    with _output_lock(out):
+        yield from _write_into(out)
+
+
+def _write_into(out: Path) -> Iterator[Path]:
+    """The temporary folder's life, under the lock."""
+    _remove_stale(out)
+    existed = out.exists()
+    tmp = _make_temp(out, "partial")
+    try:
+        (tmp / _OWNER).write_text(out.name, encoding="utf-8", errors="surrogateescape")
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        (tmp / _OWNER).unlink()
+        _publish(tmp, out, existed)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" {exc.filename}" if exc.filename else ""
+        raise D2ExportError(f"cannot write the output {out}:{where} {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_temp(out: Path, kind: str) -> Path:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.{kind}-", dir=out.parent))
+    except OSError as exc:
+        raise D2ExportError(f"cannot create the output in {out.parent} ({exc.strerror or exc})") from None
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output is a folder like any other
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, existed: bool) -> None:
+    if out.exists() and not existed:
+        raise D2ExportError(f"{out} appeared while this run was writing it; it was left as it is")
+    if out.exists():
+        old = _make_temp(out, "old")
+        os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``out``, released by the kernel if the
+    process dies; the file is removed on the way out."""
+    path = out.parent / f".{_stem(out)}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise D2ExportError(f"cannot create the output in {out.parent} ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise D2ExportError(f"another run is writing {out}; wait for it to finish") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary folders of this output left by a run that was killed (SIGKILL, power loss). Only
+    folders carrying our marker for this very output are removed; the lock says no run is using them."""
+    for item in out.parent.glob(f".{glob.escape(_stem(out))}.partial-*"):
+        marker = item / _OWNER
+        with contextlib.suppress(OSError):
+            if not item.is_symlink() and marker.is_file() and (
+                    marker.read_text(encoding="utf-8", errors="surrogateescape") == out.name):
+                shutil.rmtree(item)
 
 
 def current_umask() -> int:

@@ -144,11 +144,19 @@ def test_cli_peft_classifier_json_table_and_plot(merged, tmp_path):
 
 
 def test_encoder_hidden_states(merged):
+    """Also the API's two ways of giving settings: an options object, and keywords overriding it."""
     folder, out = merged("d2lora-bert")
-    report = run_bench(out, folder / "adapter", base=folder / "base", **FAST)
-    assert report.kind == "encoder"
+    calls = []
+    options = BenchOptions(batch_sizes="1,2", seq_lens="8,16", warmup=1, repeats=3)
+    report = run_bench(out, folder / "adapter", base=folder / "base", options=options, repeats=2,
+                       progress=lambda *call: calls.append(call))
+    assert report.kind == "encoder" and report.repeats == 2
+    assert report.workloads == [Workload(1, 8), Workload(1, 16), Workload(2, 8), Workload(2, 16)]
     assert_consistent(report, [UNMERGED, MERGED, BASE])
     assert_ratios_from_rows(report)
+    assert calls[-1] == ("done", 12, 12) and all(total == 12 for _, _, total in calls)
+    # Library notes name parameters, not CLI flags.
+    assert any("give onnx_dir" in n for n in report.notes) and not any("--" in n for n in report.notes)
 
 
 def test_inputs_unpadded_seeded_and_clipped(fixture):
@@ -232,6 +240,18 @@ def _bad_cases(llama: Path, llama_out: Path, bert: Path, bert_out: Path, tmp: Pa
         ([*ok, "--onnx", str(tmp / "nope")], "ONNX folder not found"),
         ([*ok, "--onnx", str(llama / "base")], "no model.onnx"),
     ]
+
+
+@pytest.mark.parametrize(("settings", "option"), [
+    ({"batch_sizes": "1,x"}, "batch_sizes"), ({"seq_lens": (0,)}, "seq_lens"), ({"repeats": 0}, "repeats"),
+    ({"warmup": -1}, "warmup"), ({"threads": 0}, "threads"), ({"dtype": "float16"}, "dtype")])
+def test_bad_settings_name_the_parameter(merged, settings, option):
+    """The library names the parameter (the CLI turns it into the flag), before loading anything."""
+    folder, out = merged("d2lora-llama")
+    with pytest.raises(OptionError) as raised:
+        run_bench(out, folder / "adapter", base=folder / "base", **settings)
+    assert raised.value.option == option and str(raised.value).startswith(f"{option} ")
+    assert "--" not in str(raised.value)
 
 
 def test_bad_inputs_exit_2_with_one_line(merged, tmp_path):

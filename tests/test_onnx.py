@@ -27,6 +27,7 @@ import d2export.onnx.validate as onnx_validate
 from d2export import D2ExportError, merge
 from d2export.onnx import APPROXIMATE, FLOAT32, export_onnx, infer_task, resolve_task
 from d2export.onnx.export import REPORT_NAME
+from d2export.reading import ModelFolder
 from d2export.runtime.models import load_model
 
 
@@ -131,7 +132,8 @@ def test_resolve_task_checks_optimum_support():
 
 def test_llama_with_past(exported):
     stages: list[str] = []
-    result = exported("llama", "d2lora-llama", quantize="int8", progress=stages.append)
+    result = exported("llama", "d2lora-llama", quantize="int8",
+                      progress=lambda stage, done, total: stages.append(stage))
     report = result.report
     assert result.passed and report["passed"]
     assert report["task"] == "text-generation-with-past" and report["dtype"] == "float32"
@@ -305,7 +307,7 @@ def test_wrong_model_fails_validation(merged_model, tmp_path, monkeypatch):
     """The ONNX graph of one adapter checked against a model merged with another: passed is False,
     no exception, the folder is still written and the report says why."""
     other = load_model(merged_model("lora-llama"), torch.float32)  # same base, different adapter
-    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: other)
+    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, config, task: other)
     result = export_onnx(merged_model("d2lora-llama"), tmp_path / "wrong", past=False)
     assert result.passed is False
     report = json.loads((tmp_path / "wrong" / REPORT_NAME).read_text())
@@ -324,8 +326,9 @@ def test_small_defect_fails_float32_tolerance(exported, merged_model, monkeypatc
     reference = load_model(merged_model("d2lora-llama"), torch.float32)
     with torch.no_grad():
         reference.model.norm.weight.mul_(1.001)
-    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: reference)
-    validation = donnx.validate_export(result.out, merged_model("d2lora-llama"), "text-generation")
+    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, config, task: reference)
+    with ModelFolder.open(merged_model("d2lora-llama")) as model:
+        validation = donnx.validate_export(result.out, model, "text-generation")
     assert validation.passed is False
     logits = validation.checks[0].outputs["logits"]
     assert FLOAT32.max_relative < logits.relative < 1e-2
@@ -436,7 +439,7 @@ def test_cli_onnx_exit_codes(merged_model, tmp_path, monkeypatch):
     bad = runner.invoke(app, ["onnx", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "model folder not found" in bad.output and not (tmp_path / "x").exists()
     other = load_model(merged_model("lora-llama"), torch.float32)
-    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, task: other)
+    monkeypatch.setattr(onnx_validate, "load_reference", lambda model_dir, config, task: other)
     failed = runner.invoke(app, ["onnx", str(merged_model("d2lora-llama")), "--out", str(tmp_path / "f"), "--no-past"])
     assert failed.exit_code == 1 and "ONNX validation FAILED" in failed.output and "FAIL logits" in failed.output
 

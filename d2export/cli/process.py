@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import platform
+import signal
 import sys
+import threading
+import warnings
 
 import typer
 from rich.console import Console
@@ -31,9 +34,12 @@ def flag(option: str) -> str:
 def message(exc: BaseException) -> str:
     """The one line a user sees: the library's text, with an option named as its flag."""
     if isinstance(exc, OptionError):
-        return f"{flag(exc.option)} {exc.message}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        text = f"{flag(exc.option)} {exc.message}"
+    else:
+        text = str(exc).strip()
+        text = text.splitlines()[0] if text else type(exc).__name__
+    # a path that is not valid UTF-8 carries surrogate escapes, which no terminal encoding can print
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def fail(exc: BaseException, *, unexpected: bool = False) -> None:
@@ -46,19 +52,48 @@ def fail(exc: BaseException, *, unexpected: bool = False) -> None:
     raise typer.Exit(2)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a container stop, a job scheduler's timeout), handled like Ctrl-C: the
+    running operation unwinds, removing its partial output."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
-def reported(live=None, interrupted: str = "interrupted"):
-    """Bad input -> one line and exit 2; Ctrl-C -> one line and exit 130; an exception nobody
-    anticipated -> one line and exit 2 (exit 1 means "verification failed", nothing else).
-    ``live``: the progress display to stop first, so the line is not drawn over it."""
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def reported(live=None, interrupted: str = "interrupted"):
+    """Bad input -> one line and exit 2; Ctrl-C -> one line and exit 130 (SIGTERM likewise, exit
+    143); an exception nobody anticipated -> one line and exit 2 (exit 1 means "verification
+    failed", nothing else). Warnings from numpy, torch or transformers are not the user's to read
+    (``--debug`` shows them). ``live``: the progress display to stop first, so the line is not
+    drawn over it."""
+    try:
+        with _sigterm_as_interrupt(), warnings.catch_warnings():
+            if not settings["debug"]:
+                warnings.simplefilter("ignore")
+            yield
     except (typer.Exit, typer.Abort):
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if live is not None:
             live.stop()
-        err.print(interrupted)
+        if isinstance(exc, Terminated):
+            err.print(interrupted.replace("interrupted", "terminated (SIGTERM)", 1), highlight=False)
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        err.print(interrupted, highlight=False)
         raise typer.Exit(130) from None
     except Exception as exc:
         if live is not None:

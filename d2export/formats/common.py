@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+try:  # the parser behind re.compile, to look at a pattern's structure
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+except ImportError:  # Python < 3.11
+    import sre_constants
+    import sre_parse
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..arrays import from_torch, is_float, load_safetensors
 from ..errors import D2ExportError
+from ..jsonfiles import ADAPTER_CONFIG
 from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
 
@@ -52,7 +61,7 @@ def find_adapter_dir(path: str | Path) -> Path:
 
 def read_adapter(path: str | Path) -> RawAdapter:
     folder = find_adapter_dir(path)
-    config = read_json_object(folder / CONFIG_NAME)
+    config = read_json_object(folder / CONFIG_NAME, ADAPTER_CONFIG)
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise D2ExportError(f"{folder}: no adapter weights ({' or '.join(WEIGHTS_NAMES)})")
@@ -94,22 +103,106 @@ def _load_bin(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+# A pattern lookup matches a short module path: far below this unless the pattern backtracks
+# catastrophically, which the timeout turns into an error instead of a hang.
+PATTERN_TIMEOUT_S = 1.0
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``K`` for which
-    ``(.*\\.)?(K)$`` matches the module path wins."""
+    ``(.*\\.)?(K)$`` matches the module path wins. Matched by ``regex`` (the same syntax and answers
+    as PEFT's ``re``, with a timeout) so that no pattern can hang the merge."""
+    import regex  # a dependency of transformers
+
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise D2ExportError(
+                f"pattern {key!r} takes too long to match {module} (catastrophic backtracking)") from None
+        except regex.error as exc:
+            raise D2ExportError(f"pattern {key!r} is not a valid regular expression ({exc})") from None
+        if found:
             return value
     return default
+
+
+def check_patterns(config: dict, where: Path) -> None:
+    """``rank_pattern`` and ``alpha_pattern``, checked where they are read: an object whose keys
+    are regular expressions PEFT can use and whose values are a positive integer rank or a finite
+    positive alpha."""
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise D2ExportError(f"{where}: {name!r} must be an object of pattern: value, found {patterns!r}")
+        for key, value in patterns.items():
+            _check_pattern_key(key, name, where)
+            _check_value(value, f"{name}[{key!r}]", where, integer=integer)
+
+
+def _check_pattern_key(key: str, name: str, where: Path) -> None:
+    try:
+        tree = sre_parse.parse(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise D2ExportError(f"{where}: {name} key {key!r} is not a valid regular expression ({exc})") from None
+    if _nested_repeat(tree, False):
+        raise D2ExportError(
+            f"{where}: {name} key {key!r} nests one repetition inside another, which can take exponential "
+            "time to match (catastrophic backtracking); write it without the nesting")
+
+
+_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT} | (
+    {sre_constants.POSSESSIVE_REPEAT} if hasattr(sre_constants, "POSSESSIVE_REPEAT") else set())
+
+
+def _nested_repeat(tree, inside: bool) -> bool:
+    """Whether an unbounded repetition sits inside another (star height above one)."""
+    for op, arg in tree:
+        if op in _REPEATS:
+            unbounded = arg[1] == sre_constants.MAXREPEAT or arg[1] > 1
+            if (unbounded and inside) or _nested_repeat(arg[2], inside or unbounded):
+                return True
+            continue
+        children = {sre_constants.SUBPATTERN: lambda a: [a[-1]], sre_constants.BRANCH: lambda a: a[1],
+                    sre_constants.ASSERT: lambda a: [a[1]], sre_constants.ASSERT_NOT: lambda a: [a[1]]}.get(op)
+        if children is not None and any(_nested_repeat(sub, inside) for sub in children(arg)):
+            return True
+    return False
+
+
+def _check_value(value, label: str, where: Path, *, integer: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise D2ExportError(f"{where}: {label} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise D2ExportError(f"{where}: {label} must be finite, got {value!r}")
+    if value <= 0:
+        raise D2ExportError(f"{where}: {label} must be positive, got {value}")
+    if integer and (value != int(value) or value > MAX_RANK):
+        raise D2ExportError(f"{where}: {label} must be a whole number of at most {MAX_RANK}, got {value}")
+    return float(value)
+
+
+MAX_RANK = 2**20  # far beyond any adapter; a larger r is a corrupted config
 
 
 def require_number(config: dict, key: str, where: Path, *, positive: bool = True) -> float:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise D2ExportError(f"{where}: {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise D2ExportError(f"{where}: {key!r} must be finite, got {value!r}")
     if positive and value <= 0:
         raise D2ExportError(f"{where}: {key!r} must be positive, got {value}")
     return float(value)
+
+
+def require_rank(config: dict, key: str, where: Path) -> int:
+    """A rank: a positive whole number (``8`` or ``8.0``), not ``8.5``, ``true`` or ``"8"``."""
+    if config.get(key) is None:
+        raise D2ExportError(f"{where}: {key!r} must be a number, got None")
+    return int(_check_value(config.get(key), repr(key), where, integer=True))
 
 
 def base_key(adapter_key: str) -> str:

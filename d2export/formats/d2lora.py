@@ -13,7 +13,16 @@ import numpy as np
 
 from ..errors import D2ExportError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import RawAdapter, check_factor, finish_spec, group_factors, pattern_value, require_number
+from .common import (
+    RawAdapter,
+    check_factor,
+    check_patterns,
+    finish_spec,
+    group_factors,
+    pattern_value,
+    require_number,
+    require_rank,
+)
 
 _SUFFIXES = {
     ".lora_A_pos.weight": ("A_pos", LayerKind.LINEAR),
@@ -41,8 +50,9 @@ def orient(A: np.ndarray, B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray
 
 def read_d2lora(raw: RawAdapter) -> AdapterSpec:
     cfg, where = raw.config, raw.path / "adapter_config.json"
-    r_default = require_number(cfg, "r", where)
+    r_default = require_rank(cfg, "r", where)
     alpha_default = require_number(cfg, "lora_alpha", where)
+    check_patterns(cfg, where)
     tau_default = cfg.get("tau")
     if tau_default is not None:
         tau_default = require_number(cfg, "tau", where, positive=False)

@@ -7,7 +7,16 @@ import math
 
 from ..errors import D2ExportError, UnsupportedAdapterError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import RawAdapter, check_factor, finish_spec, group_factors, pattern_value, require_number
+from .common import (
+    RawAdapter,
+    check_factor,
+    check_patterns,
+    finish_spec,
+    group_factors,
+    pattern_value,
+    require_number,
+    require_rank,
+)
 
 # Suffix of an adapter key -> (role, layer kind).
 _FACTOR_SUFFIXES = {
@@ -47,8 +56,9 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
             f"{where}: init_lora_weights={init!r} rewrote the base weights during training; convert "
             "the adapter with PEFT (path_initial_model_for_weight_conversion) and merge that"
         )
-    r_default = require_number(cfg, "r", where)
+    r_default = require_rank(cfg, "r", where)
     alpha_default = require_number(cfg, "lora_alpha", where)
+    check_patterns(cfg, where)
     use_rslora = bool(cfg.get("use_rslora", False))
     use_dora = bool(cfg.get("use_dora", False))
 

@@ -88,40 +88,22 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, options
 
 def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxResult:
     model_dir, config = weights.path, weights.config
-    task, optimize, fp16, external_data = options.task, options.optimize, options.fp16, options.external_data
     if config.get("is_encoder_decoder"):
         raise D2ExportError(f"{model_dir}: encoder-decoder models (several ONNX graphs) are not supported yet")
-    task, notes = resolve_task(config, task, options.past)
+    task, notes = resolve_task(config, options.task, options.past)
     check_output_location(out, [model_dir], options.force)
-    if optimize is not None:
-        _check_optimizable(config["model_type"], optimize)
-
+    if options.optimize is not None:
+        _check_optimizable(config["model_type"], options.optimize)
     source_dtype = _source_dtype(config, weights)
-    precision = "float16" if fp16 else "float32"
+    precision = "float16" if options.fp16 else "float32"
     if source_dtype in ("bfloat16", "float16") and source_dtype != precision:
         reason = "ONNX Runtime has no bf16 CPU kernels" if source_dtype == "bfloat16" else "fp16 not asked for"
         notes.append(f"model is {source_dtype}; exported {precision} ({reason})")
-    graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if is_float(t.dtype))
-    graph_bytes *= 2 if fp16 else 4
-    if external_data is False and graph_bytes >= PROTOBUF_LIMIT:
-        raise D2ExportError(f"the {precision} weights take {graph_bytes / 2**30:.1f} GiB, more than one .onnx file "
-                            "can hold (2 GiB); allow external data")
-    # The exporter moves weights out by itself once the protobuf would pass 2 GiB; deciding from
-    # the weights as well makes "automatic" independent of that and of the exact boundary.
-    want_external = external_data if external_data is not None else graph_bytes >= PROTOBUF_LIMIT
+    want_external = _external_data(weights, options, precision)
 
     with atomic_output(out) as tmp:
-        say("exporting")
         started = time.perf_counter()
-        _run_optimum(model_dir, tmp, task=task, opset=options.opset, optimize=optimize, fp16=fp16)
-        if want_external and not uses_external_data(tmp / MODEL_NAME):
-            say("writing external data")
-            to_external_data(tmp / MODEL_NAME)
-        if options.quantize == "int8":
-            say("quantizing")
-            quantize_int8(tmp / MODEL_NAME, tmp / QUANTIZED_NAME)
-        export_seconds = time.perf_counter() - started
-
+        _write_graphs(model_dir, tmp, task, options, want_external, say)
         report = {
             "tool": "d2export", "version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -130,27 +112,54 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
             "model_type": config["model_type"],
             "task": task, "opset": graph_opset(tmp / MODEL_NAME),
             "source_dtype": source_dtype, "dtype": precision,
-            "optimize": optimize, "quantize": options.quantize,
+            "optimize": options.optimize, "quantize": options.quantize,
             "external_data": uses_external_data(tmp / MODEL_NAME),
-            "notes": notes, "export_seconds": round(export_seconds, 2),
+            "notes": notes, "export_seconds": round(time.perf_counter() - started, 2),
         }
-        passed = True
-        if options.validate:
-            say("validating")
-            started = time.perf_counter()
-            validation = validate_export(tmp, weights, task, progress=say, approximate=optimize == "O3")
-            report["validation_seconds"] = round(time.perf_counter() - started, 2)
-            report["validation"] = validation.to_dict()
-            passed = validation.passed
-            if not passed:
-                notes.append("VALIDATION FAILED: the files were written for inspection only; do not deploy them")
-        else:
-            notes.append("not validated (validate=False)")
+        passed = _validate(tmp, weights, task, options, report, say)
         report["passed"] = passed
         report["files"] = file_sizes(tmp)
         write_json(tmp / REPORT_NAME, report)
         _usual_modes(tmp)
     return OnnxResult(out, report, passed)
+
+
+def _external_data(weights: ModelFolder, options: OnnxOptions, precision: str) -> bool:
+    """Whether the weights go to ``model.onnx_data``. The exporter moves them out by itself once the
+    protobuf would pass 2 GiB; deciding from the weights as well makes "automatic" independent of
+    that and of the exact boundary."""
+    graph_bytes = sum(t.nbytes // t.dtype.itemsize for t in weights.tensors.values() if is_float(t.dtype))
+    graph_bytes *= 2 if options.fp16 else 4
+    if options.external_data is False and graph_bytes >= PROTOBUF_LIMIT:
+        raise OptionError("external_data", f"is off but the {precision} weights take {graph_bytes / 2**30:.1f} GiB, "
+                          "more than one .onnx file can hold (2 GiB)")
+    return options.external_data if options.external_data is not None else graph_bytes >= PROTOBUF_LIMIT
+
+
+def _write_graphs(model_dir: Path, tmp: Path, task: str, options: OnnxOptions, want_external: bool, say) -> None:
+    say("exporting")
+    _run_optimum(model_dir, tmp, task=task, opset=options.opset, optimize=options.optimize, fp16=options.fp16)
+    if want_external and not uses_external_data(tmp / MODEL_NAME):
+        say("writing external data")
+        to_external_data(tmp / MODEL_NAME)
+    if options.quantize == "int8":
+        say("quantizing")
+        quantize_int8(tmp / MODEL_NAME, tmp / QUANTIZED_NAME)
+
+
+def _validate(tmp: Path, weights: ModelFolder, task: str, options: OnnxOptions, report: dict, say) -> bool:
+    """Run the export against the PyTorch model (the figures go into ``report``); the verdict."""
+    if not options.validate:
+        report["notes"].append("not validated (validate=False)")
+        return True
+    say("validating")
+    started = time.perf_counter()
+    validation = validate_export(tmp, weights, task, progress=say, approximate=options.optimize == "O3")
+    report["validation_seconds"] = round(time.perf_counter() - started, 2)
+    report["validation"] = validation.to_dict()
+    if not validation.passed:
+        report["notes"].append("VALIDATION FAILED: the files were written for inspection only; do not deploy them")
+    return validation.passed
 
 
 def _require_onnx_stack() -> None:

@@ -18,8 +18,9 @@ from .arrays import bfloat16, float16, float32, float64
 from .errors import D2ExportError
 from .spec import ModuleUpdate, Rescale
 
-# Rows per block are chosen so one float64 block of V stays near this many bytes.
-_BLOCK_BYTES = 8 * 2**20
+# Rows per block are chosen so one float64 block of V stays near this many bytes: small enough that
+# a block's arrays stay in the core's cache from one pass to the next (bench/README.md).
+_BLOCK_BYTES = 2**20
 
 
 class MergeError(D2ExportError):
@@ -143,25 +144,32 @@ def merged_rows(
         rows = slice(start, min(start + step, n_out))
         w0, v = w0_buffer[: rows.stop - start], v_buffer[: rows.stop - start]
         w0[...] = base[rows]
-        np.matmul(B[rows], A, out=v)
-        flat = v.reshape(-1)
-        delta_sq = float(np.dot(flat, flat))
-        v += w0  # V = W0 + delta, in place of delta
-        g = None
-        if update.rescale is not Rescale.NONE:
-            target = _target_norms(update, w0, rows, compute_dtype)
-            norms = np.sqrt(np.einsum("ij,ij->i", v, v))
-            zero = np.flatnonzero(norms == 0)
-            if zero.size:
-                raise MergeError(
-                    f"{name}: row {start + int(zero[0])} of W0 + dW has zero norm, so the "
-                    f"{update.rescale.value} rescaling is undefined"
-                )
-            g = target / norms
-            v *= g[:, None]
-        # Non-finite values are not checked here (a pass over float64): they survive rounding, and
-        # merge_tensor checks the (smaller) rounded block.
-        yield MergedRows(rows, w0, v, g, delta_sq)
+        yield exact_rows(w0, v, B, A, update, rows, name)
+
+
+def exact_rows(w0: np.ndarray, v: np.ndarray, B: np.ndarray, A: np.ndarray, update: ModuleUpdate,
+               rows: slice, name: str) -> MergedRows:
+    """One block of :func:`merged_rows`: ``w0`` holds ``W0[rows]`` in the compute dtype, ``v`` (same
+    shape) receives ``W'[rows]``; ``B, A`` are :func:`stacked_factors`."""
+    np.matmul(B[rows], A, out=v)
+    flat = v.reshape(-1)
+    delta_sq = float(np.dot(flat, flat))
+    v += w0  # V = W0 + delta, in place of delta
+    g = None
+    if update.rescale is not Rescale.NONE:
+        target = _target_norms(update, w0, rows, v.dtype)
+        norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+        zero = np.flatnonzero(norms == 0)
+        if zero.size:
+            raise MergeError(
+                f"{name}: row {rows.start + int(zero[0])} of W0 + dW has zero norm, so the "
+                f"{update.rescale.value} rescaling is undefined"
+            )
+        g = target / norms
+        v *= g[:, None]
+    # Non-finite values are not checked here (a pass over float64): they survive rounding, and
+    # the merge checks the (smaller) rounded block.
+    return MergedRows(rows, w0, v, g, delta_sq)
 
 
 def merge_tensor(
@@ -173,34 +181,55 @@ def merge_tensor(
     compute_dtype: np.dtype = float64,
     name: str = "",
 ) -> tuple[np.ndarray, MergeStats]:
-    """Fold ``update`` into the stored base ``weight`` (see :func:`merged_rows`); return it in
-    ``out_dtype``, rounded once with :func:`round_to_dtype`, and its stats."""
+    """Fold ``update`` into the stored base ``weight``; return it in ``out_dtype``, rounded once,
+    and its stats. Row blocks go through :func:`merge_block` (the float32 path of
+    :mod:`d2export.blocks` where it applies, else :func:`merged_rows`' float64 arithmetic)."""
+    from .blocks import StatsSum, merge_block, prepare_factors  # blocks builds on this module
+
     name = name or update.weight_key
     out_dtype = np.dtype(out_dtype)
+    base = weight.T if transposed else weight
+    if base.shape != update.shape:
+        raise MergeError(
+            f"{name}: base shape {tuple(weight.shape)} does not match the adapter's "
+            f"[out={update.shape[0]}, in={update.shape[1]}]"
+        )
+    factors = prepare_factors(update, base.dtype, out_dtype, compute_dtype)
     merged = np.empty(update.shape, dtype=out_dtype)
-    delta_sq = 0.0
-    scale_min, scale_max = math.inf, -math.inf
-    for block in merged_rows(weight, update, transposed=transposed, compute_dtype=compute_dtype, name=name):
-        delta_sq += block.delta_sq
-        if block.scale is not None:
-            scale_min = min(scale_min, float(block.scale.min()))
-            scale_max = max(scale_max, float(block.scale.max()))
-        rounded = round_to_dtype(block.value, out_dtype)
-        # A sum is finite when every element is (a fast reduction, where isfinite is a slow pass
-        # on 16-bit types); only when it is not (or overflows) is the block searched.
-        if not math.isfinite(float(rounded.sum(dtype=float32))) and not np.isfinite(rounded).all():
-            bad = block.rows.start + int(np.flatnonzero(~np.isfinite(rounded).all(axis=1))[0])
-            if np.isfinite(block.value).all():
-                raise MergeError(f"{name}: merged row {bad} overflows {out_dtype} (try --dtype float32)")
-            raise MergeError(f"{name}: merged row {bad} is not finite (overflow or NaN)")
-        merged[block.rows] = rounded
-    rescaled = update.rescale is not Rescale.NONE
-    stats = MergeStats(
-        delta_norm=math.sqrt(delta_sq),
-        scale_min=scale_min if rescaled else None,
-        scale_max=scale_max if rescaled else None,
-    )
+    totals = StatsSum()
+    step = _row_block(update.shape[1], 8)
+    for start in range(0, update.shape[0], step):
+        rows = slice(start, min(start + step, update.shape[0]))
+        block = merge_block(base[rows], update, factors, rows, out_dtype, name)
+        merged[rows] = block.value
+        totals.add(block)
+    stats = totals.stats(update.rescale is not Rescale.NONE)
     return (np.ascontiguousarray(merged.T) if transposed else merged), stats
+
+
+# 16-bit floats: the exponent field, all ones for inf and NaN
+_EXPONENT_BITS = {bfloat16: 0x7F80, float16: 0x7C00}
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite. A 16-bit array is tested on its bits (isfinite, or a float32
+    sum, converts every element); others by a sum, finite exactly when every element is."""
+    exponent = _EXPONENT_BITS.get(x.dtype)
+    if exponent is not None:
+        bits = np.bitwise_and(x.view(np.uint16), np.uint16(0x7FFF))
+        return bool(bits.size == 0 or bits.max() < exponent)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(float(x.sum(dtype=float64))) or bool(np.isfinite(x).all())
+
+
+def check_finite(rounded: np.ndarray, value: np.ndarray, start: int, out_dtype: np.dtype, name: str) -> None:
+    """Raise naming the first row of a block whose rounded value is not finite."""
+    if all_finite(rounded):
+        return
+    bad = start + int(np.flatnonzero(~np.isfinite(rounded).all(axis=1))[0])
+    if np.isfinite(value).all():
+        raise MergeError(f"{name}: merged row {bad} overflows {out_dtype} (write it as float32: dtype float32)")
+    raise MergeError(f"{name}: merged row {bad} is not finite (overflow or NaN)")
 
 
 def _target_norms(update: ModuleUpdate, w0: np.ndarray, rows: slice, dtype: np.dtype) -> np.ndarray:

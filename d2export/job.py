@@ -37,6 +37,11 @@ class Job:
     plan: MergePlan
     options: MergeOptions
 
+    @property
+    def default_out(self) -> Path:
+        """Where a merge goes unless told: ``<adapter>-merged`` beside the adapter folder."""
+        return self.spec.path.parent / f"{self.spec.path.name}-merged"
+
     def close(self) -> None:
         self.base.close()
 

@@ -42,6 +42,8 @@ _KIND_TEST = {
     "dict": lambda v: isinstance(v, dict),
     "none": lambda v: v is None,
 }
+_ITEMS_NAME = {"str": "strings", "int": "integers", "float": "numbers", "bool": "true or false",
+               "list": "lists", "dict": "objects", "none": "nulls"}
 _KIND_NAME = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
               "list": "a list", "dict": "an object", "none": "null"}
 
@@ -73,12 +75,12 @@ MODEL_CONFIG = {
     "problem_type": field("str", "none"),
 }
 ADAPTER_CONFIG = {
-    "peft_type": field("str"), "r": field("int", "float"), "lora_alpha": field("int", "float"),
+    "peft_type": field("str"), "r": field("float"), "lora_alpha": field("float"),
     "target_modules": field("str", "list", "none", items="str"), "modules_to_save": NAMES,
     "rank_pattern": field("dict", "none"), "alpha_pattern": field("dict", "none"),
     "use_rslora": field("bool"), "use_dora": field("bool"), "fan_in_fan_out": field("bool"),
     "base_model_name_or_path": field("str", "none"), "bias": field("str"), "lora_bias": field("bool"),
-    "init_lora_weights": field("bool", "str"), "tau": field("int", "float", "none"),
+    "init_lora_weights": field("bool", "str"), "tau": field("float", "none"),
     "norm_projection": field("bool"), "task_type": field("str", "none"), "revision": field("str", "none"),
 }
 SHARD_INDEX = {"weight_map": field("dict", items="str", required=True), "metadata": field("dict", "none")}
@@ -93,8 +95,9 @@ SIDE_FILES: dict[str, dict | None] = {
 MODULE_ENTRY = {"idx": field("int"), "name": field("str"), "path": field("str"), "type": field("str", required=True)}
 
 
-def parse_json(path: Path):
-    """The JSON value in ``path``, parsed with bounds; any problem is one error naming the file."""
+def parse_json(path: Path, *, strict: bool = True):
+    """The JSON value in ``path``, parsed with bounds; any problem is one error naming the file.
+    ``strict``: no NaN, Infinity or out-of-range number (``1e400``)."""
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
@@ -107,14 +110,14 @@ def parse_json(path: Path):
     except UnicodeDecodeError as exc:
         raise D2ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant if strict else None)
     except json.JSONDecodeError as exc:
         raise D2ExportError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise D2ExportError(f"{path}: JSON nested too deeply") from None
     except ValueError as exc:  # a duplicate key, NaN, an integer of more than 4300 digits
         raise D2ExportError(f"{path}: invalid JSON ({exc})") from None
-    _check_value(data, path)
+    _check_value(data, path, strict)
     return data
 
 
@@ -131,14 +134,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _check_value(data, path: Path) -> None:
+def _check_value(data, path: Path, strict: bool) -> None:
     """Nesting depth and finite numbers (``1e400`` parses as inf), walked without recursion."""
     stack = [(data, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise D2ExportError(f"{path}: JSON nested more than {MAX_DEPTH} levels deep")
-        if isinstance(value, float) and not math.isfinite(value):
+        if strict and isinstance(value, float) and not math.isfinite(value):
             raise D2ExportError(f"{path}: a number is out of range ({value})")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
@@ -146,10 +149,12 @@ def _check_value(data, path: Path) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
-def read_json_object(path: str | Path, schema: dict[str, Field] | None = None) -> dict:
-    """A JSON file that must hold an object, its keys checked against ``schema``."""
+def read_json_object(path: str | Path, schema: dict[str, Field] | None = None, *, strict: bool = False) -> dict:
+    """A JSON file that must hold an object, its keys checked against ``schema``. ``strict``: no
+    NaN or Infinity anywhere (Python's json, and so transformers, writes and reads them in a
+    model's config; an adapter config or a shard index has no use for them)."""
     path = Path(path)
-    data = parse_json(path)
+    data = parse_json(path, strict=strict)
     if not isinstance(data, dict):
         raise D2ExportError(f"{path}: expected a JSON object, found {_kind_of(data)}")
     check_fields(data, schema or {}, path)
@@ -172,7 +177,7 @@ def check_fields(data: dict, schema: dict[str, Field], where: Path | str, contex
             bad = next((e for e in elements if not _KIND_TEST[spec.items](e)), _OK)
             if bad is not _OK:
                 raise D2ExportError(
-                    f"{where}: {label} must hold only {_KIND_NAME[spec.items]} values, found {_kind_of(bad)}")
+                    f"{where}: {label} must hold only {_ITEMS_NAME[spec.items]}, found {_kind_of(bad)}")
         problem = spec.check(value) if spec.check is not None else None
         if problem:
             raise D2ExportError(f"{where}: {label} {problem}, got {value!r}")
@@ -195,7 +200,7 @@ def check_side_file(path: Path) -> None:
     if schema is not None:
         read_json_object(path, schema)
         return
-    data = parse_json(path)
+    data = parse_json(path, strict=False)
     if not isinstance(data, list):
         raise D2ExportError(f"{path}: expected a JSON list of modules, found {_kind_of(data)}")
     for i, entry in enumerate(data):

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import queue
 import shutil
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .algebra import MergeStats, merge_bias, merge_tensor, round_to_dtype
+from .algebra import MergeStats, _row_block, merge_bias, merge_tensor, round_to_dtype
 from .arrays import finfo, is_float
+from .blocks import StatsSum, merge_block, prepare_factors
 from .errors import D2ExportError
 from .job import Job, prepare
 from .options import MergeOptions, with_settings
@@ -21,7 +25,16 @@ from .plan import Action, MergePlan, TensorPlan
 from .progress import Progress, silent
 from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
 from .report import REPORT_NAME, build_report, input_files, write_report
-from .writing import InputHashes, ShardWriter, atomic_output, check_output_location, write_text
+from .sidefiles import side_files
+from .spec import Rescale
+from .writing import ReadHashes, ShardWriter, atomic_output, check_output_location, write_text
+
+# The merge's threads: this one reads, WORKERS merge row blocks, one per shard writes. Each BLAS
+# call is held to one thread, so the workers (not BLAS) use the cores.
+WORKERS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+TASK_BYTES = 2 * 2**20  # stored bytes of base rows per worker task (merged in cache-sized blocks)
+COPY_CHUNK = 4 * 2**20  # unchanged tensors move in pieces of this size
+QUEUE_ITEMS = 8  # pieces or tasks in flight per tensor: with the writer's queue, what bounds memory
 
 
 @dataclass
@@ -59,8 +72,7 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
     """
     job = prepare(adapter, base, with_settings(MergeOptions, options, settings))
     try:
-        default = job.spec.path.parent / f"{job.spec.path.name}-merged"
-        return write_merge(job, Path(out) if out is not None else default, progress)
+        return write_merge(job, Path(out) if out is not None else job.default_out, progress)
     finally:
         job.close()
 
@@ -68,45 +80,45 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
 def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult:
     """Write the merge ``job`` plans into the folder ``out`` (atomically)."""
     check_output_location(out, [job.spec.path, job.base.path], job.options.force)
-    hashing = InputHashes(input_files(job.plan)) if job.options.hash_inputs else None
+    hashing = ReadHashes(input_files(job.plan), job.spec.file_hashes) if job.options.hash_inputs else None
     try:
-        with atomic_output(out) as tmp:
-            stats, hashes = write_weights(job.plan, tmp, progress)
+        with atomic_output(out, replace=job.options.force) as tmp:
+            stats, hashes = write_weights(job.plan, tmp, progress, hashing)
             write_config(job.plan, tmp)
             copy_side_files(job.base.path, tmp)
             report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
             write_report(tmp, report)
     finally:
-        if hashing:
-            hashing.cancel()
+        if hashing is not None:
+            hashing.close()  # stops its thread on an error
     return MergeResult(out, job, stats, report, hashes)
 
 
-def write_weights(plan: MergePlan, folder: Path, progress: Progress = silent) -> tuple[dict, dict]:
-    # Writing and hashing run on threads of their own (ShardWriter, InputHashes), and the matmuls
-    # are thin rank-r products: BLAS worker threads would only spin between them, taking cores from
-    # those threads (bench/README.md has the measurement).
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _write_weights(plan, folder, progress)
+def write_weights(plan: MergePlan, folder: Path, progress: Progress = silent,
+                  hashing: ReadHashes | None = None) -> tuple[dict, dict]:
+    """Every shard of ``plan`` into ``folder``: this thread reads (and hashes what it reads), the
+    workers merge row blocks, each shard's writer thread writes, with bounded queues between."""
+    # One BLAS thread per worker: the workers already use every core, and rank-r products are thin.
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(WORKERS, "merge") as pool, \
+            _Reader(plan.base.path, hashing) as reader:
+        return _write_weights(plan, folder, progress, pool, reader)
 
 
-def _write_weights(plan: MergePlan, folder: Path, progress: Progress) -> tuple[dict, dict]:
+def _write_weights(plan: MergePlan, folder: Path, progress: Progress, pool: Executor,
+                   reader: _Reader) -> tuple[dict, dict]:
     stats: dict[str, MergeStats] = {}
     hashes: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     written = 0
     for file, tensors in plan.shards:
         writer = ShardWriter(folder / file, [(t.name, t.out_dtype, t.shape) for t in tensors])
+        streams = []
         try:
             for t in tensors:
-                if _unchanged_bytes(plan, t):
-                    writer.write_raw(t.name, t.out_dtype, t.shape, plan.base.read_bytes(t.source))
-                else:
-                    value, tensor_stats = produce(plan, t)
-                    if tensor_stats is not None:
-                        stats[t.name] = tensor_stats
-                    writer.write(t.name, value)
-                    del value
+                stream = _Stream(writer)
+                writer.write_raw(t.name, t.out_dtype, t.shape, stream.chunks())
+                _feed(plan, t, stream, pool, reader)
+                streams.append((t, stream))
                 weight_map[t.name] = file
                 written += t.nbytes
                 progress(t.name, written, plan.total_bytes)
@@ -114,10 +126,131 @@ def _write_weights(plan: MergePlan, folder: Path, progress: Progress) -> tuple[d
         except BaseException:
             writer.abort()
             raise
+        for t, stream in streams:
+            if stream.stats is not None:
+                stats[t.name] = stream.stats
+            elif stream.blocks and t.update is not None:
+                stats[t.name] = stream.totals.stats(t.update.rescale is not Rescale.NONE)
     if len(plan.shards) > 1 or plan.shards[0][0] != "model.safetensors":  # loaders find other names via the index
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return stats, hashes
+
+
+def _feed(plan: MergePlan, t: TensorPlan, stream: _Stream, pool: Executor, reader: _Reader) -> None:
+    """Queue ``t``'s bytes on ``stream``: stored bytes as read, merged row blocks as futures."""
+    source = plan.base.tensors[t.source]
+    if _unchanged_bytes(plan, t):
+        for offset, size in _pieces(source.offset, source.nbytes, COPY_CHUNK):
+            stream.put(reader.read(source.file, offset, size))
+    elif _streamable(plan, t, source):
+        assert t.update is not None and source.offset is not None
+        factors = prepare_factors(t.update, source.dtype, t.out_dtype, plan.compute_dtype)
+        row_bytes = source.nbytes // source.shape[0]
+        rows_per_task = max(1, TASK_BYTES // row_bytes)
+        for start in range(0, source.shape[0], rows_per_task):
+            rows = slice(start, min(start + rows_per_task, source.shape[0]))
+            data = reader.read(source.file, source.offset + start * row_bytes, (rows.stop - start) * row_bytes)
+            w0 = data.view(source.dtype).reshape(rows.stop - start, source.shape[1])
+            stream.put(pool.submit(_merge_rows, w0, t, factors, rows))
+            stream.blocks += 1
+    else:
+        start = reader.read(source.file, source.offset, source.nbytes).view(source.dtype).reshape(source.shape) \
+            if source.offset is not None and t.replacement is None else None
+        stream.put(pool.submit(produce, plan, t, start))
+    stream.put(None)
+
+
+def _streamable(plan: MergePlan, t: TensorPlan, source) -> bool:
+    """A merge that can go by row blocks straight from the file: stored ``[out, in]`` rows."""
+    return (t.action is Action.MERGE and t.replacement is None and not t.transposed
+            and source.offset is not None and len(source.shape) == 2 and source.shape[0] > 0)
+
+
+def _merge_rows(w0: np.ndarray, t: TensorPlan, factors, rows: slice) -> tuple[np.ndarray, StatsSum]:
+    """One task: ``rows`` of ``t``, in cache-sized blocks (algebra._row_block)."""
+    assert t.update is not None
+    out = np.empty(w0.shape, t.out_dtype)
+    totals = StatsSum()
+    step = _row_block(w0.shape[1], 8)
+    for first in range(0, w0.shape[0], step):
+        part = slice(first, min(first + step, w0.shape[0]))
+        block = merge_block(w0[part], t.update, factors, slice(rows.start + part.start, rows.start + part.stop),
+                            t.out_dtype, t.name)
+        out[part] = block.value
+        totals.add(block)
+    return out, totals
+
+
+def _pieces(offset: int | None, nbytes: int, chunk: int):
+    assert offset is not None
+    for start in range(0, nbytes, chunk):
+        yield offset + start, min(chunk, nbytes - start)
+
+
+class _Stream:
+    """One tensor's bytes on their way to the writer thread: a bounded queue of byte buffers and
+    futures (merged blocks), taken in order. ``put`` waits while it is full, and raises the
+    writer's error rather than wait forever on a writer that has stopped."""
+
+    def __init__(self, writer: ShardWriter):
+        self._queue: queue.Queue = queue.Queue(QUEUE_ITEMS)
+        self._writer = writer
+        self.totals = StatsSum()
+        self.stats: MergeStats | None = None
+        self.blocks = 0
+
+    def put(self, item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                self._writer.check()
+
+    def chunks(self):
+        """Runs on the writer thread."""
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, Future):
+                item, part = item.result()
+                if isinstance(part, StatsSum):
+                    self.totals.combine(part)
+                elif part is not None:
+                    self.stats = part
+                item = np.ascontiguousarray(item).reshape(-1).view(np.uint8)
+            yield memoryview(item)
+
+
+class _Reader:
+    """Reads byte ranges of the base's files into owned arrays (one open handle per file) and
+    hands each piece to the input hashes on the way."""
+
+    def __init__(self, folder: Path, hashing: ReadHashes | None):
+        self._folder, self._hashing = folder, hashing
+        self._handles: dict[str, int] = {}
+
+    def read(self, file: str, offset: int, size: int) -> np.ndarray:
+        fd = self._handles.get(file)
+        if fd is None:
+            fd = self._handles[file] = os.open(self._folder / file, os.O_RDONLY)
+        data = np.empty(size, np.uint8)
+        done = 0
+        while done < size:
+            got = os.preadv(fd, [memoryview(data)[done:]], offset + done)
+            if got <= 0:
+                raise D2ExportError(f"{self._folder / file}: file ends inside a tensor")
+            done += got
+        if self._hashing is not None:
+            self._hashing.update(self._folder / file, offset, data)
+        return data
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
 
 
 def _unchanged_bytes(plan: MergePlan, t: TensorPlan) -> bool:
@@ -127,14 +260,17 @@ def _unchanged_bytes(plan: MergePlan, t: TensorPlan) -> bool:
             and source.offset is not None)
 
 
-def produce(plan: MergePlan, t: TensorPlan) -> tuple[np.ndarray, MergeStats | None]:
-    """The output value of one planned tensor."""
+def produce(plan: MergePlan, t: TensorPlan, stored: np.ndarray | None = None) -> tuple[np.ndarray, MergeStats | None]:
+    """The output value of one planned tensor (``stored``: its base tensor, if already read)."""
     if t.action is Action.COPY or t.action is Action.UNSELECTED:
-        value = plan.base.read(t.source)
+        value = stored if stored is not None else plan.base.read(t.source)
         if value.dtype == t.out_dtype:
             return value, None
         return checked_cast(round_to_dtype(value, t.out_dtype), value, t.name), None
-    start = t.replacement if t.replacement is not None else plan.base.read(t.source)
+    if t.replacement is not None:
+        start = np.asarray(t.replacement)
+    else:
+        start = stored if stored is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
         return checked_cast(round_to_dtype(start, t.out_dtype), start, t.name), None
     assert t.update is not None
@@ -154,65 +290,18 @@ def write_config(plan: MergePlan, folder: Path) -> None:
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-_SIDE_SKIP = {CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
-_MAX_SIDE_DEPTH = 16  # model folders nest one or two levels (1_Pooling/, tokenizer/)
-
-
 def copy_side_files(base: Path, folder: Path) -> None:
     """Tokenizer, generation config and other small files travel with the model; weights, indexes
-    and the old config do not (they are rewritten), nor does a subfolder holding weights.
-
-    A symlink is copied as the file it points to only if that lies inside the base folder (or, for a
-    base in the Hugging Face cache, inside the cache's blobs of that model): a link elsewhere
-    would leak an unrelated file into an output that may be published, so it is refused, as is a
-    folder link that loops back on itself.
-    """
-    roots = _link_roots(base)
-    for source, relative in _side_files(base, roots, (base.resolve(),), top=True)[0]:
+    and the old config do not (they are rewritten), nor does a subfolder holding weights. Links
+    out of the base or looping back are refused (:func:`d2export.sidefiles.side_files`)."""
+    skip = {CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
+    for source, relative in side_files(base, skip, WEIGHT_SUFFIXES):
         target = folder / relative
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
         except OSError as exc:
             raise D2ExportError(f"cannot copy {base / relative} into the output ({exc.strerror or exc})") from None
-
-
-def _link_roots(base: Path) -> tuple[Path, ...]:
-    roots = [base.resolve()]
-    for path in (base.absolute(), *base.absolute().parents, base.resolve(), *base.resolve().parents):
-        if path.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision>/
-            roots.append((path.parent.parent / "blobs").resolve())
-            break
-    return tuple(roots)
-
-
-def _side_files(directory: Path, roots: tuple[Path, ...], ancestors: tuple[Path, ...], top: bool = False
-                ) -> tuple[list[tuple[Path, Path]], bool]:
-    """(source file, path relative to ``directory``) of each file to copy, and whether the folder
-    holds weights (then none of it is copied)."""
-    if len(ancestors) > _MAX_SIDE_DEPTH:
-        raise D2ExportError(f"{directory}: side folders nested more than {_MAX_SIDE_DEPTH} deep")
-    files: list[tuple[Path, Path]] = []
-    for item in sorted(directory.iterdir()):
-        if item.name.startswith(".") or (top and item.name in _SIDE_SKIP):
-            continue
-        real = item.resolve()
-        if item.is_symlink() and not any(real == root or root in real.parents for root in roots):
-            raise D2ExportError(f"{item} is a symlink to {real}, outside the base folder; it is not copied "
-                                "into the output (copy the file itself into the base if it belongs there)")
-        if real.is_dir():
-            if real in ancestors:
-                raise D2ExportError(f"{item} is a symlink back to {real}: a loop in the base folder")
-            inner, weights = _side_files(item, roots, (*ancestors, real))
-            if weights and not top:
-                return [], True
-            files += [(source, Path(item.name) / relative) for source, relative in inner]
-        elif item.name.endswith(WEIGHT_SUFFIXES):
-            if not top:
-                return [], True
-        elif real.is_file():  # not a FIFO, socket or device: those are no model files
-            files.append((real, Path(item.name)))
-    return files, False
 
 
 def checked_cast(value: np.ndarray, source: np.ndarray, name: str) -> np.ndarray:

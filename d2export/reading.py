@@ -28,10 +28,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def read_json_object(path: Path, schema: dict | None = None) -> dict:
+def read_json_object(path: Path, schema: dict | None = None, *, strict: bool = False) -> dict:
     """A JSON file that must hold an object (see :mod:`d2export.jsonfiles`); any problem is one
     :class:`D2ExportError` naming the file."""
-    return jsonfiles.read_json_object(path, schema)
+    return jsonfiles.read_json_object(path, schema, strict=strict)
 
 
 def read_config(folder: str | Path) -> dict:
@@ -157,7 +157,7 @@ def _weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            weight_map = read_json_object(index, jsonfiles.SHARD_INDEX)["weight_map"]
+            weight_map = read_json_object(index, jsonfiles.SHARD_INDEX, strict=True)["weight_map"]
             files = list(dict.fromkeys(weight_map.values()))
             for file in files:
                 if Path(file).name != file or file in (".", ".."):  # the index may not point out of the folder

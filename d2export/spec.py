@@ -118,6 +118,8 @@ class AdapterSpec:
     replacements: dict[str, np.ndarray] = field(default_factory=dict)
     selection: DamSelection | None = None
     base_model_name_or_path: str | None = None
+    # sha256 of the files hashed while they were read (the adapter's weights): not read again
+    file_hashes: dict[Path, str] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

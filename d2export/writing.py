@@ -4,8 +4,6 @@ when complete, and sha256 of what was read and written."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import hashlib
 import json
 import math
@@ -22,6 +20,7 @@ import numpy as np
 
 from .arrays import SAFETENSORS_NAMES
 from .errors import D2ExportError, OptionError
+from .outlock import output_lock, remove_stale, stem
 
 
 class ShardWriter:
@@ -85,6 +84,10 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
+    def check(self) -> None:
+        """Raise the writer thread's error, if it has one (a producer waiting on it calls this)."""
+        self._raise_pending()
+
     def _expect(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> int:
         expected, want_dtype, want_shape = self._entries[self._next]
         if (name, dtype, tuple(shape)) != (expected, want_dtype, want_shape):
@@ -120,7 +123,11 @@ class ShardWriter:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-        self._file.close()
+        try:  # closing flushes the last buffered bytes: a full disk can show only here
+            self._file.close()
+        except OSError as exc:
+            if self._error is None:
+                self._error = D2ExportError(f"{self.path}: cannot write ({exc.strerror or exc})")
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str | None:
@@ -167,6 +174,88 @@ class InputHashes:
     def cancel(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class ReadHashes:
+    """sha256 of input files from the bytes the merge reads anyway, so nothing is read twice.
+
+    The merge reads each file's tensors in order of offset (plans follow the files' order) and
+    hands each piece to :meth:`update`; a thread of its own hashes them in that order (hashlib
+    releases the GIL), at most ``queue_depth`` pieces behind. Bytes the merge skips (the header, a
+    tensor it does not read) are read here when a later offset passes them, and the rest of the
+    file by :meth:`result`. A file read out of order, or never, is hashed whole by :meth:`result`.
+    """
+
+    def __init__(self, paths: list[Path], known: dict[Path, str] | None = None, *, queue_depth: int = 8):
+        self._known = dict(known or {})
+        self._files = {path: _FileHash() for path in paths if path not in self._known}
+        self._pieces: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hash inputs", daemon=True)
+        self._thread.start()
+
+    def update(self, path: Path, offset: int, data) -> None:
+        """Hash ``data``, read at ``offset`` of ``path`` (keep it unchanged until hashed)."""
+        if path in self._files and self._error is None:
+            self._pieces.put((path, offset, data))
+
+    def _run(self) -> None:
+        while (piece := self._pieces.get()) is not None:
+            if self._error is not None:
+                continue
+            path, offset, data = piece
+            try:
+                self._files[path].take(path, offset, data)
+            except BaseException as exc:  # raised by result()
+                self._error = exc
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._pieces.put(None)
+            self._thread.join()
+
+    def result(self) -> dict[Path, str]:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        hashes = dict(self._known)
+        for path, state in self._files.items():
+            hashes[path] = state.finish(path)
+        return hashes
+
+
+class _FileHash:
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.in_order = True
+
+    def take(self, path: Path, offset: int, data) -> None:
+        if not self.in_order:
+            return
+        if offset < self.position:
+            self.in_order = False  # read out of order: finish() hashes the whole file
+            return
+        if offset > self.position:
+            self._hash_range(path, offset)
+        self.digest.update(data)
+        self.position += len(data)
+
+    def finish(self, path: Path) -> str:
+        if not self.in_order:
+            return sha256_file(path) or ""
+        self._hash_range(path, path.stat().st_size)
+        return self.digest.hexdigest()
+
+    def _hash_range(self, path: Path, end: int, chunk: int = 8 * 2**20) -> None:
+        with open(path, "rb") as handle:
+            handle.seek(self.position)
+            while self.position < end:
+                data = handle.read(min(chunk, end - self.position))
+                if not data:
+                    raise D2ExportError(f"{path}: file shrank while it was read")
+                self.digest.update(data)
+                self.position += len(data)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -227,48 +316,41 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-_OWNER = ".d2export-partial"  # marks a temporary folder as ours, naming its target
-
-
-def _stem(out: Path) -> str:
-    """The output's name in its sibling temporary names, short enough to leave room for the suffixes."""
-    raw = os.fsencode(out.name)
-    return out.name if len(raw) <= 180 else hashlib.sha256(raw).hexdigest()[:24]
-
-
 @contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
+def atomic_output(out: Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``out`` only if the block completes.
 
     On any error, Ctrl-C or SIGTERM the temporary folder is removed and ``out`` is left as it was.
     A lock beside ``out`` keeps two runs from writing the same output at once; holding it, a run
     removes the temporary folders earlier runs left for the same output when they were killed, and
     an output that appears while the block runs (created by another program) is never replaced.
-    Filesystem errors (full disk, read-only folder) are one :class:`D2ExportError`.
+    Filesystem errors (full disk, read-only folder) are one :class:`D2ExportError`. With
+    ``replace=False`` an existing ``out`` is refused once the lock is held, so that of two runs
+    that both found ``out`` missing, only the first succeeds.
     """
     out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise D2ExportError(f"cannot create the output's folder {out.parent} ({exc.strerror or exc})") from None
-    with _output_lock(out):
-        yield from _write_into(out)
+    with output_lock(out):
+        yield from _write_into(out, replace)
 
 
-def _write_into(out: Path) -> Iterator[Path]:
+def _write_into(out: Path, replace: bool) -> Iterator[Path]:
     """The temporary folder's life, under the lock."""
-    _remove_stale(out)
+    remove_stale(out)
     existed = out.exists()
+    if existed and not replace:
+        raise OptionError("force", f"is not set and the output {out} already exists")
     tmp = _make_temp(out, "partial")
     try:
-        (tmp / _OWNER).write_text(out.name, encoding="utf-8", errors="surrogateescape")
         yield tmp
-        (tmp / _OWNER).unlink()
         _publish(tmp, out, existed)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        where = f" {exc.filename}" if exc.filename else ""
-        raise D2ExportError(f"cannot write the output {out}:{where} {exc.strerror or exc}") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise D2ExportError(f"cannot write the output {out} ({exc.strerror or exc}{where})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,7 +358,7 @@ def _write_into(out: Path) -> Iterator[Path]:
 
 def _make_temp(out: Path, kind: str) -> Path:
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.{kind}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem(out)}.{kind}-", dir=out.parent))
     except OSError as exc:
         raise D2ExportError(f"cannot create the output in {out.parent} ({exc.strerror or exc})") from None
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output is a folder like any other
@@ -293,46 +375,6 @@ def _publish(tmp: Path, out: Path, existed: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``.<name>.lock`` beside ``out``, released by the kernel if the
-    process dies; the file is removed on the way out."""
-    path = out.parent / f".{_stem(out)}.lock"
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise D2ExportError(f"cannot create the output in {out.parent} ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise D2ExportError(f"another run is writing {out}; wait for it to finish") from None
-        try:  # the holder before us may have removed the file after we opened it: lock the new one
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary folders of this output left by a run that was killed (SIGKILL, power loss). Only
-    folders carrying our marker for this very output are removed; the lock says no run is using them."""
-    for item in out.parent.glob(f".{glob.escape(_stem(out))}.partial-*"):
-        marker = item / _OWNER
-        with contextlib.suppress(OSError):
-            if not item.is_symlink() and marker.is_file() and (
-                    marker.read_text(encoding="utf-8", errors="surrogateescape") == out.name):
-                shutil.rmtree(item)
 
 
 def current_umask() -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from d2export import BenchOptions, OptionError, export_onnx, merge
+from d2export import BenchOptions, OptionError, export_onnx
 from d2export.bench import (
     BASE,
     MERGED,
@@ -41,21 +41,6 @@ from d2export.spec import Rescale
 FAST = {"warmup": 1, "repeats": 2, "batch_sizes": (1, 2), "seq_lens": (8, 16)}
 FAST_ARGS = ["--warmup", "1", "--repeats", "2", "--batch-sizes", "1,2", "--seq-lens", "8,16"]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def merged(fixture, tmp_path_factory):
-    """``merged(name)`` -> (fixture folder, merged folder), merged once per module."""
-    root = tmp_path_factory.mktemp("bench-merged")
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        folder = fixture(name)
-        if name not in done:
-            done[name] = merge(folder / "adapter", base=folder / "base", out=root / name, hash_inputs=False).out
-        return folder, done[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import load_model, model_output, tokens
 from reference import correctly_rounded, expected_weight
 from safetensors.torch import load_file, save_file
-from test_merge import read_all
+from support import load_model, model_output, read_all, tokens
 from typer.testing import CliRunner
 
 from d2export import inspect, load_adapter, merge
@@ -196,3 +195,27 @@ def test_single_shard_with_index_keeps_a_loadable_layout(fixture, tmp_path):
     reference = merge(folder / "adapter", base=folder / "base", out=tmp_path / "ref")
     ids = tokens()
     assert torch.equal(model_output(load_model(result.out), ids), model_output(load_model(reference.out), ids))
+
+
+def test_dry_run_checks_everything_and_writes_nothing(fixture, tmp_path):
+    folder = fixture("d2lora-llama")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(folder / "adapter", adapter)
+    before = tree_hash(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", str(adapter), "--base", str(folder / "base"), "-o", str(tmp_path / "m"),
+                                 "--dtype", "bf16", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert "dry run: would merge d2lora" in result.stderr and "nothing written" in result.stderr
+    assert tree_hash(tmp_path) == before and not (tmp_path / "m").exists()
+    # the checks a real merge makes still run: an existing output without --force is refused
+    (tmp_path / "m").mkdir()
+    result = runner.invoke(app, ["merge", str(adapter), "--base", str(folder / "base"), "--out", str(tmp_path / "m"),
+                                 "--dry-run"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --force is not set")
+
+
+def test_python_dash_m_runs_the_command():
+    proc = subprocess.run([sys.executable, "-m", "d2export", "--version"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.startswith("d2export ")

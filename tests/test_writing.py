@@ -144,9 +144,6 @@ def test_writer_opens_its_file_at_once(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "d2export bug: the file's last buffered bytes are flushed by _file.close() in ShardWriter._finish, "
-    "so a full disk found there escapes close() as a bare OSError instead of a D2ExportError"))
 def test_full_disk_is_a_d2export_error():
     writer = ShardWriter(Path("/dev/full"), [("a", np.dtype(np.float32), (100_000,))])
     with pytest.raises(D2ExportError, match="No space left on device"):  # raised by either call

@@ -80,6 +80,8 @@ def merge_cmd(
     min_top1: MinTop1Option = None,
     max_units: MaxUnitsOption = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read, match and check everything; write nothing.")
+                       ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Merge an adapter into its base model and write a Hugging Face model folder."""
@@ -90,6 +92,9 @@ def merge_cmd(
                                hash_inputs=not no_hash)
         verify_options = VerifyOptions(calibration=calibration, task_data=task_data, thresholds=Thresholds(
             atol=atol, min_top1=min_top1, max_units=max_units)) if verify else None
+        if dry_run:
+            _dry_run(checkpoint, base, out_dir, options)
+            return
     with progress_display("merging", quiet=quiet) as (progress, display), \
             reported(display, "interrupted: no output was written"):
         result = merge(checkpoint, base=base, out=out_dir, options=options, progress=progress)
@@ -114,6 +119,17 @@ def merge_cmd(
                            quiet).passed
     if failed:
         raise typer.Exit(1)
+
+
+def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options: MergeOptions) -> None:
+    """What ``merge`` would do, every check included, with nothing written."""
+    from ..job import prepare
+    from ..writing import check_output_location
+
+    with prepare(checkpoint, base, options) as job:
+        target = out_dir if out_dir is not None else job.default_out
+        check_output_location(target, [job.spec.path, job.base.path], options.force)
+        render.print_plan(job, target)
 
 
 def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,

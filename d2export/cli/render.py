@@ -48,6 +48,21 @@ def print_inspect(info: dict) -> None:
         out.print(f"[yellow]merge plan unavailable:[/] {escape(plan['reason'])}")
 
 
+def print_plan(job, out_dir: Path) -> None:
+    """``merge --dry-run``: what would be written where."""
+    from ..plan import Action
+
+    plan = job.plan
+    counts = {a: sum(t.action is a for t in plan.tensors) for a in Action}
+    err.print(f"dry run: would merge {job.spec.method} from {escape(str(job.spec.path))} into the base "
+              f"{escape(str(job.base.path))} and write {escape(str(out_dir))}: {counts[Action.MERGE]} tensors merged, "
+              f"{counts[Action.UNSELECTED]} left as base (DiffoRA), {counts[Action.REPLACE]} replaced, "
+              f"{counts[Action.BIAS]} biases, {plan.total_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
+              "nothing written", highlight=False)
+    for note in plan.notes:
+        err.print(f"note: {note}", highlight=False, markup=False)
+
+
 def print_merge(report: dict, out_dir: Path) -> None:
     t = report["tensors"]
     err.print(f"merged {report['method']} into {escape(str(out_dir))}: {t['merge']} tensors merged, "

@@ -15,7 +15,20 @@ _READERS = {"LORA": read_peft, "D2LORA": read_d2lora}
 
 
 def load_adapter(path: str | Path) -> AdapterSpec:
-    """Read an adapter folder (or a trainer folder holding one) into an :class:`AdapterSpec`."""
+    """Read an adapter checkpoint into an :class:`AdapterSpec`.
+
+    Args:
+        path: the folder holding ``adapter_config.json`` (or a trainer run folder holding exactly
+            one such checkpoint); a file inside it is taken as its folder.
+
+    Returns:
+        The adapter as low-rank terms, rescalings and full tensors per base module, in canonical
+        orientation, with the DiffoRA selection applied when ``diffora_dam.json`` is present.
+
+    Raises:
+        UnsupportedAdapterError: a method or option that cannot be folded into plain weights.
+        D2ExportError: the checkpoint is missing, malformed or inconsistent.
+    """
     raw = read_adapter(path)
     peft_type = str(raw.config.get("peft_type", "")).upper()
     reader = _READERS.get(peft_type)

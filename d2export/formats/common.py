@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:  # the parser behind re.compile, to look at a pattern's structure
@@ -17,11 +17,12 @@ except ImportError:  # Python < 3.11
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..arrays import from_torch, is_float, load_safetensors
+from ..arrays import from_torch, is_float
 from ..errors import D2ExportError
 from ..jsonfiles import ADAPTER_CONFIG
 from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
+from .stored import StoredTensor, check_finite, scan_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -32,8 +33,9 @@ PEFT_PREFIX = "base_model.model."
 class RawAdapter:
     path: Path  # the folder holding adapter_config.json
     config: dict
-    tensors: dict[str, np.ndarray]  # keys with the PEFT prefix removed
+    tensors: dict[str, np.ndarray | StoredTensor]  # keys with the PEFT prefix removed; large ones read on use
     files: list[Path]
+    hashes: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed as they were read
 
 
 def find_adapter_dir(path: str | Path) -> Path:
@@ -61,24 +63,28 @@ def find_adapter_dir(path: str | Path) -> Path:
 
 def read_adapter(path: str | Path) -> RawAdapter:
     folder = find_adapter_dir(path)
-    config = read_json_object(folder / CONFIG_NAME, ADAPTER_CONFIG)
+    config = read_json_object(folder / CONFIG_NAME, ADAPTER_CONFIG, strict=True)
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise D2ExportError(f"{folder}: no adapter weights ({' or '.join(WEIGHTS_NAMES)})")
-    tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in _load_tensors(weights).items()}
+    loaded, digest = _load_tensors(weights)
+    tensors = {key.removeprefix(PEFT_PREFIX): value for key, value in loaded.items()}
     for key, value in tensors.items():
-        if is_float(value.dtype) and not np.isfinite(value).all():
-            raise D2ExportError(f"{weights}: adapter tensor {key} contains NaN or Inf")
-    return RawAdapter(folder, config, tensors, [folder / CONFIG_NAME, weights])
+        if isinstance(value, np.ndarray):  # stored tensors were checked by the scan
+            check_finite(value, key, weights)
+    hashes = {weights: digest} if digest is not None else {}
+    return RawAdapter(folder, config, tensors, [folder / CONFIG_NAME, weights], hashes)
 
 
-def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+def _load_tensors(path: Path) -> tuple[dict, str | None]:
+    """The weights (safetensors: large tensors as :class:`StoredTensor`, read when used) and the
+    file's sha256 where the read computed it."""
     try:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="np"):  # validates the file
                 pass
-            return load_safetensors(path)
-        return _load_bin(path)
+            return scan_safetensors(path, PEFT_PREFIX)
+        return _load_bin(path), None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise D2ExportError(f"{path}: cannot read adapter weights ({first})") from None
@@ -264,4 +270,5 @@ def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], 
         updates=updates,
         replacements=full_tensors(raw, rest),
         base_model_name_or_path=raw.config.get("base_model_name_or_path"),
+        file_hashes=dict(raw.hashes),
     )

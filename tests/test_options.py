@@ -219,3 +219,28 @@ def test_python_dash_m_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "d2export", "--version"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.startswith("d2export ")
+
+
+def test_trainer_run_checkpoint_choice(fixture, tmp_path):
+    folder = fixture("lora-llama")
+    run = tmp_path / "run"
+    for step in (500, 1000, 50):
+        shutil.copytree(folder / "adapter", run / f"checkpoint-{step}")
+    (run / "checkpoint-1000" / "trainer_state.json").write_text(json.dumps(
+        {"best_model_checkpoint": "/train/box/run/checkpoint-500", "global_step": 1000}))
+    runner = CliRunner()
+
+    def chosen(*flags: str) -> str:
+        result = runner.invoke(app, ["inspect", str(run), "--base", str(folder / "base"), *flags, "--json"])
+        assert result.exit_code == 0, result.stderr
+        return Path(json.loads(result.stdout)["adapter"]).name
+
+    assert chosen("--checkpoint", "latest") == "checkpoint-1000"  # by step, not as text
+    assert chosen("--checkpoint", "best") == "checkpoint-500"
+    assert chosen("--checkpoint", "50") == "checkpoint-50"
+    result = runner.invoke(app, ["inspect", str(run), "--base", str(folder / "base")])
+    assert result.exit_code == 2
+    assert "--checkpoint is needed" in result.stderr
+    assert "checkpoint-50, checkpoint-500, checkpoint-1000" in result.stderr
+    result = runner.invoke(app, ["inspect", str(run), "--checkpoint", "7"])
+    assert result.exit_code == 2 and "no checkpoint-7" in result.stderr

@@ -31,6 +31,18 @@ AtolOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "atol
 MinTop1Option = Annotated[float | None, typer.Option(help=help_of(Thresholds, "min_top1"))]
 MaxUnitsOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_units"))]
 ForceOption = Annotated[bool, typer.Option(help=help_of(MergeOptions, "force"))]
+TrainerCheckpointOption = Annotated[str | None, typer.Option(
+    "--checkpoint", help="In a trainer run folder: latest, best (trainer_state.json) or a step number.")]
+
+
+def _adapter_folder(path: Path, checkpoint: str | None) -> Path:
+    """The adapter folder ``--checkpoint`` picks in a trainer run folder (``path`` itself without it)."""
+    if checkpoint is None:
+        return path
+    from ..formats.common import find_adapter_dir
+
+    with reported():
+        return find_adapter_dir(path, checkpoint)
 
 
 def _version(value: bool) -> None:
@@ -48,10 +60,12 @@ def main(
 
 
 @app.command("inspect")
-def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, as_json: JsonOption = False) -> None:
+def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, trainer_checkpoint: TrainerCheckpointOption = None,
+                as_json: JsonOption = False) -> None:
     """Describe an adapter: method, modules, ranks, the DiffoRA grid, and what a merge would write."""
     from ..inspection import inspect
 
+    checkpoint = _adapter_folder(checkpoint, trainer_checkpoint)
     with reported():
         info = inspect(checkpoint, base=base)
     if as_json:
@@ -64,6 +78,7 @@ def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, as_json: Jso
 def merge_cmd(
     checkpoint: CheckpointArg,
     base: BaseOption = None,
+    trainer_checkpoint: TrainerCheckpointOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <checkpoint>-merged).")
                        ] = None,
     dtype: Annotated[str, typer.Option(help=help_of(MergeOptions, "dtype"))] = "auto",
@@ -87,6 +102,7 @@ def merge_cmd(
     """Merge an adapter into its base model and write a Hugging Face model folder."""
     from ..merging import merge
 
+    checkpoint = _adapter_folder(checkpoint, trainer_checkpoint)
     with reported():  # every option is checked before anything is read or written
         options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
                                hash_inputs=not no_hash)

@@ -14,12 +14,14 @@ from .peft import read_peft
 _READERS = {"LORA": read_peft, "D2LORA": read_d2lora}
 
 
-def load_adapter(path: str | Path) -> AdapterSpec:
+def load_adapter(path: str | Path, checkpoint: str | None = None) -> AdapterSpec:
     """Read an adapter checkpoint into an :class:`AdapterSpec`.
 
     Args:
         path: the folder holding ``adapter_config.json`` (or a trainer run folder holding exactly
             one such checkpoint); a file inside it is taken as its folder.
+        checkpoint: in a trainer run folder, which ``checkpoint-N`` to read: ``latest``, ``best``
+            (from ``trainer_state.json``) or a step number.
 
     Returns:
         The adapter as low-rank terms, rescalings and full tensors per base module, in canonical
@@ -29,7 +31,7 @@ def load_adapter(path: str | Path) -> AdapterSpec:
         UnsupportedAdapterError: a method or option that cannot be folded into plain weights.
         D2ExportError: the checkpoint is missing, malformed or inconsistent.
     """
-    raw = read_adapter(path)
+    raw = read_adapter(path, checkpoint)
     peft_type = str(raw.config.get("peft_type", "")).upper()
     reader = _READERS.get(peft_type)
     if reader is None:

@@ -18,11 +18,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..arrays import from_torch, is_float
-from ..errors import D2ExportError
+from ..errors import D2ExportError, OptionError
 from ..jsonfiles import ADAPTER_CONFIG
 from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
 from .stored import StoredTensor, check_finite, scan_safetensors
+from .trainer import choose_checkpoint, names, run_checkpoints
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -38,31 +39,31 @@ class RawAdapter:
     hashes: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed as they were read
 
 
-def find_adapter_dir(path: str | Path) -> Path:
-    """The folder with ``adapter_config.json``: ``path`` itself, or the single such folder inside a
-    trainer output. Trainer ``checkpoint-N/`` folders are just such folders; their optimizer
-    state is never opened."""
+def find_adapter_dir(path: str | Path, checkpoint: str | None = None) -> Path:
+    """The folder with ``adapter_config.json``: ``path`` itself, the single such folder inside a
+    trainer output, or the one ``checkpoint`` (``latest``, ``best`` or a step) chooses among its
+    ``checkpoint-N/`` folders. Optimizer state is never opened."""
     path = Path(path)
     if path.is_file():
         path = path.parent
     if not path.is_dir():
         raise D2ExportError(f"adapter checkpoint not found: {path}")
+    if checkpoint is not None:
+        return choose_checkpoint(path, checkpoint, CONFIG_NAME)
     if (path / CONFIG_NAME).is_file():
         return path
     candidates = sorted(p.parent for p in path.glob(f"*/{CONFIG_NAME}"))
-    checkpoints = [p for p in candidates if re.fullmatch(r"checkpoint-\d+", p.name)]
+    checkpoints = run_checkpoints(path, CONFIG_NAME)
     if len(candidates) == 1:
         return candidates[0]
     if checkpoints and len(checkpoints) == len(candidates):
-        raise D2ExportError(
-            f"{path} holds several trainer checkpoints ({', '.join(p.name for p in checkpoints)}); "
-            "pass the one to merge"
-        )
+        raise OptionError("checkpoint", f"is needed: {path} holds several trainer checkpoints "
+                          f"({names(checkpoints)}); choose latest, best or a step number")
     raise D2ExportError(f"{path} is not an adapter checkpoint: no {CONFIG_NAME} found")
 
 
-def read_adapter(path: str | Path) -> RawAdapter:
-    folder = find_adapter_dir(path)
+def read_adapter(path: str | Path, checkpoint: str | None = None) -> RawAdapter:
+    folder = find_adapter_dir(path, checkpoint)
     config = read_json_object(folder / CONFIG_NAME, ADAPTER_CONFIG, strict=True)
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:

@@ -315,3 +315,55 @@ def test_adapter_from_bare_encoder_onto_classifier_base(fixture, tmp_path):
     report = verify(result.out, adapter, base=base)
     assert report.passed, report.failures
     assert report.outputs[0].output == "logits" and report.weights.summary()["exact_fraction"] == 1.0
+
+
+def test_generation_prompts_fit_a_short_position_table():
+    from d2export.runtime.calibration import random_batches
+    from d2export.verification.runner import GENERATION_STEPS, _generation_prompts
+
+    batches = random_batches(100, lengths=(8, 24, 64))
+    short = _generation_prompts(batches, {"n_positions": 20})
+    assert [len(p) + GENERATION_STEPS for p in short] == [16, 20, 20]  # 8 real tokens fit; longer ones are cut
+    assert [len(p) for p in _generation_prompts(batches, {})] == [8, 24, 64]
+
+
+def _seq2seq(name: str):
+    import warnings
+
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "t5":
+            return T5ForConditionalGeneration(T5Config(
+                vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                pad_token_id=0)), ["q", "v", "wo"], "decoder.block.1.layer.0.SelfAttention.q.weight"
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=256, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        )), ["q_proj", "v_proj", "fc2"], "model.decoder.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize(("arch", "use_dora"), [("t5", True), ("bart", False)], ids=["t5-dora", "bart-lora"])
+def test_seq2seq_models_verify_through_their_decoder(tmp_path, arch, use_dora):
+    """Encoder-decoders load as what they are and run teacher-forced: a correct merge passes against
+    both references, and a change to a decoder weight alone fails the output check."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model, targets, decoder_weight = _seq2seq(arch)
+    model.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora,
+                                                init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    out = merge(tmp_path / "adapter", base=tmp_path / "base", out=tmp_path / "merged").out
+    report = verify(out, tmp_path / "adapter", base=tmp_path / "base")
+    assert report.passed, report.failures
+    assert {o.reference for o in report.outputs} == {"run-time adapter", "PEFT unmerged"}
+    tamper_tensor(out, decoder_weight, lambda w: w.mul_(1.05))
+    report = verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False)
+    assert not report.passed and all("max |dlogits|" in line for line in report.failures)

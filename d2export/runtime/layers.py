@@ -46,6 +46,17 @@ class AdapterLayer(nn.Module):
             norms = torch.linalg.vector_norm(self._canonical_weight().detach().double(), dim=1)
             self.register_buffer("original_norm", norms.to(torch.float32), persistent=False)
 
+    def __getattr__(self, name: str):
+        """What the wrapped module has (``weight``, ``bias``, ``in_features``, ...): model code reads
+        these off the layer it calls (T5 checks ``wo.weight.dtype``), so the layer must answer as
+        the module it wraps does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(super().__getattr__("base"), name)
+
     @classmethod
     def from_update(cls, base: nn.Module, update: ModuleUpdate, *, reference_norms: bool = True) -> AdapterLayer:
         names = tuple(t.name for t in update.terms)

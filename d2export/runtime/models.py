@@ -28,10 +28,12 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
 
 
 def head_kind(config: dict) -> str:
-    """``causal-lm``, ``sequence-classification`` or ``encoder`` (hidden states, no head)."""
+    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification`` or ``encoder`` (hidden states, no head)."""
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "causal-lm"
+    if arch.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder"):
+        return "seq2seq-lm"
     if arch.endswith("ForSequenceClassification"):
         return "sequence-classification"
     return "encoder"
@@ -39,14 +41,13 @@ def head_kind(config: dict) -> str:
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
     """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
-    kind = head_kind(read_config(folder))
-    cls = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}.get(
-        kind, AutoModel
-    )
+    auto = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
+            "sequence-classification": "AutoModelForSequenceClassification"}
+    cls = getattr(transformers, auto.get(head_kind(read_config(folder)), "AutoModel"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -59,8 +60,13 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overri
 
 @torch.no_grad()
 def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers) or the last hidden state."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers) or the last hidden state.
+    An encoder-decoder is teacher-forced with the batch as decoder input too, so every decoder
+    position (and the cross-attention to every encoder position) is compared."""
+    kwargs = {}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs = {"decoder_input_ids": batch.input_ids, "decoder_attention_mask": batch.attention_mask}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
 

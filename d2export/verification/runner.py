@@ -134,9 +134,7 @@ def _output_checks(job: Job, report: VerifyReport, config: dict, dtype: torch.dt
                    options: VerifyOptions, compare_ours: bool) -> list[OutputCheck]:
     kind = head_kind(config)
     distributions = kind != "encoder"
-    # Greedy-generation prompts: the first row of the first batches, without its padding.
-    prompts = [b.input_ids[0, : int(b.attention_mask[0].sum())] for b in batches[:GENERATION_PROMPTS]]
-    prompts = prompts if kind == "causal-lm" else []
+    prompts = _generation_prompts(batches, config) if kind == "causal-lm" else []
 
     def run(model) -> ModelRun:  # one model in memory at a time
         result = run_model(model, batches, prompts, GENERATION_STEPS)
@@ -167,6 +165,14 @@ def _output_checks(job: Job, report: VerifyReport, config: dict, dtype: torch.dt
             check.judge(thresholds.atol if thresholds.atol is not None else rtol * comparison.scale, min_top1)
             checks.append(check)
     return checks
+
+
+def _generation_prompts(batches: list[Batch], config: dict) -> list[torch.Tensor]:
+    """The first row of the first batches without its padding, cut so that the prompt and the
+    generated tokens fit the model's position table (GPT-2-style learned positions end there)."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    keep = max(1, limit - GENERATION_STEPS) if isinstance(limit, int) else None
+    return [b.input_ids[0, : int(b.attention_mask[0].sum())][:keep] for b in batches[:GENERATION_PROMPTS]]
 
 
 def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str) -> TaskResult:

@@ -367,3 +367,30 @@ def test_seq2seq_models_verify_through_their_decoder(tmp_path, arch, use_dora):
     tamper_tensor(out, decoder_weight, lambda w: w.mul_(1.05))
     report = verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False)
     assert not report.passed and all("max |dlogits|" in line for line in report.failures)
+
+
+@pytest.mark.parametrize(("head", "use_dora"), [(True, False), (False, True)], ids=["vit-cls-lora", "vit-dora"])
+def test_vision_models_verify_on_random_images(tmp_path, head, use_dora):
+    """A model without token inputs is calibrated with images of its config's size."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, num_labels=3)
+    model = ViTForImageClassification(config) if head else ViTModel(config)
+    model.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                use_dora=use_dora, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    out = merge(tmp_path / "adapter", base=tmp_path / "base", out=tmp_path / "merged").out
+    report = verify(out, tmp_path / "adapter", base=tmp_path / "base")
+    assert report.passed, report.failures
+    assert report.calibration.startswith("random images") and len(report.outputs) == 2
+    prefix = "vit." if head else ""
+    tamper_tensor(out, f"{prefix}encoder.layer.1.attention.attention.query.weight", lambda w: w.mul_(1.05))
+    assert not verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False).passed

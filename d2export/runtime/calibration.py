@@ -18,12 +18,23 @@ DEFAULT_LENGTHS = (8, 24, 64)
 
 @dataclass(frozen=True)
 class Batch:
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, T] int64, 1 = real token
+    input_ids: torch.Tensor | None  # [B, T] int64 (None for an image batch)
+    attention_mask: torch.Tensor | None  # [B, T] int64, 1 = real token
+    pixel_values: torch.Tensor | None = None  # [B, C, H, W] float32, for vision models
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """What the model's forward takes from this batch."""
+        if self.pixel_values is not None:
+            return {"pixel_values": self.pixel_values}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def describe(self) -> str:
+        shape = self.pixel_values.shape if self.pixel_values is not None else self.input_ids.shape
+        return "x".join(str(d) for d in shape)
 
 
 def random_batches(
@@ -97,3 +108,25 @@ def config_batches(config: dict, *, seed: int = 0, lengths=DEFAULT_LENGTHS, batc
     return random_batches(vocab, lengths=lengths, batch_size=batch_size, seed=seed,
                           pad_id=pad if isinstance(pad, int) else 0,
                           max_length=limit if isinstance(limit, int) else None, avoid=special_ids(config))
+
+
+def image_batches(config: dict, *, seed: int = 0, batches: int = 3, batch_size: int = 4) -> list[Batch]:
+    """Seeded random images of the size and channels a vision model's config states (pixel values
+    as a processor leaves them: roughly zero mean, unit spread)."""
+    size, channels = config.get("image_size"), config.get("num_channels", 3)
+    if isinstance(size, list | tuple) and len(size) == 2:
+        height, width = size
+    else:
+        height = width = size
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width, channels)):
+        raise OptionError("calibration", "is needed: config.json states no image_size to draw random images of")
+    generator = torch.Generator().manual_seed(seed)
+    return [Batch(None, None, torch.randn(batch_size, channels, height, width, generator=generator))
+            for _ in range(batches)]
+
+
+def model_batches(config: dict, *, seed: int = 0) -> list[Batch]:
+    """Random calibration batches for any model: tokens when it has a vocabulary, else images."""
+    text = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return config_batches(config, seed=seed) if text is not None or "image_size" not in config else image_batches(
+        config, seed=seed)

@@ -28,7 +28,8 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
 
 
 def head_kind(config: dict) -> str:
-    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification`` or ``encoder`` (hidden states, no head)."""
+    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification``, ``image-classification`` or
+    ``encoder`` (hidden states, no head)."""
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "causal-lm"
@@ -36,6 +37,8 @@ def head_kind(config: dict) -> str:
         return "seq2seq-lm"
     if arch.endswith("ForSequenceClassification"):
         return "sequence-classification"
+    if arch.endswith("ForImageClassification"):
+        return "image-classification"
     return "encoder"
 
 
@@ -46,7 +49,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overri
 
     transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
     auto = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
-            "sequence-classification": "AutoModelForSequenceClassification"}
+            "sequence-classification": "AutoModelForSequenceClassification",
+            "image-classification": "AutoModelForImageClassification"}
     cls = getattr(transformers, auto.get(head_kind(read_config(folder)), "AutoModel"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -63,10 +67,10 @@ def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers) or the last hidden state.
     An encoder-decoder is teacher-forced with the batch as decoder input too, so every decoder
     position (and the cross-attention to every encoder position) is compared."""
-    kwargs = {}
+    kwargs = batch.model_inputs()
     if getattr(model.config, "is_encoder_decoder", False):
-        kwargs = {"decoder_input_ids": batch.input_ids, "decoder_attention_mask": batch.attention_mask}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        kwargs.update(decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask)
+    out = model(**kwargs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
 

@@ -14,7 +14,7 @@ from ..options import VerifyOptions, with_settings
 from ..progress import Progress, silent
 from ..reading import ModelFolder, read_json_object
 from ..report import REPORT_NAME
-from ..runtime.calibration import Batch, config_batches, text_batches
+from ..runtime.calibration import Batch, model_batches, text_batches
 from ..runtime.models import (
     PEFT_METHODS,
     TORCH_DTYPES,
@@ -120,10 +120,14 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
         batches = text_batches(options.calibration, tokenizer)
         report.calibration = f"{options.calibration} ({len(batches)} batches)"
     else:
-        batches = config_batches(config, seed=options.seed)
-        report.calibration = (f"random tokens, seed {options.seed}, lengths "
-                              f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
-                              "right-padded")
+        batches = model_batches(config, seed=options.seed)
+        if batches[0].pixel_values is not None:
+            report.calibration = (f"random images, seed {options.seed}, {len(batches)} batches of "
+                                  f"{batches[0].describe()}")
+        else:
+            report.calibration = (f"random tokens, seed {options.seed}, lengths "
+                                  f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
+                                  "right-padded")
     compare_ours = options.compare_ours if options.compare_ours is not None else report.merged_by != "d2export"
     for dtype in dict.fromkeys([report.merged_dtype, "float32"]):
         say(f"outputs in {dtype}")

@@ -84,7 +84,6 @@ ADAPTER_CONFIG = {
     "norm_projection": field("bool"), "task_type": field("str", "none"), "revision": field("str", "none"),
 }
 SHARD_INDEX = {"weight_map": field("dict", items="str", required=True), "metadata": field("dict", "none")}
-TRAINER_STATE = {"global_step": SIZE, "log_history": field("list"), "best_model_checkpoint": field("str", "none")}
 # Files transformers or sentence-transformers open from a model folder during verify/onnx.
 SIDE_FILES: dict[str, dict | None] = {
     "generation_config.json": {}, "tokenizer_config.json": {}, "special_tokens_map.json": {},

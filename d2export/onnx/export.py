@@ -101,7 +101,7 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
         notes.append(f"model is {source_dtype}; exported {precision} ({reason})")
     want_external = _external_data(weights, options, precision)
 
-    with atomic_output(out) as tmp:
+    with atomic_output(out, replace=options.force) as tmp:
         started = time.perf_counter()
         _write_graphs(model_dir, tmp, task, options, want_external, say)
         report = {

@@ -127,6 +127,7 @@ def merged_rows(
     """
     name = name or update.weight_key
     compute_dtype = np.dtype(compute_dtype)
+    weight = np.asarray(weight)  # an adapter's full tensor may still be on disk (formats.stored)
     base = weight.T if transposed else weight  # canonical [out, in] view, no copy
     n_out, n_in = base.shape
     if (n_out, n_in) != update.shape:

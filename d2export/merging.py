@@ -116,14 +116,16 @@ def _write_weights(plan: MergePlan, folder: Path, progress: Progress, pool: Exec
         try:
             for t in tensors:
                 stream = _Stream(writer)
+                streams.append((t, stream))
                 writer.write_raw(t.name, t.out_dtype, t.shape, stream.chunks())
                 _feed(plan, t, stream, pool, reader)
-                streams.append((t, stream))
                 weight_map[t.name] = file
                 written += t.nbytes
                 progress(t.name, written, plan.total_bytes)
             hashes[file] = writer.close()
         except BaseException:
+            for _, stream in streams:
+                stream.cancelled = True  # a writer waiting for more of a tensor stops waiting
             writer.abort()
             raise
         for t, stream in streams:
@@ -199,6 +201,7 @@ class _Stream:
         self.totals = StatsSum()
         self.stats: MergeStats | None = None
         self.blocks = 0
+        self.cancelled = False
 
     def put(self, item) -> None:
         while True:
@@ -210,7 +213,7 @@ class _Stream:
 
     def chunks(self):
         """Runs on the writer thread."""
-        while (item := self._queue.get()) is not None:
+        while (item := self._get()) is not None:
             if isinstance(item, Future):
                 item, part = item.result()
                 if isinstance(part, StatsSum):
@@ -219,6 +222,14 @@ class _Stream:
                     self.stats = part
                 item = np.ascontiguousarray(item).reshape(-1).view(np.uint8)
             yield memoryview(item)
+
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.cancelled:
+                    raise RuntimeError("merge cancelled") from None
 
 
 class _Reader:

@@ -144,38 +144,6 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None
     return digest.hexdigest()
 
 
-class InputHashes:
-    """sha256 of the input files, computed on a thread of its own while the merge runs (hashlib and
-    file reads release the GIL); :meth:`cancel` stops it within one chunk when the merge fails."""
-
-    def __init__(self, paths: list[Path]):
-        self._hashes: dict[Path, str] = {}
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(paths,), name="hash inputs", daemon=True)
-        self._thread.start()
-
-    def _run(self, paths: list[Path]) -> None:
-        try:
-            for path in paths:
-                digest = sha256_file(path, stop=self._stop)
-                if digest is None:
-                    return
-                self._hashes[path] = digest
-        except BaseException as exc:  # raised by result()
-            self._error = exc
-
-    def result(self) -> dict[Path, str]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hashes
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class ReadHashes:
     """sha256 of input files from the bytes the merge reads anyway, so nothing is read twice.
 

@@ -631,16 +631,16 @@ def test_interrupt_with_force_keeps_previous_output(fixture, tmp_path):
 
 def test_cli_interrupt_exits_130_and_writes_nothing(fixture, tmp_path, monkeypatch):
     ctx = copy_fixture(fixture, "d2lora-llama", tmp_path)
-    real = merge_module.produce
+    real = merge_module._feed  # queues each tensor's work, on the main thread, once per tensor
     calls = []
 
-    def produce(plan, t):
+    def feed(plan, t, *args):
         calls.append(t.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(plan, t)
+        return real(plan, t, *args)
 
-    monkeypatch.setattr(merge_module, "produce", produce)
+    monkeypatch.setattr(merge_module, "_feed", feed)
     before = tree_state(tmp_path)
     result = cli(ctx.argv())
     assert result.exit_code == 130

@@ -247,3 +247,21 @@ def test_worker_error_stops_the_merge_and_leaves_nothing(tmp_path, monkeypatch):
         merge(adapter, base=base, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_read_error_mid_tensor_stops_the_writer_and_leaves_nothing(tmp_path, monkeypatch):
+    base, adapter = _model(tmp_path)
+    monkeypatch.setattr(merging, "TASK_BYTES", 200)
+    calls = []
+    read = merging._Reader.read
+
+    def failing(self, file, offset, size):
+        calls.append(offset)
+        if len(calls) == 6:  # inside a tensor whose first pieces are already queued
+            raise merging.D2ExportError("disk gone")
+        return read(self, file, offset, size)
+
+    monkeypatch.setattr(merging._Reader, "read", failing)
+    with pytest.raises(merging.D2ExportError, match="disk gone"):
+        merge(adapter, base=base, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

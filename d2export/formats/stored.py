@@ -12,6 +12,7 @@ ones (magnitudes, biases, ``d2_tau``) are kept as arrays.
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ from ..arrays import SAFETENSORS_DTYPES, is_float, read_array, safetensors_heade
 from ..errors import D2ExportError
 
 KEEP_BYTES = 64 * 2**10  # tensors up to this size are kept in memory
+# The last factors read stay cached up to this size in all: code that asks for one module's
+# factors block after block (the weight check's |B||A|) reads them from memory, and the cache's
+# bound keeps memory independent of rank and of the number of modules.
+RECENT_BYTES = 32 * 2**20
+_RECENT: dict[tuple[Path, int], np.ndarray] = {}
+_RECENT_LOCK = threading.Lock()
 _SCAN_CHUNK = 8 * 2**20
 
 
@@ -49,8 +56,19 @@ class StoredTensor:
         return self.size * self.dtype.itemsize
 
     def load(self) -> np.ndarray:
+        """An owned copy of the data (from the small cache of recent loads, else from the file)."""
+        with _RECENT_LOCK:
+            cached = _RECENT.pop((self.path, self.offset), None)
+            if cached is not None:
+                _RECENT[(self.path, self.offset)] = cached  # now the most recent
+                return cached.copy()
         value = read_array(self.path, self.offset, self.dtype, self.shape)
         check_finite(value, self.key, self.path)  # the file may have changed since it was scanned
+        if value.nbytes <= RECENT_BYTES:
+            with _RECENT_LOCK:
+                _RECENT[(self.path, self.offset)] = value.copy()
+                while sum(v.nbytes for v in _RECENT.values()) > RECENT_BYTES:
+                    _RECENT.pop(next(iter(_RECENT)))
         return value
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -297,12 +297,19 @@ def atomic_output(out: Path, *, replace: bool = True) -> Iterator[Path]:
     that both found ``out`` missing, only the first succeeds.
     """
     out = Path(os.path.abspath(out))
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise D2ExportError(f"cannot create the output's folder {out.parent} ({exc.strerror or exc})") from None
-    with output_lock(out):
-        yield from _write_into(out, replace)
+    try:
+        with output_lock(out):
+            yield from _write_into(out, replace)
+    except BaseException:
+        for folder in missing:  # deepest first: a failed run leaves no folder it made either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _write_into(out: Path, replace: bool) -> Iterator[Path]:

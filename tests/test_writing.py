@@ -171,7 +171,7 @@ def test_atomic_output_leaves_nothing_on_error(tmp_path):
         (tmp / "half.safetensors").write_bytes(b"x")
         raise ValueError("boom")
     assert not out.exists()
-    assert list((tmp_path / "nested").iterdir()) == []
+    assert not (tmp_path / "nested").exists()  # nor the folder made for it
 
 
 def test_atomic_output_replaces_an_existing_folder(tmp_path):
@@ -226,3 +226,14 @@ def test_write_json_and_text_replace_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "report.json"]  # no .tmp files
     with pytest.raises(D2ExportError, match="cannot write"):
         write_text(tmp_path / "missing" / "x.txt", "x")
+
+
+def test_failed_output_removes_the_folders_it_made(tmp_path):
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("merge failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(out) as tmp:  # on success they stay, holding the output
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").is_file()

@@ -73,18 +73,6 @@ def read_array(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...])
     return data.view(dtype).reshape(shape)
 
 
-def load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a (small) safetensors file; the file must already be known valid."""
-    header, start = safetensors_header(path)
-    arrays = {}
-    for name, entry in header.items():
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise D2ExportError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        arrays[name] = read_array(path, start + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
-    return arrays
-
-
 def to_torch(array: np.ndarray) -> torch.Tensor:
     import torch
 

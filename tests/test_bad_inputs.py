@@ -13,7 +13,6 @@ malicious pickle tried to create) was left behind.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import tree_state
 from typer.testing import CliRunner
 
 from d2export import merging as merge_module
@@ -41,20 +41,6 @@ SAFE = "adapter_model.safetensors"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def tree_state(root: Path) -> dict[str, str]:
-    """Every file (sha256) and folder under ``root``, by relative path."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            state[rel] = f"link:{os.readlink(path)}"
-        elif path.is_dir():
-            state[rel] = "dir"
-        else:
-            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
 
 
 def leftovers(root: Path) -> list[str]:

@@ -394,3 +394,28 @@ def test_vision_models_verify_on_random_images(tmp_path, head, use_dora):
     prefix = "vit." if head else ""
     tamper_tensor(out, f"{prefix}encoder.layer.1.attention.attention.query.weight", lambda w: w.mul_(1.05))
     assert not verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False).passed
+
+
+def test_rounding_floor_passes_a_correct_merge_the_fixed_limits_fail(merged, tmp_path, monkeypatch):
+    """With fixed limits tighter than the rounding floor of this model (near-tied logits do that
+    at real sizes), a correctly rounded merge still passes: it is exactly as far from the unmerged
+    model as the correctly rounded merge is. A wrong folder fails still."""
+    import d2export.verification.runner as runner_module
+
+    folder, out = merged("d2lora-llama-bf16")
+    monkeypatch.setattr(runner_module, "MIN_TOP1", {"float32": 1.0, "bfloat16": 1.0, "float16": 1.0})
+    monkeypatch.setattr(runner_module, "output_rtol", lambda run, merged_dtype: 1e-9)
+    report = verify(out, folder / "adapter", weights=False)
+    assert report.passed, report.failures
+    folder_checks = [o for o in report.outputs if o.candidate == "merged folder"]
+    assert all(o.floor is not None and o.comparison.max_abs == o.floor.max_abs for o in folder_checks)
+    assert any("the rounding of the output dtype, not the merge" in note for note in report.notes)
+    assert report.to_dict()["outputs"][0]["rounding_floor"] is not None
+    # explicit limits are final: no floor is consulted
+    assert not verify(out, folder / "adapter", weights=False, thresholds=Thresholds(min_top1=1.0)).passed
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        tamper_tensor(bad, name, lambda w: w.mul_(1.05))  # 5% on two tensors: a few rounding floors
+    failed = verify(bad, folder / "adapter", weights=False)
+    assert not failed.passed and any(o.floor is not None for o in failed.outputs)

@@ -17,6 +17,13 @@ from ..runtime.calibration import Batch
 from ..runtime.comparison import OutputComparison
 from ..runtime.models import greedy_tokens, model_output
 
+# How much further from the reference than the correctly rounded merge a folder may be, when the
+# fixed limits fail (see OutputCheck.judge_against_floor): max |d| and mean KL within 1.5x, top-1
+# agreement at most half a percentage point lower. A wrong scale, tau or a dropped branch moves
+# outputs by orders of magnitude more than rounding does.
+FLOOR_SLACK = 1.5
+FLOOR_TOP1_SLACK = 0.005
+
 
 @dataclass
 class Generation:
@@ -44,10 +51,28 @@ class OutputCheck:
     max_abs_allowed: float = 0.0
     min_top1: float | None = None
     problem: str | None = None
+    # The correctly rounded merge against the same reference, measured when the fixed limits fail.
+    floor: OutputComparison | None = None
 
     @property
     def passed(self) -> bool:
         return self.problem is None
+
+    def judge_against_floor(self, floor: OutputComparison) -> None:
+        """Pass a check that failed the fixed limits if the candidate is no further from the
+        reference than the correctly rounded merge into the same dtype is: the best any merge
+        into that dtype can do. Its distance is the rounding floor, which near-tied logits make
+        model-dependent; the slack (:data:`FLOOR_SLACK`, :data:`FLOOR_TOP1_SLACK`) admits another
+        tool's merge, whose elements may sit a unit or two off the correct rounding."""
+        self.floor = floor
+        c = self.comparison
+        within = c.max_abs <= FLOOR_SLACK * floor.max_abs
+        if c.mean_kl is not None and floor.mean_kl is not None:
+            within = within and c.mean_kl <= FLOOR_SLACK * floor.mean_kl + 1e-12
+        if c.top1 is not None and floor.top1 is not None:
+            within = within and c.top1 >= floor.top1 - FLOOR_TOP1_SLACK
+        if within:
+            self.problem = None
 
     def judge(self, max_abs_allowed: float, min_top1: float | None) -> None:
         c = self.comparison
@@ -63,7 +88,8 @@ class OutputCheck:
         return {"candidate": self.candidate, "reference": self.reference, "dtype": self.dtype,
                 "output": self.output, **self.comparison.to_dict(),
                 "generation": self.generation.to_dict() if self.generation else None,
-                "max_abs_allowed": self.max_abs_allowed, "min_top1": self.min_top1, "passed": self.passed}
+                "max_abs_allowed": self.max_abs_allowed, "min_top1": self.min_top1, "passed": self.passed,
+                "rounding_floor": self.floor.to_dict() if self.floor is not None else None}
 
 
 @dataclass

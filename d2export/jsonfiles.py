@@ -83,6 +83,7 @@ ADAPTER_CONFIG = {
     "init_lora_weights": field("bool", "str"), "tau": field("float", "none"),
     "norm_projection": field("bool"), "task_type": field("str", "none"), "revision": field("str", "none"),
 }
+TRAINER_STATE = {"best_model_checkpoint": field("str", "none"), "global_step": SIZE}
 SHARD_INDEX = {"weight_map": field("dict", items="str", required=True), "metadata": field("dict", "none")}
 # Files transformers or sentence-transformers open from a model folder during verify/onnx.
 SIDE_FILES: dict[str, dict | None] = {

@@ -244,3 +244,17 @@ def test_trainer_run_checkpoint_choice(fixture, tmp_path):
     assert "checkpoint-50, checkpoint-500, checkpoint-1000" in result.stderr
     result = runner.invoke(app, ["inspect", str(run), "--checkpoint", "7"])
     assert result.exit_code == 2 and "no checkpoint-7" in result.stderr
+
+
+def test_trainer_state_of_the_wrong_shape_is_one_line(fixture, tmp_path):
+    folder = fixture("lora-llama")
+    run = tmp_path / "run"
+    for step in (1, 2):
+        shutil.copytree(folder / "adapter", run / f"checkpoint-{step}")
+    for state in ('{"best_model_checkpoint": 5}', "[1, 2]", '{"best_model_checkpoint": null}'):
+        (run / "checkpoint-2" / "trainer_state.json").write_text(state)
+        before = tree_hash(tmp_path)
+        result = CliRunner().invoke(app, ["inspect", str(run), "--checkpoint", "best"])
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "trainer_state.json" in result.stderr
+        assert tree_hash(tmp_path) == before

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import D2ExportError, OptionError
+from ..jsonfiles import TRAINER_STATE
 from ..reading import read_json_object
 
 CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
@@ -55,7 +56,7 @@ def _best(run: Path, checkpoints: list[Path]) -> Path:
     states = [p / STATE_NAME for p in (*reversed(checkpoints), run) if (p / STATE_NAME).is_file()]
     if not states:
         raise OptionError("checkpoint", f"best: no {STATE_NAME} in {run} or its checkpoints")
-    best = read_json_object(states[0]).get("best_model_checkpoint")
+    best = read_json_object(states[0], TRAINER_STATE).get("best_model_checkpoint")
     if not isinstance(best, str) or not best:
         raise OptionError("checkpoint", f"best: {states[0]} records no best_model_checkpoint (training ran "
                           "without metric_for_best_model?)")

@@ -212,6 +212,29 @@ def require_rank(config: dict, key: str, where: Path) -> int:
     return int(_check_value(config.get(key), repr(key), where, integer=True))
 
 
+
+@dataclass(frozen=True)
+class Scaling:
+    """A LoRA-family config's rank and alpha, per module through PEFT's patterns, and the scale
+    ``alpha/r`` (rsLoRA: ``alpha/sqrt(r)``) they give each low-rank term."""
+
+    config: dict
+    r: int
+    alpha: float
+    rslora: bool
+
+    @classmethod
+    def read(cls, config: dict, where: Path) -> Scaling:
+        r, alpha = require_rank(config, "r", where), require_number(config, "lora_alpha", where)
+        check_patterns(config, where)
+        return cls(config, r, alpha, bool(config.get("use_rslora", False)))
+
+    def of(self, module: str) -> tuple[float, float, float]:
+        """(rank, alpha, scale) of ``module``."""
+        r = float(pattern_value(self.config.get("rank_pattern"), module, self.r))
+        alpha = float(pattern_value(self.config.get("alpha_pattern"), module, self.alpha))
+        return r, alpha, alpha / math.sqrt(r) if self.rslora else alpha / r
+
 def base_key(adapter_key: str) -> str:
     """Base tensor name of a full tensor saved by the adapter (modules_to_save, embedding copies,
     trained biases): the PEFT wrapper parts dropped."""

@@ -7,22 +7,11 @@ back to the norm it had in ``W0``. ``tau`` is the config's float unless the modu
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..errors import D2ExportError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import (
-    RawAdapter,
-    check_factor,
-    check_patterns,
-    finish_spec,
-    group_factors,
-    pattern_value,
-    require_number,
-    require_rank,
-)
+from .common import RawAdapter, Scaling, check_factor, finish_spec, group_factors, require_number
 
 _SUFFIXES = {
     ".lora_A_pos.weight": ("A_pos", LayerKind.LINEAR),
@@ -50,16 +39,13 @@ def orient(A: np.ndarray, B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray
 
 def read_d2lora(raw: RawAdapter) -> AdapterSpec:
     cfg, where = raw.config, raw.path / "adapter_config.json"
-    r_default = require_rank(cfg, "r", where)
-    alpha_default = require_number(cfg, "lora_alpha", where)
-    check_patterns(cfg, where)
+    scaling = Scaling.read(cfg, where)
     tau_default = cfg.get("tau")
     if tau_default is not None:
         tau_default = require_number(cfg, "tau", where, positive=False)
     norm_projection = cfg.get("norm_projection", True)
     if not isinstance(norm_projection, bool):
         raise D2ExportError(f"{where}: 'norm_projection' must be true or false")
-    use_rslora = bool(cfg.get("use_rslora", False))
 
     modules, rest = group_factors(raw, _SUFFIXES)
     updates = {}
@@ -67,10 +53,9 @@ def read_d2lora(raw: RawAdapter) -> AdapterSpec:
         missing = [role for role in _ROLES if role not in parts]
         if missing:
             raise D2ExportError(f"{raw.path}: module {module} lacks {', '.join(missing)}")
-        r = int(pattern_value(cfg.get("rank_pattern"), module, r_default))
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        r, alpha, scale = scaling.of(module)
+        r = int(r)
         tau, learned = _tau(parts.get("tau"), tau_default, module, raw)
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         terms, swapped = [], set()
         for sign, coefficient in (("pos", scale), ("neg", -tau * scale)):
             A = check_factor(f"{module}.lora_A_{sign}", parts[f"A_{sign}"], 2, where)

@@ -3,20 +3,9 @@ adapted embeddings, GPT-2 Conv1D), as ``peft``'s ``save_pretrained`` writes them
 
 from __future__ import annotations
 
-import math
-
 from ..errors import D2ExportError, UnsupportedAdapterError
 from ..spec import AdapterSpec, LayerKind, LowRankTerm, ModuleUpdate, Rescale
-from .common import (
-    RawAdapter,
-    check_factor,
-    check_patterns,
-    finish_spec,
-    group_factors,
-    pattern_value,
-    require_number,
-    require_rank,
-)
+from .common import RawAdapter, Scaling, check_factor, finish_spec, group_factors
 
 # Suffix of an adapter key -> (role, layer kind).
 _FACTOR_SUFFIXES = {
@@ -56,10 +45,7 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
             f"{where}: init_lora_weights={init!r} rewrote the base weights during training; convert "
             "the adapter with PEFT (path_initial_model_for_weight_conversion) and merge that"
         )
-    r_default = require_rank(cfg, "r", where)
-    alpha_default = require_number(cfg, "lora_alpha", where)
-    check_patterns(cfg, where)
-    use_rslora = bool(cfg.get("use_rslora", False))
+    scaling = Scaling.read(cfg, where)
     use_dora = bool(cfg.get("use_dora", False))
 
     modules, rest = group_factors(raw, _FACTOR_SUFFIXES)
@@ -72,8 +58,7 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
                 f"{raw.path}: module {module} has an incomplete LoRA pair (found {', '.join(have)})"
             )
         kind = kinds.pop()
-        r = float(pattern_value(cfg.get("rank_pattern"), module, r_default))
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        r, alpha, scale = scaling.of(module)
         A = check_factor(f"{module} A", parts["A"], 2, where)
         B = check_factor(f"{module} B", parts["B"], 2, where)
         if A.shape[0] != r or B.shape[1] != r:
@@ -81,7 +66,6 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
                 f"{raw.path}: {module}: factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                 f"have the configured rank r={r:g}"
             )
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         magnitude = parts.get("magnitude")
         if use_dora and magnitude is None:
             raise D2ExportError(f"{raw.path}: use_dora is set but {module} has no lora_magnitude_vector")
@@ -103,5 +87,5 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
             rank=int(r),
             alpha=alpha,
         )
-    method = "dora" if use_dora else ("rslora" if use_rslora else "lora")
+    method = "dora" if use_dora else ("rslora" if scaling.rslora else "lora")
     return finish_spec(raw, method, updates, rest)

@@ -258,3 +258,15 @@ def test_trainer_state_of_the_wrong_shape_is_one_line(fixture, tmp_path):
         assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
         assert "trainer_state.json" in result.stderr
         assert tree_hash(tmp_path) == before
+
+
+def test_verify_takes_the_trainer_checkpoint_too(fixture, tmp_path):
+    folder = fixture("lora-llama")
+    run = tmp_path / "run"
+    for step in (5, 10):
+        shutil.copytree(folder / "adapter", run / f"checkpoint-{step}")
+    out = merge(run / "checkpoint-10", base=folder / "base", out=tmp_path / "m").out
+    result = CliRunner().invoke(app, ["verify", str(out), "--adapter", str(run), "--checkpoint", "latest",
+                                      "--base", str(folder / "base"), "--weights-only"])
+    assert result.exit_code == 0, result.stderr
+    assert "checkpoint-10" in result.stdout and "PASSED" in result.stdout

@@ -167,6 +167,7 @@ def verify_cmd(
     merged: Annotated[Path, typer.Argument(help="Merged model folder (by d2export or another tool).")],
     adapter: AdapterOption,
     base: BaseOption = None,
+    trainer_checkpoint: TrainerCheckpointOption = None,
     calibration: CalibrationOption = None,
     task_data: TaskDataOption = None,
     atol: AtolOption = None,
@@ -181,6 +182,7 @@ def verify_cmd(
 ) -> None:
     """Check a merged folder against the adapter: weights, outputs (and a task, with --task-data).
     Exit 1 if a check fails."""
+    adapter = _adapter_folder(adapter, trainer_checkpoint)
     with reported():
         gap = {} if max_task_gap is None else {"max_task_gap_pp": max_task_gap}
         options = VerifyOptions(outputs=not weights_only, calibration=calibration, task_data=task_data,
@@ -242,6 +244,7 @@ def bench_cmd(
     base: BaseOption = None,
     onnx_dir: Annotated[Path | None, typer.Option(
         "--onnx", help="ONNX export to time too (default: <merged>-onnx when it exists).")] = None,
+    trainer_checkpoint: TrainerCheckpointOption = None,
     batch_sizes: Annotated[str, typer.Option(help=help_of(BenchOptions, "batch_sizes"))] = "1,4",
     seq_lens: Annotated[str, typer.Option(help=help_of(BenchOptions, "seq_lens"))] = "32,128",
     warmup: Annotated[int, typer.Option(help=help_of(BenchOptions, "warmup"))] = 2,
@@ -256,6 +259,7 @@ def bench_cmd(
     export, on the same random-token prefill at each batch size x sequence length."""
     from ..bench import plot_report, require_matplotlib, run_bench
 
+    adapter = _adapter_folder(adapter, trainer_checkpoint)
     with reported():
         options = BenchOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, warmup=warmup, repeats=repeats,
                                threads=threads, dtype=dtype)

@@ -99,7 +99,8 @@ def round_to_odd_float32(x: np.ndarray) -> np.ndarray:
     return bits.view(float32)
 
 
-def _row_block(n_cols: int, itemsize: int) -> int:
+def row_block(n_cols: int, itemsize: int) -> int:
+    """Rows per block so that one block of ``n_cols`` columns stays near :data:`_BLOCK_BYTES`."""
     return max(1, _BLOCK_BYTES // max(1, n_cols * itemsize))
 
 
@@ -136,7 +137,7 @@ def merged_rows(
             f"[out={update.shape[0]}, in={update.shape[1]}]"
         )
     B, A = stacked_factors(update, compute_dtype)
-    step = _row_block(n_in, compute_dtype.itemsize)
+    step = row_block(n_in, compute_dtype.itemsize)
     # Two block buffers reused for every block: fresh ones are mapped and zeroed by the kernel each
     # time (glibc hands large blocks back on free), a page fault per page per block.
     w0_buffer = np.empty((min(step, n_out), n_in), compute_dtype)
@@ -185,7 +186,7 @@ def merge_tensor(
     """Fold ``update`` into the stored base ``weight``; return it in ``out_dtype``, rounded once,
     and its stats. Row blocks go through :func:`merge_block` (the float32 path of
     :mod:`d2export.blocks` where it applies, else :func:`merged_rows`' float64 arithmetic)."""
-    from .blocks import StatsSum, merge_block, prepare_factors  # blocks builds on this module
+    from .blocks import merge_rows, prepare_factors  # blocks builds on this module
 
     name = name or update.weight_key
     out_dtype = np.dtype(out_dtype)
@@ -196,14 +197,7 @@ def merge_tensor(
             f"[out={update.shape[0]}, in={update.shape[1]}]"
         )
     factors = prepare_factors(update, base.dtype, out_dtype, compute_dtype)
-    merged = np.empty(update.shape, dtype=out_dtype)
-    totals = StatsSum()
-    step = _row_block(update.shape[1], 8)
-    for start in range(0, update.shape[0], step):
-        rows = slice(start, min(start + step, update.shape[0]))
-        block = merge_block(base[rows], update, factors, rows, out_dtype, name)
-        merged[rows] = block.value
-        totals.add(block)
+    merged, totals = merge_rows(base, update, factors, 0, out_dtype, name)
     stats = totals.stats(update.rescale is not Rescale.NONE)
     return (np.ascontiguousarray(merged.T) if transposed else merged), stats
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .algebra import MergeStats, all_finite, check_finite, exact_rows, round_to_dtype
+from .algebra import MergeStats, all_finite, check_finite, exact_rows, round_to_dtype, row_block
 from .arrays import bfloat16, float16, float32, float64
 from .spec import ModuleUpdate, Rescale
 
@@ -139,6 +139,21 @@ class StatsSum:
 
     def stats(self, rescaled: bool) -> MergeStats:
         return MergeStats(math.sqrt(self.delta_sq), self.low if rescaled else None, self.high if rescaled else None)
+
+
+def merge_rows(w0: np.ndarray, update: ModuleUpdate, factors: Factors, first: int, out_dtype: np.dtype,
+               name: str) -> tuple[np.ndarray, StatsSum]:
+    """Rows ``first ..`` of the merge, given ``w0`` (those rows of ``W0``, canonical orientation,
+    stored dtype), in cache-sized blocks: the merged rows in ``out_dtype`` and their stats."""
+    out = np.empty(w0.shape, out_dtype)
+    totals = StatsSum()
+    step = row_block(w0.shape[1], 8)
+    for start in range(0, w0.shape[0], step):
+        part = slice(start, min(start + step, w0.shape[0]))
+        block = merge_block(w0[part], update, factors, slice(first + part.start, first + part.stop), out_dtype, name)
+        out[part] = block.value
+        totals.add(block)
+    return out, totals
 
 
 def merge_block(w0: np.ndarray, update: ModuleUpdate, factors: Factors, rows: slice, out_dtype: np.dtype,

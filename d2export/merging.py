@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .algebra import MergeStats, _row_block, merge_bias, merge_tensor, round_to_dtype
+from .algebra import MergeStats, merge_bias, merge_tensor, round_to_dtype
 from .arrays import finfo, is_float
-from .blocks import StatsSum, merge_block, prepare_factors
+from .blocks import StatsSum, merge_rows, prepare_factors
 from .errors import D2ExportError
 from .job import Job, prepare
 from .options import MergeOptions, with_settings
@@ -154,7 +154,7 @@ def _feed(plan: MergePlan, t: TensorPlan, stream: _Stream, pool: Executor, reade
             rows = slice(start, min(start + rows_per_task, source.shape[0]))
             data = reader.read(source.file, source.offset + start * row_bytes, (rows.stop - start) * row_bytes)
             w0 = data.view(source.dtype).reshape(rows.stop - start, source.shape[1])
-            stream.put(pool.submit(_merge_rows, w0, t, factors, rows))
+            stream.put(pool.submit(merge_rows, w0, t.update, factors, start, t.out_dtype, t.name))
             stream.blocks += 1
     else:
         start = reader.read(source.file, source.offset, source.nbytes).view(source.dtype).reshape(source.shape) \
@@ -167,21 +167,6 @@ def _streamable(plan: MergePlan, t: TensorPlan, source) -> bool:
     """A merge that can go by row blocks straight from the file: stored ``[out, in]`` rows."""
     return (t.action is Action.MERGE and t.replacement is None and not t.transposed
             and source.offset is not None and len(source.shape) == 2 and source.shape[0] > 0)
-
-
-def _merge_rows(w0: np.ndarray, t: TensorPlan, factors, rows: slice) -> tuple[np.ndarray, StatsSum]:
-    """One task: ``rows`` of ``t``, in cache-sized blocks (algebra._row_block)."""
-    assert t.update is not None
-    out = np.empty(w0.shape, t.out_dtype)
-    totals = StatsSum()
-    step = _row_block(w0.shape[1], 8)
-    for first in range(0, w0.shape[0], step):
-        part = slice(first, min(first + step, w0.shape[0]))
-        block = merge_block(w0[part], t.update, factors, slice(rows.start + part.start, rows.start + part.stop),
-                            t.out_dtype, t.name)
-        out[part] = block.value
-        totals.add(block)
-    return out, totals
 
 
 def _pieces(offset: int | None, nbytes: int, chunk: int):

@@ -130,16 +130,14 @@ class ShardWriter:
                 self._error = D2ExportError(f"{self.path}: cannot write ({exc.strerror or exc})")
 
 
-def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str | None:
-    """The file's sha256; None if ``stop`` was set before the end (checked between chunks)."""
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """The file's sha256, read in chunks of one reused buffer."""
     digest = hashlib.sha256()
     # One reused buffer: a fresh bytes object per read, right after a merge has grown the heap,
     # fragments it and raises the peak RSS for nothing.
     buffer = memoryview(bytearray(chunk))
     with open(path, "rb") as handle:
         while size := handle.readinto(buffer):
-            if stop is not None and stop.is_set():
-                return None
             digest.update(buffer[:size])
     return digest.hexdigest()
 
@@ -211,7 +209,7 @@ class _FileHash:
 
     def finish(self, path: Path) -> str:
         if not self.in_order:
-            return sha256_file(path) or ""
+            return sha256_file(path)
         self._hash_range(path, path.stat().st_size)
         return self.digest.hexdigest()
 

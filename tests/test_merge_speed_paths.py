@@ -242,7 +242,7 @@ def test_worker_error_stops_the_merge_and_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise MergeError("m: row 3 of W0 + dW has zero norm")
 
-    monkeypatch.setattr(merging, "merge_block", broken)
+    monkeypatch.setattr(blocks, "merge_block", broken)  # what every worker task calls
     with pytest.raises(MergeError, match="row 3"):
         merge(adapter, base=base, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

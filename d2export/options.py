@@ -154,9 +154,12 @@ class VerifyOptions:
                                    default=None)
     thresholds: Thresholds = field(default_factory=Thresholds)
     peft_reference: bool = option("Also compare against PEFT's own unmerged model (PEFT adapters).", default=True)
-    compare_ours: bool | None = option(
-        "Run d2export's own merge beside the folder (default: when another tool wrote it).", default=None)
     seed: int = option("Seed of the random calibration tokens.", default=0)
+    dtypes: tuple[str, ...] | str | None = option(
+        "Dtypes to run the output checks in, e.g. bf16,fp32 (default: the folder's).", default=None)
+    resident: int | str | None = option(
+        "Weights kept in memory by the output checks, e.g. 256MiB; the rest is read from the files layer by "
+        "layer. 'all': load whole.", default="256MiB")
 
     def __post_init__(self) -> None:
         for name in ("calibration", "task_data"):
@@ -167,6 +170,12 @@ class VerifyOptions:
                     raise OptionError(name, f"file not found: {path}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise OptionError("seed", f"must be an integer; got {self.seed!r}")
+        if self.dtypes is not None:
+            names = self.dtypes.split(",") if isinstance(self.dtypes, str) else list(self.dtypes)
+            _set(self, "dtypes", tuple(dict.fromkeys(dtype_choice("dtypes", n.strip(), OUTPUT_DTYPES) for n in names)))
+        if self.resident is not None:
+            whole = str(self.resident).lower() == "all"
+            _set(self, "resident", None if whole else parse_size(self.resident, "resident"))
 
 
 @dataclass(frozen=True)

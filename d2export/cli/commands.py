@@ -177,6 +177,8 @@ def verify_cmd(
     weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
     no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
     seed: Annotated[int, typer.Option(help=help_of(VerifyOptions, "seed"))] = 0,
+    dtypes: Annotated[str | None, typer.Option(help=help_of(VerifyOptions, "dtypes"))] = None,
+    resident: Annotated[str, typer.Option(help=help_of(VerifyOptions, "resident"))] = "256MiB",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -186,7 +188,7 @@ def verify_cmd(
     with reported():
         gap = {} if max_task_gap is None else {"max_task_gap_pp": max_task_gap}
         options = VerifyOptions(outputs=not weights_only, calibration=calibration, task_data=task_data,
-                                peft_reference=not no_peft, seed=seed,
+                                peft_reference=not no_peft, seed=seed, dtypes=dtypes, resident=resident,
                                 thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units, **gap))
     report = _verify(merged, adapter, base, options, quiet)
     if as_json:

@@ -115,15 +115,15 @@ def print_verify(report, console: Console) -> None:
                       highlight=False)
     if report.outputs:
         console.print(f"outputs on {escape(report.calibration)}:", highlight=False)
-        table = Table("candidate", "reference", "run in", "max |d|", "scale", "rel", "mean |d|", "top-1", "mean KL",
+        table = Table("rung", "model", "against", "run in", "max |d|", "scale", "rel", "mean |d|", "top-1", "mean KL",
                       "greedy", "", box=None, header_style="bold")
         for o in report.outputs:
             c, g = o.comparison, o.generation
-            table.add_row(o.candidate, o.reference, o.dtype, f"{c.max_abs:.2e}", f"{c.scale:.3g}", f"{c.relative:.1e}",
-                          f"{c.mean_abs:.1e}", "-" if c.top1 is None else f"{c.top1:.2%}",
+            verdict = "" if o.rung == "rounding cost" else "[green]ok[/]" if o.passed else "[red]FAIL[/]"
+            table.add_row(o.rung, o.candidate, o.reference, o.dtype, f"{c.max_abs:.2e}", f"{c.scale:.3g}",
+                          f"{c.relative:.1e}", f"{c.mean_abs:.1e}", "-" if c.top1 is None else f"{c.top1:.2%}",
                           "-" if c.mean_kl is None else f"{c.mean_kl:.1e}",
-                          "-" if g is None else f"{g.identical}/{g.prompts}",
-                          "[green]ok[/]" if o.passed else "[red]FAIL[/]")
+                          "-" if g is None else f"{g.identical}/{g.prompts}", verdict)
         console.print(table)
     if report.task:
         table = Table("task run in", "scoring", "examples", "unmerged acc", "merged acc", "gap (pp)", "differ",

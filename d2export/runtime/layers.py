@@ -17,6 +17,7 @@ from torch import nn
 from ..arrays import to_torch
 from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
+from .streaming import hoist, is_streamed, materialized, override_weights
 
 
 class AdapterLayer(nn.Module):
@@ -148,14 +149,20 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
     for name, value in spec.replacements.items():
         module_path, _, param = name.rpartition(".")
         path, module = _resolve_module(model, module_path)
+        if is_streamed(module):  # its tensors are read at each forward: replace what is read
+            override_weights(module, {param: lambda value=value: to_torch(value)})
+            continue
         old = getattr(module, param)
         setattr(module, param, nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False))
     for update in spec.updates.values():
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
-        set_module(model, path, layer.to(module.weight.dtype))
+        with materialized(module):  # the layer reads the base weight (its shape, D2-LoRA's norms)
+            layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
+            layer.to(module.weight.dtype)
+        set_module(model, path, layer)
+        hoist(layer, module)
     return model
 
 

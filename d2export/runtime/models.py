@@ -17,6 +17,7 @@ from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
 from .layers import inject_adapter
+from .streaming import is_streamed, keep_spill_folder, override_weights, streaming_kwargs
 
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,8 +43,11 @@ def head_kind(config: dict) -> str:
     return "encoder"
 
 
-def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
-    """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
+               **config_overrides) -> nn.Module:
+    """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode.
+    ``resident_bytes``: stream the weights beyond that many bytes from the folder's files, layer by
+    layer (:mod:`.streaming`); None: load them all."""
     import transformers
     from transformers.utils import logging as transformers_logging
 
@@ -55,11 +59,16 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, **config_overri
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = cls.from_pretrained(folder, dtype=dtype, **config_overrides)
+            model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides)
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
     return model.eval()
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> nn.Module:
+    streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides)
+    return keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
 
 
 @torch.no_grad()
@@ -87,11 +96,11 @@ def greedy_tokens(model: nn.Module, prompt: torch.Tensor, steps: int) -> torch.T
 
 
 def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype, *, reference_norms: bool = True,
-                   **config_overrides) -> nn.Module:
+                   resident_bytes: int | None = None, **config_overrides) -> nn.Module:
     """The base with the adapter applied at run time by d2export's layers. ``reference_norms``:
     rescaling norms in float64 (the accuracy reference); False: in the model dtype, as training
     code computes them (what the benchmark times)."""
-    model = load_model(base, dtype, **config_overrides)
+    model = load_model(base, dtype, resident_bytes=resident_bytes, **config_overrides)
     try:
         return inject_adapter(model, spec, reference_norms=reference_norms).eval()
     except KeyError as exc:  # a module the plan check did not catch; say it as bad input
@@ -107,7 +116,10 @@ def peft_usable(spec: AdapterSpec) -> bool:
 
 
 def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module | None:
-    """PEFT's own unmerged model, where PEFT can load the adapter (and is installed)."""
+    """PEFT's own unmerged model, where PEFT can load the adapter (and is installed). Always loaded
+    whole: PEFT re-dispatches a streamed model and initialises DoRA from base weights, and on
+    streamed weights that fails or computes something else (measured: NaN on a ``.bin`` base,
+    0.08 off on a tied head)."""
     if not peft_usable(spec):
         return None
     from peft import PeftModel
@@ -117,13 +129,14 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
         return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
 
 
-def merged_in_memory(plan, dtype: torch.dtype) -> nn.Module:
-    """d2export's merge of ``plan`` (a :class:`~d2export.plan.MergePlan`) loaded into the base
-    model in memory, for figures side by side with a folder another tool wrote."""
+def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None) -> nn.Module:
+    """d2export's merge of ``plan`` (a :class:`~d2export.plan.MergePlan`) in the base model, each
+    merged tensor computed when the forward reaches it (streamed) or set up front (resident): the
+    model the folder should load as, without reading the folder."""
     from ..merging import produce
     from ..plan import Action
 
-    model = load_model(plan.base.path, dtype, **plan.config_updates)
+    model = load_model(plan.base.path, dtype, resident_bytes=resident_bytes, **plan.config_updates)
     keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = {}
@@ -133,6 +146,11 @@ def merged_in_memory(plan, dtype: torch.dtype) -> nn.Module:
         key = find_name(t.name, keys, prefix)
         if key is None:
             raise D2ExportError(f"in-memory merge: {t.name} is not a parameter of the loaded base model")
-        state[key] = to_torch(produce(plan, t)[0]).to(dtype)
+        module_path, _, param = key.rpartition(".")
+        module = model.get_submodule(module_path)
+        if is_streamed(module):
+            override_weights(module, {param: lambda t=t: to_torch(produce(plan, t)[0])})
+        else:
+            state[key] = to_torch(produce(plan, t)[0]).to(dtype)
     model.load_state_dict(state, strict=False)
     return model.eval()

@@ -1,9 +1,19 @@
-"""Output-level check: the merged model against the unmerged one (base + the adapter applied at run
-time), on padded calibration batches, in a given dtype.
+"""Output-level checks: the reference ladder (docs/design.md §7).
 
-References: d2export's run-time adapter layers (``runtime.layers.inject_adapter``, computing what training
-computed) always; for PEFT LoRA-family adapters also PEFT's own unmerged ``PeftModel``, an
-implementation that shares nothing with ours.
+Every output check runs the same calibration batches through a few models, one at a time,
+each streamed layer by layer from its files:
+
+* the **unmerged** model: the base with the adapter applied at run time (``runtime.layers``), what
+  training computed; the reference;
+* the **correctly rounded merge**: d2export's merge into the folder's dtype, built from the base
+  and the adapter (never from the folder): the best any merge into that dtype can do;
+* the **folder** as ``from_pretrained`` loads it;
+* PEFT's own unmerged ``PeftModel`` for PEFT adapters, an implementation that shares nothing with
+  ours (only where the model fits in memory whole: PEFT cannot run on streamed weights).
+
+and judges three rungs (:func:`judge_loading`, :func:`judge_fidelity`, :func:`judge_references`);
+the correctly rounded merge against the unmerged model is also reported on its own, as what
+writing the output dtype costs.
 """
 
 from __future__ import annotations
@@ -15,106 +25,174 @@ from torch import nn
 
 from ..runtime.calibration import Batch
 from ..runtime.comparison import OutputComparison
-from ..runtime.models import greedy_tokens, model_output
+from ..runtime.models import model_output
 
-# How much further from the reference than the correctly rounded merge a folder may be, when the
-# fixed limits fail (see OutputCheck.judge_against_floor): max |d| and mean KL within 1.5x, top-1
-# agreement at most half a percentage point lower. A wrong scale, tau or a dropped branch moves
-# outputs by orders of magnitude more than rounding does.
+# Fidelity: how much further from the unmerged model than the correctly rounded merge a folder may
+# be (max |d| within 1.5x, top-1 agreement at most half a point lower). Another tool's merge sits a
+# unit or two off the correct rounding in some elements (the weight check bounds that); a wrong
+# scale, tau or a dropped branch moves outputs by orders of magnitude more than rounding does.
 FLOOR_SLACK = 1.5
 FLOOR_TOP1_SLACK = 0.005
+
+UNMERGED, ROUNDED, FOLDER, PEFT = "unmerged model", "correctly rounded merge", "merged folder", "PEFT unmerged"
 
 
 @dataclass
 class Generation:
+    """Greedy continuations: the unmerged model's, and how far another model follows it when fed
+    the same tokens (teacher-forced: one forward instead of one per step, with the same answer to
+    "does it pick the same next token at every step")."""
+
     prompts: int = 0
     steps: int = 0
-    identical: int = 0  # prompts whose greedy continuation is the same token for token
-    first_divergence: list[int | None] = field(default_factory=list)  # step where it differed
+    identical: int = 0  # prompts whose continuation the model reproduces at every step
+    first_divergence: list[int | None] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> float | None:
+        return self.identical / self.prompts if self.prompts else None
 
     def to_dict(self) -> dict:
         return {"prompts": self.prompts, "steps": self.steps, "identical": self.identical,
-                "agreement": self.identical / self.prompts if self.prompts else None,
-                "first_divergence": self.first_divergence}
+                "agreement": self.agreement, "first_divergence": self.first_divergence}
 
 
 @dataclass
 class OutputCheck:
-    """One candidate model against one reference, in one dtype."""
+    """One model against another in one dtype, and the rung it is judged on."""
 
-    candidate: str  # "merged folder", "d2export merge (in memory)"
-    reference: str  # "run-time adapter", "PEFT unmerged"
+    rung: str  # "loading", "fidelity", "references", "rounding cost" (figures only)
+    candidate: str
+    reference: str
     dtype: str
     output: str  # "logits" or "hidden states"
     comparison: OutputComparison
     generation: Generation | None = None
-    max_abs_allowed: float = 0.0
-    min_top1: float | None = None
+    rule: str = ""  # the limit applied, in words
     problem: str | None = None
-    # The correctly rounded merge against the same reference, measured when the fixed limits fail.
-    floor: OutputComparison | None = None
+    floor: OutputComparison | None = None  # fidelity: the correctly rounded merge vs the same reference
 
     @property
     def passed(self) -> bool:
         return self.problem is None
 
-    def judge_against_floor(self, floor: OutputComparison) -> None:
-        """Pass a check that failed the fixed limits if the candidate is no further from the
-        reference than the correctly rounded merge into the same dtype is: the best any merge
-        into that dtype can do. Its distance is the rounding floor, which near-tied logits make
-        model-dependent; the slack (:data:`FLOOR_SLACK`, :data:`FLOOR_TOP1_SLACK`) admits another
-        tool's merge, whose elements may sit a unit or two off the correct rounding."""
-        self.floor = floor
-        c = self.comparison
-        within = c.max_abs <= FLOOR_SLACK * floor.max_abs
-        if c.mean_kl is not None and floor.mean_kl is not None:
-            within = within and c.mean_kl <= FLOOR_SLACK * floor.mean_kl + 1e-12
-        if c.top1 is not None and floor.top1 is not None:
-            within = within and c.top1 >= floor.top1 - FLOOR_TOP1_SLACK
-        if within:
-            self.problem = None
-
-    def judge(self, max_abs_allowed: float, min_top1: float | None) -> None:
-        c = self.comparison
-        self.max_abs_allowed, self.min_top1 = max_abs_allowed, min_top1
-        if not c.max_abs <= max_abs_allowed:  # also catches inf/nan
-            self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): max |d{self.output}| "
-                            f"{c.max_abs:.3g} > {max_abs_allowed:.3g} (scale {c.scale:.3g}), worst at {c.where()}")
-        elif min_top1 is not None and c.top1 is not None and c.top1 < min_top1:
-            self.problem = (f"{self.candidate} vs {self.reference} ({self.dtype}): top-1 agreement "
-                            f"{c.top1:.2%} < {min_top1:.2%}")
+    def fail(self, what: str) -> None:
+        self.problem = f"{self.rung}: {self.candidate} vs {self.reference} ({self.dtype}): {what}"
 
     def to_dict(self) -> dict:
-        return {"candidate": self.candidate, "reference": self.reference, "dtype": self.dtype,
+        return {"rung": self.rung, "candidate": self.candidate, "reference": self.reference, "dtype": self.dtype,
                 "output": self.output, **self.comparison.to_dict(),
                 "generation": self.generation.to_dict() if self.generation else None,
-                "max_abs_allowed": self.max_abs_allowed, "min_top1": self.min_top1, "passed": self.passed,
+                "rule": self.rule, "passed": self.passed,
                 "rounding_floor": self.floor.to_dict() if self.floor is not None else None}
+
+
+def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
+    """The folder loaded by transformers against the correctly rounded merge, through the same code
+    in the same dtype. When every tensor of the folder equals the correctly rounded merge, their
+    outputs must be equal too: any difference is how the folder loads (a config that re-ties the
+    head, a tensor the loader ignores or renames, a wrong dtype), which nothing else can see. When
+    the tensors differ (another tool's merge, within the weight bound), fidelity decides."""
+    if not weights_exact:
+        check.rule = "not judged: the folder's tensors are not all the correctly rounded values"
+        return
+    check.rule = "equal outputs (every tensor equals the correctly rounded merge)"
+    c = check.comparison
+    if c.max_abs != 0.0:  # NaN included
+        check.fail(f"max |d{check.output}| {c.max_abs:.3g} (scale {c.scale:.3g}) at {c.where()}; the folder's "
+                   "tensors are right, so transformers loads it as a different model")
+
+
+def judge_fidelity(check: OutputCheck, floor: OutputComparison, *, fixed_abs: float, min_top1: float,
+                   explicit: bool) -> None:
+    """The folder against the unmerged model, no further than the correctly rounded merge (the
+    floor) up to :data:`FLOOR_SLACK`; never held to less than the fixed per-dtype limits
+    (``fixed_abs``, ``min_top1``, measured on correct merges). ``explicit``: limits the user gave
+    (``atol``, ``min_top1``) are applied as they are, without the floor."""
+    check.floor = floor
+    c = check.comparison
+    allowed_abs, allowed_top1 = fixed_abs, min_top1
+    if explicit:
+        check.rule = f"max |d| <= {allowed_abs:.3g}, top-1 >= {allowed_top1:.2%} (given)"
+    else:
+        allowed_abs = max(fixed_abs, FLOOR_SLACK * floor.max_abs)
+        if floor.top1 is not None:
+            allowed_top1 = min(min_top1, floor.top1 - FLOOR_TOP1_SLACK)
+        check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
+                      f"{floor.max_abs:.3g} and the fixed {fixed_abs:.3g})"
+                      + (f", top-1 >= {allowed_top1:.2%}" if c.top1 is not None else ""))
+    if not c.max_abs <= allowed_abs:  # also catches inf/nan
+        check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
+                   f"rounded merge: {floor.max_abs:.3g}), worst at {c.where()}")
+    elif c.top1 is not None and c.top1 < allowed_top1:
+        check.fail(f"top-1 agreement {c.top1:.2%} < {allowed_top1:.2%} (the correctly rounded merge: "
+                   f"{_share(floor.top1)})")
+
+
+def judge_references(check: OutputCheck, fixed_abs: float) -> None:
+    """PEFT's unmerged model against ours, in float32: two exact implementations of the same model,
+    which differ only in the order of float32 operations. This is what catches an adapter that
+    d2export reads wrongly (a scale, a pattern), since its merge and its reference would agree."""
+    check.rule = f"max |d| <= {fixed_abs:.3g} (float32 round-off)"
+    c = check.comparison
+    if not c.max_abs <= fixed_abs:
+        check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {fixed_abs:.3g} (scale {c.scale:.3g}), worst at "
+                   f"{c.where()}: d2export reads this adapter differently from PEFT")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 @dataclass
 class ModelRun:
-    """What one model produced on the calibration batches and generation prompts. Models are run
-    one at a time and compared afterwards, so only one is ever in memory."""
+    """What one model produced: its outputs on the calibration batches, and its predictions along the
+    unmerged model's greedy continuations ([prompts, steps], None without generation)."""
 
     outputs: list[torch.Tensor]
-    greedy: list[torch.Tensor]
+    followed: torch.Tensor | None = None
 
 
-def run_model(model: nn.Module, batches: list[Batch], prompts: list[torch.Tensor], steps: int) -> ModelRun:
-    return ModelRun([model_output(model, b) for b in batches], [greedy_tokens(model, p, steps) for p in prompts])
+@torch.no_grad()
+def greedy_continuation(model: nn.Module, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[P, L + steps]``: the prompts and ``steps`` greedy tokens after them. With the key/value
+    cache each step computes one token per prompt (a streamed model still reads every weight once
+    per step)."""
+    out = model(input_ids=prompts, use_cache=True)
+    ids = prompts
+    for step in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if step + 1 < steps:
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return ids
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, batches: list[Batch], sequences: torch.Tensor | None, steps: int) -> ModelRun:
+    """Outputs on ``batches``; with ``sequences`` (prompts and their continuation), the model's own
+    next-token choice at each continuation step, teacher-forced."""
+    outputs = [model_output(model, b) for b in batches]
+    followed = None
+    if sequences is not None:
+        logits = model(input_ids=sequences).logits
+        start = sequences.shape[1] - steps
+        followed = logits[:, start - 1:-1].argmax(-1)
+    return ModelRun(outputs, followed)
 
 
 def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], *, distributions: bool,
-                 steps: int) -> tuple[OutputComparison, Generation | None]:
+                 continuation: torch.Tensor | None) -> tuple[OutputComparison, Generation | None]:
+    """Figures of ``candidate`` against ``reference``; greedy agreement when the candidate followed
+    ``continuation`` (the unmerged model's tokens, ``[P, steps]``)."""
     result = OutputComparison(distributions=distributions)
     for ref, cand, batch in zip(reference.outputs, candidate.outputs, batches, strict=True):
         result.add(ref, cand, batch.attention_mask if ref.dim() == 3 else None)
-    if not reference.greedy:
+    if continuation is None or candidate.followed is None:
         return result, None
-    generation = Generation(prompts=len(reference.greedy), steps=steps)
-    for a, b in zip(reference.greedy, candidate.greedy, strict=True):
-        differ = (a != b).nonzero()
+    generation = Generation(prompts=continuation.shape[0], steps=continuation.shape[1])
+    for want, got in zip(continuation, candidate.followed, strict=True):
+        differ = (want != got).nonzero()
         generation.first_divergence.append(int(differ[0]) if differ.numel() else None)
         generation.identical += int(differ.numel() == 0)
     return result, generation

@@ -4,10 +4,12 @@ its limits are in :mod:`.report`)."""
 from __future__ import annotations
 
 import gc
+import math
 from pathlib import Path
 
 import torch
 
+from ..arrays import is_float
 from ..errors import D2ExportError
 from ..job import Job, prepare
 from ..options import MergeOptions, VerifyOptions, with_settings
@@ -21,17 +23,34 @@ from ..runtime.models import (
     TORCH_DTYPES,
     head_kind,
     load_model,
-    merged_in_memory,
+    merged_model,
     peft_model,
-    torch_dtype_name,
+    peft_usable,
     unmerged_model,
 )
-from .outputs import ModelRun, OutputCheck, compare_runs, run_model
-from .report import MIN_TOP1, VerifyReport, output_rtol
+from .outputs import (
+    FOLDER,
+    PEFT,
+    ROUNDED,
+    UNMERGED,
+    ModelRun,
+    OutputCheck,
+    compare_runs,
+    greedy_continuation,
+    judge_fidelity,
+    judge_loading,
+    judge_references,
+    run_model,
+)
+from .report import FP32_OUTPUT_RTOL, MIN_TOP1, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
 from .weights import check_weights
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
+# Output checks run in float32 unless asked: the folder's weights load exactly, so the rounding
+# floor is what the folder's dtype costs and nothing else (no compute round-off on top), and CPUs
+# without bf16 units run float32 4-5x faster (bench/README.md).
+DEFAULT_RUN_DTYPES = ("float32",)
 TASK_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -92,9 +111,7 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             for dtype in TASK_DTYPES:
                 say(f"task accuracy in {dtype}")
                 report.task.append(_task(merged, job, config, tokenizer, data, dtype))
-    if options.outputs and job.spec.method in PEFT_METHODS and not any(
-            o.reference == "PEFT unmerged" for o in report.outputs):
-        report.notes.append("PEFT reference not run (peft not installed, or disabled)")
+    report.rounding_note()
     return report
 
 
@@ -129,65 +146,110 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
             report.calibration = (f"random tokens, seed {options.seed}, lengths "
                                   f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
                                   "right-padded")
-    compare_ours = options.compare_ours if options.compare_ours is not None else report.merged_by != "d2export"
-    for dtype in dict.fromkeys([report.merged_dtype, "float32"]):
+    ladder = _Ladder(job, report, config, batches, options)
+    for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
         say(f"outputs in {dtype}")
-        report.outputs += _output_checks(job, report, config, TORCH_DTYPES[dtype], batches, options, compare_ours)
+        report.outputs += ladder.checks(dtype, say)
+    if job.spec.method in PEFT_METHODS and options.peft_reference:
+        say("PEFT reference in float32")
+        report.outputs += ladder.peft_checks()
 
 
-def _output_checks(job: Job, report: VerifyReport, config: dict, dtype: torch.dtype, batches: list[Batch],
-                   options: VerifyOptions, compare_ours: bool) -> list[OutputCheck]:
-    kind = head_kind(config)
-    distributions = kind != "encoder"
-    prompts = _generation_prompts(batches, config) if kind == "causal-lm" else []
+class _Ladder:
+    """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared."""
 
-    def run(model) -> ModelRun:  # one model in memory at a time
-        result = run_model(model, batches, prompts, GENERATION_STEPS)
-        del model
-        gc.collect()
-        return result
+    def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions):
+        self.job, self.report, self.batches, self.options = job, report, batches, options
+        kind = head_kind(config)
+        self.distributions = kind != "encoder"
+        self.prompts = _generation_prompts(batches, config) if kind == "causal-lm" else None
+        self.resident = options.resident
+        self.output = "logits" if self.distributions else "hidden states"
+        self.runs: dict[tuple[str, str], ModelRun] = {}
+        self.continuation: dict[str, torch.Tensor | None] = {}
 
-    base = job.base.path
-    references = {"run-time adapter": run(unmerged_model(base, job.spec, dtype))}
-    peft = peft_model(base, job.spec, dtype) if options.peft_reference else None
-    if peft is not None:
-        references["PEFT unmerged"] = run(peft)
-        del peft
-    candidates = {"merged folder": run(load_model(report.merged, dtype))}
-    if compare_ours:
-        candidates["d2export merge (in memory)"] = run(merged_in_memory(job.plan, dtype))
-    name = torch_dtype_name(dtype)
-    thresholds = options.thresholds
-    rtol = output_rtol(name, report.merged_dtype)
-    min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[name]
-    checks = []
-    for ref_name, reference in references.items():
-        for cand_name, candidate in candidates.items():
-            comparison, generation = compare_runs(reference, candidate, batches, distributions=distributions,
-                                                  steps=GENERATION_STEPS)
-            check = OutputCheck(cand_name, ref_name, name, "logits" if distributions else "hidden states",
-                                comparison, generation)
-            check.judge(thresholds.atol if thresholds.atol is not None else rtol * comparison.scale, min_top1)
-            checks.append(check)
-    failing = [c for c in checks if not c.passed and c.candidate == "merged folder"]
-    if failing and thresholds.atol is None and thresholds.min_top1 is None:  # explicit limits are final
-        plan = _rounded_plan(job, report.merged_dtype)
-        ours = candidates.get("d2export merge (in memory)")  # already run when it is that same merge
-        floor_run = ours if ours is not None and plan is job.plan else run(merged_in_memory(plan, dtype))
-        for check in failing:
-            floor, _ = compare_runs(references[check.reference], floor_run, batches, distributions=distributions,
-                                    steps=GENERATION_STEPS)
-            check.judge_against_floor(floor)
-            if check.passed:
-                report.notes.append(
-                    f"outputs ({name}) vs {check.reference}: beyond the fixed limits, but no further than the "
-                    f"correctly rounded {report.merged_dtype} merge itself (max |d| {floor.max_abs:.3g}, top-1 "
-                    f"{_share(floor.top1)}): the difference is the rounding of the output dtype, not the merge")
-    return checks
+    def run(self, name: str, dtype: str) -> ModelRun:
+        """One model's run, kept for other comparisons; the model itself is dropped at once."""
+        if (name, dtype) not in self.runs:
+            torch_dtype, job = TORCH_DTYPES[dtype], self.job
+            if name == UNMERGED:
+                model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
+                sequences = None
+                if self.prompts is not None:  # the continuation every other model follows
+                    sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
+                    self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
+            elif name == ROUNDED:
+                model = merged_model(_rounded_plan(job, self.report.merged_dtype), torch_dtype,
+                                     resident_bytes=self.resident)
+            elif name == FOLDER:
+                model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
+            else:
+                model = peft_model(job.base.path, job.spec, torch_dtype)
+            if name != UNMERGED:
+                sequences = self._sequences(dtype)
+            self.runs[name, dtype] = run_model(model, self.batches, sequences, GENERATION_STEPS)
+            del model
+            gc.collect()
+        return self.runs[name, dtype]
+
+    def _sequences(self, dtype: str) -> torch.Tensor | None:
+        continuation = self.continuation.get(dtype)
+        return None if continuation is None else torch.cat([self.prompts, continuation], dim=1)
+
+    def compare(self, rung: str, candidate: str, reference: str, dtype: str) -> OutputCheck:
+        comparison, generation = compare_runs(self.run(reference, dtype), self.run(candidate, dtype), self.batches,
+                                              distributions=self.distributions,
+                                              continuation=self.continuation.get(dtype))
+        return OutputCheck(rung, candidate, reference, dtype, self.output, comparison,
+                           generation if reference == UNMERGED else None)
+
+    def checks(self, dtype: str, say) -> list[OutputCheck]:
+        report, thresholds = self.report, self.options.thresholds
+        self.run(UNMERGED, dtype)
+        cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
+        cost.rule = "figures only: what writing the folder's dtype costs"
+        loading = self.compare("loading", FOLDER, ROUNDED, dtype)
+        judge_loading(loading, report.weights is not None and report.weights.all_exact)
+        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
+        explicit = thresholds.atol is not None or thresholds.min_top1 is not None
+        scale = fidelity.comparison.scale
+        fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
+        min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
+        judge_fidelity(fidelity, cost.comparison, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
+        c = fidelity.comparison
+        if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
+            report.notes.append(
+                f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
+                f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
+                f"{_share(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
+        for name in [n for n, d in self.runs if d == dtype]:
+            if name != UNMERGED:  # the unmerged run stays for the PEFT comparison in float32
+                del self.runs[name, dtype]
+        return [fidelity, loading, cost]
+
+    def peft_checks(self) -> list[OutputCheck]:
+        """PEFT's unmerged model against ours in float32, where the model fits in memory whole."""
+        size = _float32_bytes(self.job.base)
+        if not peft_usable(self.job.spec):
+            self.report.notes.append("PEFT reference not run: peft is not installed or cannot load this adapter")
+            return []
+        if self.resident is not None and size > self.resident:
+            self.report.notes.append(
+                f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in float32, "
+                f"more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with resident)")
+            return []
+        check = self.compare("references", PEFT, UNMERGED, "float32")
+        check.generation = None
+        judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
+        return [check]
 
 
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
+
+
+def _float32_bytes(folder: ModelFolder) -> int:
+    return 4 * sum(math.prod(info.shape) for info in folder.tensors.values() if is_float(info.dtype))
 
 
 def _rounded_plan(job: Job, dtype: str):
@@ -199,12 +261,18 @@ def _rounded_plan(job: Job, dtype: str):
     return build_plan(job.spec, job.base, MergeOptions(dtype=dtype, compute_dtype="float64"))
 
 
-def _generation_prompts(batches: list[Batch], config: dict) -> list[torch.Tensor]:
-    """The first row of the first batches without its padding, cut so that the prompt and the
-    generated tokens fit the model's position table (GPT-2-style learned positions end there)."""
+def _generation_prompts(batches: list[Batch], config: dict) -> torch.Tensor:
+    """``[P, L]``: the calibration rows with the most real tokens (in the longest batch), cut to one
+    length ``L`` so they run as one batch, and so that the prompt and the generated tokens fit the
+    model's position table (GPT-2-style learned positions end there)."""
+    first = max(batches, key=lambda b: int(b.attention_mask.sum(1).max()))
+    lengths = first.attention_mask.sum(1)
+    longest = lengths.argsort(descending=True, stable=True)[:GENERATION_PROMPTS]
+    length = int(lengths[longest].min())
     limit = config.get("max_position_embeddings") or config.get("n_positions")
-    keep = max(1, limit - GENERATION_STEPS) if isinstance(limit, int) else None
-    return [b.input_ids[0, : int(b.attention_mask[0].sum())][:keep] for b in batches[:GENERATION_PROMPTS]]
+    if isinstance(limit, int):
+        length = min(length, max(1, limit - GENERATION_STEPS))
+    return first.input_ids[longest, :length]
 
 
 def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str) -> TaskResult:

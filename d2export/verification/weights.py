@@ -60,6 +60,11 @@ class TensorCheck:
     identical: bool | None = None  # copies: the base's bytes (or its correct rounding)
     max_units_allowed: float | None = None
     problem: str | None = None  # missing, wrong shape, not finite, changed copy, over threshold
+    # What rounding the merge to ``dtype`` costs the adapter's update (merged weights only), even
+    # when done right: the share of changed elements that round back to the base value, and the
+    # norm of the rounding error relative to the norm of the update.
+    update_vanished: float | None = None
+    update_lost: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -78,6 +83,24 @@ class WeightReport:
     @property
     def failures(self) -> list[TensorCheck]:
         return [t for t in self.tensors if not t.passed]
+
+    @property
+    def all_exact(self) -> bool:
+        """Every tensor is the correctly rounded value (or the base's bytes), none is extra."""
+        return self.passed and not self.extra and all(
+            t.identical if t.action in ("copy", "unselected") else t.exact_fraction == 1.0 for t in self.tensors)
+
+    def rounding_cost(self, worst: int = 3) -> dict:
+        """The update lost to rounding: overall (norm-weighted) and the modules that lose most."""
+        merged = [t for t in self.tensors if t.update_lost is not None]
+        if not merged:
+            return {}
+        total = sum(t.elements for t in merged)
+        ranked = sorted(merged, key=lambda t: t.update_lost, reverse=True)[:worst]
+        return {"update_lost": math.sqrt(sum(t.update_lost**2 * t.elements for t in merged) / total),
+                "update_vanished": sum(t.update_vanished * t.elements for t in merged) / total,
+                "worst": [{"name": t.name, "update_lost": t.update_lost, "update_vanished": t.update_vanished}
+                          for t in ranked]}
 
     def summary(self) -> dict:
         adapted = [t for t in self.tensors if t.action in ("merge", "bias", "replace")]
@@ -175,11 +198,15 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     dtype = stored.dtype
     exact_count = 0
     worst_units, worst_at = -1.0, None
-    for rows, exact, operands, candidate in _blocks(plan, t, stored):
+    cost = _RoundingCost() if t.action is Action.MERGE else None
+    for rows, exact, operands, candidate, base in _blocks(plan, t, stored):
         candidate = candidate.astype(float64)
         err = np.abs(candidate - exact)
         units = err / spacing(operands, dtype)
-        exact_count += int(np.count_nonzero(candidate == round_to_dtype(exact, dtype).astype(float64)))
+        rounded = round_to_dtype(exact, dtype).astype(float64)
+        exact_count += int(np.count_nonzero(candidate == rounded))
+        if cost is not None:
+            cost.add(exact, rounded, base, dtype)
         check.max_abs = max(check.max_abs, float(err.max()))
         block_worst = float(units.max())
         if block_worst > worst_units:
@@ -189,29 +216,51 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
             worst_at = at[::-1] if t.transposed else at  # report the index in the stored layout
     check.max_units = max(worst_units, 0.0)
     check.worst = worst_at
+    if cost is not None:
+        check.update_vanished, check.update_lost = cost.result()
     check.exact_fraction = exact_count / check.elements if check.elements else 1.0
     if not check.max_units <= check.max_units_allowed:
         check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
 
 
+class _RoundingCost:
+    def __init__(self):
+        self.changed = self.vanished = 0
+        self.lost_sq = self.update_sq = 0.0
+
+    def add(self, exact: np.ndarray, rounded: np.ndarray, base: np.ndarray, dtype: np.dtype) -> None:
+        base = base.astype(float64)
+        change = exact - base
+        moved = change != 0
+        self.changed += int(np.count_nonzero(moved))
+        self.vanished += int(np.count_nonzero(moved & (rounded == round_to_dtype(base, dtype).astype(float64))))
+        self.lost_sq += float(np.sum(np.square(rounded - exact)))
+        self.update_sq += float(np.sum(np.square(change)))
+
+    def result(self) -> tuple[float, float]:
+        return (self.vanished / self.changed if self.changed else 0.0,
+                math.sqrt(self.lost_sq / self.update_sq) if self.update_sq else 0.0)
+
+
 def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
-    """(rows, exact float64 value, operands' magnitude, stored values) in canonical row blocks."""
+    """(rows, exact float64 value, operands' magnitude, stored values, base values) in canonical
+    row blocks."""
     start = t.replacement if t.replacement is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
         exact = start.astype(float64)
-        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored
+        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored, None
         return
     assert t.update is not None
     if t.action is Action.BIAS:
         exact = merged_bias_exact(start, t.update)
-        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored
+        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored, start
         return
     canonical = stored.T if t.transposed else stored
     for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
         g = block.scale[:, None] if block.scale is not None else 1.0
         operands = np.maximum(_operands(block.value, block.base * g), _term_magnitude(t.update, block.rows) * g)
-        yield block.rows, block.value, operands, canonical[block.rows]
+        yield block.rows, block.value, operands, canonical[block.rows], block.base
 
 
 def _term_magnitude(update, rows: slice) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""Models that never hold all their weights: layer-streamed loading for the output checks
+(docs/design.md §7).
+
+transformers loads the model with accelerate's disk offload: modules beyond a resident budget stay
+on the meta device and accelerate's hooks read their tensors from the folder's own safetensors
+files just before each forward and drop them after it (no copy of the model is written). Three
+things are added here:
+
+* :func:`override_weights`: an offloaded module's tensors take other values than its files hold,
+  computed when the forward reaches them (the correctly rounded merge, an adapter's replacement);
+* :func:`hoist`: a wrapper around an offloaded module (d2export's ``AdapterLayer``) gets the
+  module's weights for its whole forward, since it reads ``base.weight`` itself (row norms, the
+  low-rank path), not only through the wrapped module's forward;
+* :func:`materialized`: the same, for code run outside a forward (building the wrapper).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Weights kept in memory while the rest streams: the embeddings and head of a 7B model fit, its
+# 32 decoder layers do not. A model smaller than this is simply loaded whole.
+DEFAULT_RESIDENT_BYTES = 256 * 2**20
+
+
+def offload_hooks(module: nn.Module) -> list:
+    """accelerate's hooks that load ``module``'s own tensors before its forward (none when the
+    module is resident)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return [h for h in hooks if getattr(h, "offload", False)]
+
+
+def is_streamed(module: nn.Module) -> bool:
+    return bool(offload_hooks(module))
+
+
+class _Overlay(Mapping):
+    """An offload hook's weights map with some tensors computed on access instead of read."""
+
+    def __init__(self, inner: Mapping, values: dict[str, Callable[[], torch.Tensor]]):
+        self.inner, self.values = inner, values
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        make = self.values.get(key)
+        return make() if make is not None else self.inner[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def override_weights(module: nn.Module, values: dict[str, Callable[[], torch.Tensor]]) -> None:
+    """Give an offloaded ``module``'s tensors (names relative to it: ``weight``) the values the
+    callables return, each time its forward loads them; accelerate casts them to the model dtype."""
+    for hook in offload_hooks(module):
+        hook.weights_map = _Overlay(hook.weights_map, values)
+
+
+@contextmanager
+def materialized(module: nn.Module):
+    """``module``'s own tensors loaded for the duration (a no-op for a resident module)."""
+    hooks = offload_hooks(module)
+    for hook in hooks:
+        hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        for hook in hooks:
+            hook.post_forward(module, None)
+
+
+def hoist(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Load ``inner``'s tensors around ``wrapper``'s forward instead of around ``inner``'s own."""
+    from accelerate.hooks import remove_hook_from_module
+
+    hooks = offload_hooks(inner)
+    if not hooks:
+        return
+    remove_hook_from_module(inner)
+
+    def load(_module, _args):
+        for hook in hooks:
+            hook.pre_forward(inner)
+
+    def drop(_module, _args, output):
+        for hook in hooks:
+            hook.post_forward(inner, None)
+        return output
+
+    wrapper.register_forward_pre_hook(load)
+    wrapper.register_forward_hook(drop)
+
+
+def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> dict:
+    """``from_pretrained`` arguments that stream the model's repeated blocks (decoder layers) when
+    it is larger than ``resident_bytes`` (None: never). Everything else (embeddings, head, final
+    norm) stays resident: accelerate cannot run a model whose every module is on disk, and those
+    are read at every step of generation anyway. The spill folder only receives tensors that are
+    not in safetensors files (a ``.bin`` base); it lives as long as the model."""
+    if resident_bytes is None:
+        return {}
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **overrides)
+    with init_empty_weights():
+        skeleton = cls.from_config(config, dtype=dtype)
+    size = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
+    blocks = set(getattr(skeleton, "_no_split_modules", None) or ())
+    if size <= resident_bytes or not blocks:
+        return {}
+    device_map = _block_map(skeleton, blocks)
+    if "disk" not in device_map.values() or "cpu" not in device_map.values():
+        return {}
+    return {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="d2export-offload-")}
+
+
+def _block_map(module: nn.Module, blocks: set[str], prefix: str = "") -> dict[str, str]:
+    """Every module of a class in ``blocks`` on "disk", the rest on "cpu"; a module holding both
+    blocks and parameters of its own stays whole on "cpu" (accelerate places modules, not tensors)."""
+    if type(module).__name__ in blocks:
+        return {prefix.rstrip("."): "disk"}
+    own = next(module.parameters(recurse=False), None) is not None
+    if own or not any(type(m).__name__ in blocks for m in module.modules()):
+        return {prefix.rstrip("."): "cpu"}
+    device_map: dict[str, str] = {}
+    for name, child in module.named_children():
+        device_map.update(_block_map(child, blocks, f"{prefix}{name}."))
+    return device_map
+
+
+def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
+    spill = kwargs.get("offload_folder")
+    if spill is not None:
+        weakref.finalize(model, shutil.rmtree, Path(spill), True)
+    return model
+
+
+__all__ = ["DEFAULT_RESIDENT_BYTES", "hoist", "is_streamed", "materialized", "override_weights",
+           "streaming_kwargs"]

@@ -1,0 +1,88 @@
+"""The reference ladder of ``verify``: loading (what only the folder's loading can break), the
+rounding-cost diagnosis, and output checks on streamed weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import build
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2export import merge, verify
+from d2export.job import prepare
+from d2export.runtime.calibration import config_batches
+from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
+from d2export.runtime.streaming import is_streamed
+
+
+def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):
+    """Every tensor is right (the weight check passes), but config.json ties lm_head to the merged
+    embedding again: transformers loads a different model. Only the loading rung can see it."""
+    folder, out = merged("lora-llama-tied")
+    assert not json.loads((out / "config.json").read_text())["tie_word_embeddings"]  # the merge untied it
+    bad = shutil.copytree(out, tmp_path / "retied")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    report = verify(bad, folder / "adapter", base=folder / "base")
+    assert report.weights.passed and report.weights.all_exact
+    assert not report.passed
+    assert any(f.startswith("outputs: loading: merged folder vs correctly rounded merge") for f in report.failures)
+
+
+def test_rounding_cost_is_reported_and_named_when_material(fixture, tmp_path):
+    """An update smaller than half a bf16 unit of the base weights is erased by any bf16 merge:
+    the merge is correct (it passes), and the note says what was lost, where, and what to do."""
+    folder = fixture("lora-llama")
+    adapter = shutil.copytree(folder / "adapter", tmp_path / "faint")
+    file = adapter / "adapter_model.safetensors"
+    tensors = load_file(file)
+    save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in tensors.items()}, file)
+    base = tmp_path / "base-bf16"
+    build._load(folder / "base").to(torch.bfloat16).save_pretrained(base)
+    out = merge(adapter, base=base, out=tmp_path / "bf16").out
+    report = verify(out, adapter, base=base)
+    assert report.passed, report.failures
+    cost = report.rounding_cost()
+    assert cost["update_lost"] > 0.5 and cost["update_vanished"] > 0.5
+    assert cost["worst"][0]["update_lost"] >= cost["worst"][-1]["update_lost"]
+    note = next(n for n in report.notes if n.startswith("rounding to bfloat16 erases"))
+    assert cost["worst"][0]["name"] in note and "--dtype float32" in note
+    # written in float32, the same update survives: no note
+    out32 = merge(adapter, base=base, out=tmp_path / "fp32", dtype="float32").out
+    report32 = verify(out32, adapter, base=base)
+    assert report32.passed and report32.rounding_cost()["update_lost"] < 1e-6
+    assert not any(n.startswith("rounding to") for n in report32.notes)
+
+
+def test_streamed_models_compute_what_whole_ones_do(fixture):
+    """With a resident budget smaller than the model, decoder layers are read from the files at
+    each forward; the unmerged model and the correctly rounded merge give bit-identical outputs."""
+    folder = fixture("dora-llama")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batch = config_batches(job.base.config)[-1]
+        outputs = {}
+        for resident in (None, 1):
+            models = (unmerged_model(job.base.path, job.spec, torch.float32, resident_bytes=resident),
+                      merged_model(job.plan, torch.float32, resident_bytes=resident))
+            assert all(any(is_streamed(m) for m in model.modules()) == (resident is not None) for model in models)
+            outputs[resident] = [model_output(model, batch) for model in models]
+    for whole, streamed in zip(outputs[None], outputs[1], strict=True):
+        assert torch.equal(whole, streamed)
+
+
+def test_verify_streamed_matches_verify_whole(merged):
+    folder, out = merged("d2lora-llama-diffora")
+    whole = verify(out, folder / "adapter", base=folder / "base", resident="all", weights=False)
+    streamed = verify(out, folder / "adapter", base=folder / "base", resident=1, weights=False)
+    assert whole.passed and streamed.passed
+    assert [o.comparison.to_dict() for o in whole.outputs] == [o.comparison.to_dict() for o in streamed.outputs]
+    assert any(is_streamed(m) for m in load_model(out, torch.float32, resident_bytes=1).modules())
+
+
+def test_more_dtypes_on_request(merged):
+    folder, out = merged("d2lora-llama-bf16")
+    report = verify(out, folder / "adapter", base=folder / "base", weights=False, dtypes="bf16,fp32")
+    assert report.passed, report.failures
+    assert [o.dtype for o in report.outputs if o.rung == "fidelity"] == ["bfloat16", "float32"]

@@ -141,8 +141,10 @@ def _write_weights(plan: MergePlan, folder: Path, progress: Progress, pool: Exec
 
 def _feed(plan: MergePlan, t: TensorPlan, stream: _Stream, pool: Executor, reader: _Reader) -> None:
     """Queue ``t``'s bytes on ``stream``: stored bytes as read, merged row blocks as futures."""
-    source = plan.base.tensors[t.source]
-    if _unchanged_bytes(plan, t):
+    source = plan.base.tensors.get(t.source)  # None: a tensor only the adapter has (a task head)
+    if source is None:
+        stream.put(pool.submit(produce, plan, t))
+    elif _unchanged_bytes(plan, t):
         for offset, size in _pieces(source.offset, source.nbytes, COPY_CHUNK):
             stream.put(reader.read(source.file, offset, size))
     elif _streamable(plan, t, source):
@@ -251,8 +253,8 @@ class _Reader:
 
 def _unchanged_bytes(plan: MergePlan, t: TensorPlan) -> bool:
     """The output is the base tensor's stored bytes, which can be copied without loading them."""
-    source = plan.base.tensors[t.source]
-    return (t.action in (Action.COPY, Action.UNSELECTED) and source.dtype == t.out_dtype
+    source = plan.base.tensors.get(t.source)
+    return (t.action in (Action.COPY, Action.UNSELECTED) and source is not None and source.dtype == t.out_dtype
             and source.offset is not None)
 
 

@@ -14,6 +14,8 @@ import numpy as np
 from .architecture import Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
+from .formats.saved import TokenRows
+from .heads import TaskHead, task_head, vocab_size_of
 from .names import find_name
 from .options import MergeOptions
 from .reading import ModelFolder
@@ -77,6 +79,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         notes.append(f"architecture not instantiable ({arch.problem}); layouts inferred from shapes")
     resolve = _Resolver(base, arch)
     targets = _Targets.of(spec, resolve)
+    head = _head(spec, base, targets)
     out_names, config_updates = _untie(base, arch, targets.touched, resolve, notes)
     tensors = []
     for name in out_names:
@@ -84,8 +87,18 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         info = base.tensors[source]
         dtype = out_dtype if out_dtype is not None and is_float(info.dtype) else info.dtype
         plan = TensorPlan(name, source, info.shape, dtype, Action.COPY)
-        targets.apply(plan, arch, spec)
+        targets.apply(plan, arch, spec, base)
         tensors.append(plan)
+    vocab = resized_vocab(tensors, base, targets.resized)
+    if vocab is not None:
+        config_updates["vocab_size"] = vocab
+        notes.append(f"vocabulary resized from {base.config.get('vocab_size')} to {vocab} tokens (the adapter's)")
+    if head is not None:
+        tensors += head_tensors(head, targets.head_only, base, out_dtype)
+        rename_for_head(tensors, head)
+        config_updates.update(head.config_updates())
+        notes.append(f"written as {head.architecture} with {head.num_labels} labels: the adapter's task head "
+                     f"({', '.join(sorted(targets.head_only))}) is not in the base")
     return MergePlan(
         spec=spec, base=base, arch=arch, tensors=tensors,
         shards=_shard_layout(tensors, base, options.max_shard_size),
@@ -101,6 +114,8 @@ class _Targets:
     weights: dict[str, ModuleUpdate]
     biases: dict[str, ModuleUpdate]
     replacements: dict[str, np.ndarray]
+    head_only: dict[str, np.ndarray] = field(default_factory=dict)  # full tensors the base has no place for
+    resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output name -> the base's shape
 
     @classmethod
     def of(cls, spec: AdapterSpec, resolve: _Resolver) -> _Targets:
@@ -118,25 +133,37 @@ class _Targets:
                 biases[_claim(sources, key, f"lora_bias of {update.module}")] = update
         replacements: dict[str, np.ndarray] = {}
         claimed: dict[str, str] = {}  # a full tensor may be the starting point of a module's merge
+        head_only: dict[str, np.ndarray] = {}
         for k, v in spec.replacements.items():
-            replacements[_claim(claimed, resolve(k, f"adapter tensor {k}"), f"tensor {k}")] = v
-        return cls(weights, biases, replacements)
+            found = resolve.find(k)
+            if found is None:  # a task head only the adapter has, or an error (plan._head decides)
+                head_only[k] = v
+                continue
+            replacements[_claim(claimed, found, f"tensor {k}")] = v
+        for group in resolve.arch.tied:  # PEFT ties a layer sharing the embedding to its token adapter
+            rows = [replacements[n] for n in sorted(group) if isinstance(replacements.get(n), TokenRows)]
+            for name in group if rows else ():
+                replacements.setdefault(name, rows[0])
+        return cls(weights, biases, replacements, head_only)
 
     @property
     def touched(self) -> set[str]:
         return set(self.weights) | set(self.biases) | set(self.replacements)
 
-    def apply(self, plan: TensorPlan, arch: Architecture, spec: AdapterSpec) -> None:
+    def apply(self, plan: TensorPlan, arch: Architecture, spec: AdapterSpec, base: ModelFolder) -> None:
         """Set ``plan``'s action (and its inputs) from what the adapter does to that tensor."""
-        name, shape = plan.name, plan.shape
+        name = plan.name
         if name in self.replacements:
             value = self.replacements[name]
-            if tuple(value.shape) != shape:
-                raise D2ExportError(
-                    f"adapter tensor for {name} has shape {tuple(value.shape)}, the base has {shape}"
-                    " (resized vocabularies are not supported)"
-                )
-            plan.action, plan.replacement = Action.REPLACE, value
+            if isinstance(value, TokenRows):
+                value = _bind_rows(value, plan, base)
+            if tuple(value.shape) != plan.shape:
+                _check_resize(name, tuple(value.shape), plan.shape, base.config)
+                self.resized[name] = plan.shape
+            plan.action, plan.replacement, plan.shape = Action.REPLACE, value, tuple(value.shape)
+            if isinstance(value, TokenRows) and name in self.weights:
+                raise D2ExportError(f"{name}: trainable tokens and a LoRA update on one weight cannot be merged")
+        shape = plan.shape
         if name in self.weights:
             update = plan.update = self.weights[name]
             plan.transposed = _layout(update, shape, arch, spec)
@@ -198,8 +225,11 @@ class _Resolver:
         group = self.arch.tied_group(name)
         return name in self.base.tensors or bool(group and any(n in self.base.tensors for n in group))
 
+    def find(self, key: str) -> str | None:
+        return find_name(key, self._known, self.arch.base_model_prefix)
+
     def __call__(self, key: str, what: str, missing: str | None = None) -> str:
-        found = find_name(key, self._known, self.arch.base_model_prefix)
+        found = self.find(key)
         if found is None:
             raise D2ExportError(missing or f"{what} has no base tensor {key} in {self.base.path}")
         return found
@@ -249,8 +279,8 @@ def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: 
     """The base's own layout (same files, same grouping) unless a maximum shard size is given."""
     if max_shard_size is None and base.is_safetensors:
         groups: dict[str, list[TensorPlan]] = {f: [] for f in base.files}
-        for t in tensors:
-            groups[base.tensors[t.source].file].append(t)
+        for t in tensors:  # a tensor the base lacks (an adapter-only head) goes with the last file's
+            groups[base.tensors[t.source].file if t.source in base.tensors else base.files[-1]].append(t)
         return [(f, g) for f, g in groups.items() if g]
     limit = max_shard_size if max_shard_size is not None else DEFAULT_SHARD_SIZE
     chunks: list[list[TensorPlan]] = [[]]
@@ -265,3 +295,76 @@ def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: 
         return [("model.safetensors", chunks[0])]
     n = len(chunks)
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]
+
+
+def _bind_rows(value: TokenRows, plan: TensorPlan, base: ModelFolder) -> TokenRows:
+    """Trainable tokens over the base's own tensor (read when the merge reaches it), their rows checked."""
+    if value.needs_base:
+        source = plan.source
+        value = value.over(lambda: base.read(source), plan.shape, base.tensors[source].dtype)
+    if len(value.shape) != 2 or value.values.shape[1] != value.shape[1] or int(value.indices.max()) >= value.shape[0]:
+        raise D2ExportError(f"{plan.name}: trainable tokens ({len(value.indices)} rows of width "
+                            f"{value.values.shape[1]}, up to id {int(value.indices.max())}) do not fit {value.shape}")
+    return value
+
+
+def _check_resize(name: str, new: tuple[int, ...], old: tuple[int, ...], config: dict) -> None:
+    """A full tensor may change the base's shape only as a resized vocabulary does: its first
+    dimension, which is the config's ``vocab_size``."""
+    vocab = vocab_size_of(config)
+    if len(new) != len(old) or new[1:] != old[1:] or old[0] != vocab:
+        raise D2ExportError(f"adapter tensor for {name} has shape {new}, the base has {old}"
+                            f" (only a resized vocabulary, the first dimension of {vocab}, may change a shape)")
+
+
+def resized_vocab(tensors: list[TensorPlan], base: ModelFolder, resized: dict[str, tuple[int, ...]]) -> int | None:
+    """The adapter's vocabulary size, when it resized the base's: one new size for every resized
+    tensor, and no tensor of a resized one's old shape left at it (an output embedding left at the
+    old size would not load)."""
+    if not resized:
+        return None
+    by_name = {t.name: t for t in tensors}
+    sizes = {by_name[n].shape[0] for n in resized}
+    if len(sizes) > 1:
+        raise D2ExportError(f"the adapter resizes the vocabulary inconsistently: {', '.join(sorted(resized))} "
+                            f"have {sorted(sizes)} rows")
+    old = set(resized.values())
+    left = sorted(t.name for t in tensors if t.name not in resized and t.shape in old)
+    if left:
+        raise D2ExportError(f"the adapter resizes the vocabulary to {sizes.pop()} but not {', '.join(left)}, "
+                            "which has the old size")
+    return sizes.pop()
+
+
+def _head(spec: AdapterSpec, base: ModelFolder, targets: _Targets) -> TaskHead | None:
+    """The task head the adapter brings, when some of its full tensors have no base tensor."""
+    if not targets.head_only:
+        return None
+    head = task_head(spec, base.config, {k: tuple(v.shape) for k, v in targets.head_only.items()})
+    if head is None:
+        key = sorted(targets.head_only)[0]
+        raise D2ExportError(f"adapter tensor {key} has no base tensor {key} in {base.path}")
+    return head
+
+
+def head_tensors(head: TaskHead, head_only: dict, base: ModelFolder, out_dtype: np.dtype | None) -> list[TensorPlan]:
+    """The head's tensors, written in the base's floating dtype (or the one asked for)."""
+    floats = [i.dtype for i in base.tensors.values() if is_float(i.dtype)]
+    dtype = out_dtype if out_dtype is not None else (floats[0] if floats else None)
+    return [TensorPlan(name, "", tuple(value.shape), dtype if dtype is not None and is_float(value.dtype)
+                       else value.dtype, Action.REPLACE, replacement=value)
+            for name, value in sorted(head_only.items())]
+
+
+def rename_for_head(tensors: list[TensorPlan], head: TaskHead) -> None:
+    """Every tensor under the head model's name (base tensors gain its prefix: a head model's
+    checkpoint mixing prefixed and bare names does not load), and none of the head model's missing."""
+    for t in tensors:
+        name = find_name(t.name, head.shapes, head.prefix)
+        if name is None:
+            raise D2ExportError(f"{t.name} has no place in {head.architecture}")
+        t.name = name
+    missing = sorted(set(head.shapes) - {t.name for t in tensors})
+    if missing:
+        raise D2ExportError(f"{head.architecture} would lack {', '.join(missing)}: neither the base nor the adapter "
+                            "has it")

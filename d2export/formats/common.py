@@ -22,6 +22,7 @@ from ..errors import D2ExportError, OptionError
 from ..jsonfiles import ADAPTER_CONFIG
 from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
+from .saved import saved_tensors
 from .stored import StoredTensor, check_finite, scan_safetensors
 from .trainer import choose_checkpoint, names, run_checkpoints
 
@@ -235,12 +236,6 @@ class Scaling:
         alpha = float(pattern_value(self.config.get("alpha_pattern"), module, self.alpha))
         return r, alpha, alpha / math.sqrt(r) if self.rslora else alpha / r
 
-def base_key(adapter_key: str) -> str:
-    """Base tensor name of a full tensor saved by the adapter (modules_to_save, embedding copies,
-    trained biases): the PEFT wrapper parts dropped."""
-    return adapter_key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-
-
 def check_factor(name: str, tensor: np.ndarray, ndim: int, where: Path) -> np.ndarray:
     if tensor.ndim != ndim:
         raise D2ExportError(
@@ -269,19 +264,6 @@ def group_factors(raw: RawAdapter, suffixes: dict) -> tuple[dict[str, dict], dic
     return modules, rest
 
 
-def full_tensors(raw: RawAdapter, rest: dict) -> dict:
-    """modules_to_save copies, ``base_layer`` copies of adapted embeddings and trained biases:
-    full tensors that replace the base's."""
-    replacements = {}
-    for key, tensor in rest.items():
-        if "lora_" in key or "d2_" in key:
-            raise D2ExportError(
-                f"{raw.path}: adapter tensor {key} is not part of a known adapter layout"
-            )
-        replacements[base_key(key)] = tensor
-    return replacements
-
-
 def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], rest: dict) -> AdapterSpec:
     """The reader's result: its module updates plus the adapter's full tensors."""
     if not updates:
@@ -292,7 +274,7 @@ def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], 
         files=raw.files,
         config=raw.config,
         updates=updates,
-        replacements=full_tensors(raw, rest),
+        replacements=saved_tensors(raw.path, raw.config, rest),
         base_model_name_or_path=raw.config.get("base_model_name_or_path"),
         file_hashes=dict(raw.hashes),
     )

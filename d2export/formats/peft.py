@@ -20,7 +20,6 @@ _FACTOR_SUFFIXES = {
 # Config options whose adapters cannot be folded into the base as plain LoRA algebra.
 _REFUSED_OPTIONS = {
     "layer_replication": "layer replication changes the model's layer structure (PEFT cannot merge it either)",
-    "trainable_token_indices": "trainable-token adapters are not supported yet",
     "target_parameters": "LoRA on raw nn.Parameters (target_parameters) is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) depends on the input and cannot be merged",
     "use_bdlora": "BD-LoRA is not supported",

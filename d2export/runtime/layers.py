@@ -146,6 +146,7 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
     """Apply ``spec`` to ``model`` at run time, in place: full tensors replace the model's (untied
     from whatever they were tied to), selected modules get an :class:`AdapterLayer`.
     ``reference_norms=False``: rescaling norms in the model dtype (see :class:`AdapterLayer`)."""
+    owned = {f"{_resolve_module(model, n.rpartition('.')[0])[0]}.{n.rpartition('.')[2]}" for n in spec.replacements}
     for name, value in spec.replacements.items():
         module_path, _, param = name.rpartition(".")
         path, module = _resolve_module(model, module_path)
@@ -153,7 +154,18 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
             override_weights(module, {param: lambda value=value: to_torch(value)})
             continue
         old = getattr(module, param)
-        setattr(module, param, nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False))
+        if getattr(value, "needs_base", False):  # trainable tokens over the base's own weight: its rows replaced
+            new = nn.Parameter(old.detach().clone(), requires_grad=False)
+            new.data[torch.as_tensor(value.indices)] = to_torch(value.values).to(old.dtype)
+            # PEFT ties a layer sharing this weight (a tied lm_head) to the embedding's token adapter:
+            # it takes the same rows unless the adapter gives it its own
+            for shared, p in model.named_parameters(remove_duplicate=False):
+                if p is old and shared not in owned:
+                    owner, _, attr = shared.rpartition(".")
+                    setattr(model.get_submodule(owner), attr, new)
+        else:
+            new = nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False)
+        setattr(module, param, new)
     for update in spec.updates.values():
         if not update.selected:
             continue

@@ -55,7 +55,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     auto = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
             "sequence-classification": "AutoModelForSequenceClassification",
             "image-classification": "AutoModelForImageClassification"}
-    cls = getattr(transformers, auto.get(head_kind(read_config(folder)), "AutoModel"))
+    # the class the overrides call for: an adapter-only task head loads the base as that head model
+    cls = getattr(transformers, auto.get(head_kind({**read_config(folder), **config_overrides}), "AutoModel"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -100,11 +101,39 @@ def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype, *, referen
     """The base with the adapter applied at run time by d2export's layers. ``reference_norms``:
     rescaling norms in float64 (the accuracy reference); False: in the model dtype, as training
     code computes them (what the benchmark times)."""
-    model = load_model(base, dtype, resident_bytes=resident_bytes, **config_overrides)
+    model = adapted_base(base, spec, dtype, resident_bytes=resident_bytes, **config_overrides)
     try:
         return inject_adapter(model, spec, reference_norms=reference_norms).eval()
     except KeyError as exc:  # a module the plan check did not catch; say it as bad input
         raise D2ExportError(f"{spec.path}: {exc.args[0]}") from None
+
+
+def adapted_base(base: Path, spec: AdapterSpec, dtype: torch.dtype, **kwargs) -> nn.Module:
+    """The base as the adapter was trained on it: with the class and labels of a task head only the
+    adapter has, and its vocabulary size (docs/design.md §2). Ties stay: the adapter unties what it
+    replaces, as PEFT does."""
+    changes = {}
+    if spec.replacements:  # only full tensors can bring a head or a new vocabulary
+        from ..heads import output_changes
+
+        changes = output_changes(spec, base)
+        changes.pop("tie_word_embeddings", None)
+    return shaped_base(base, dtype, changes, **kwargs)
+
+
+def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes: int | None = None,
+                **config_overrides) -> nn.Module:
+    """The base loaded with the config ``changes`` of a merge. A new ``vocab_size`` is applied by
+    ``resize_token_embeddings`` after loading (from_pretrained refuses the base's tensors at a new
+    size); the new rows are then set from the adapter's tensors by the caller."""
+    changes = dict(changes)
+    vocab = changes.pop("vocab_size", None)
+    if "id2label" in changes:  # JSON keys are strings; transformers' configs take ints
+        changes["id2label"] = {int(k): v for k, v in changes["id2label"].items()}
+    model = load_model(base, dtype, resident_bytes=resident_bytes, **changes, **config_overrides)
+    if vocab is not None:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    return model
 
 
 def peft_usable(spec: AdapterSpec) -> bool:
@@ -126,7 +155,7 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(load_model(base, dtype), spec.path).eval()
+        return PeftModel.from_pretrained(adapted_base(base, spec, dtype), spec.path).eval()
 
 
 def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None) -> nn.Module:
@@ -136,7 +165,7 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None)
     from ..merging import produce
     from ..plan import Action
 
-    model = load_model(plan.base.path, dtype, resident_bytes=resident_bytes, **plan.config_updates)
+    model = shaped_base(plan.base.path, dtype, plan.config_updates, resident_bytes=resident_bytes)
     keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = {}

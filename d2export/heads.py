@@ -1,0 +1,111 @@
+"""Where the adapted model's shape differs from the base's: a task head only the adapter has
+(a classifier trained over a plain encoder), and a resized vocabulary (docs/design.md §2).
+
+The plan decides both (:func:`task_head`, :func:`vocab_change`); the run-time models load the base
+in the same shape (:func:`output_changes`), so the unmerged references compute what the adapter
+was trained as.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import D2ExportError
+
+# PEFT task types whose model adds a head to the base, -> transformers' table of those head classes.
+TASK_HEADS = {
+    "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
+@dataclass
+class TaskHead:
+    """The head model the output becomes: its class, prefix, labels and every tensor it stores."""
+
+    architecture: str
+    prefix: str  # the head model's base_model_prefix: base tensors are written under it
+    num_labels: int
+    shapes: dict[str, tuple[int, ...]]  # the head model's state dict, name -> shape
+    id2label: dict[int, str]
+
+    def config_updates(self) -> dict:
+        return {"architectures": [self.architecture], "id2label": {str(k): v for k, v in self.id2label.items()},
+                "label2id": {v: k for k, v in self.id2label.items()}}
+
+
+def task_head(spec, base_config: dict, head_only: dict[str, tuple[int, ...]]) -> TaskHead | None:
+    """The head model the adapter was trained as, when its ``task_type`` adds a head the base's
+    architecture lacks and ``head_only`` (adapter tensors with no base tensor, name -> shape) are
+    that head's. None when the adapter says no such thing."""
+    table = TASK_HEADS.get(str(spec.config.get("task_type") or "").upper())
+    if table is None or not head_only:
+        return None
+    import transformers.models.auto.modeling_auto as auto
+
+    architecture = getattr(auto, table).get(base_config.get("model_type"))
+    if architecture is None or architecture in (base_config.get("architectures") or []):
+        return None
+    # The label count is the first dimension of one of the head's tensors: try each, keep the one
+    # under which every head tensor has the head model's shape.
+    for rows in dict.fromkeys(s[0] for s in head_only.values() if len(s) == 2):
+        shapes, prefix = _head_shapes(architecture, base_config, rows)
+        if all(_lookup(shapes, name, prefix) == shape for name, shape in head_only.items()):
+            return TaskHead(architecture, prefix, rows, shapes, _labels(spec.path, rows))
+    raise D2ExportError(
+        f"{spec.path}: task_type {spec.config.get('task_type')}: the adapter's tensors "
+        f"{', '.join(sorted(head_only))} are not the head of {architecture}")
+
+
+def _lookup(shapes: dict, name: str, prefix: str):
+    from .names import find_name
+
+    found = find_name(name, shapes, prefix)
+    return None if found is None else shapes[found]
+
+
+def _head_shapes(architecture: str, base_config: dict, num_labels: int) -> tuple[dict, str]:
+    """State-dict shapes of ``architecture`` with ``num_labels``, built on the meta device."""
+    import torch
+    import transformers
+
+    config = {k: v for k, v in base_config.items() if k not in ("id2label", "label2id", "architectures")}
+    cfg = transformers.AutoConfig.for_model(**config, num_labels=num_labels)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, architecture)._from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes, getattr(model, "base_model_prefix", "") or ""
+
+
+def _labels(adapter: Path, num_labels: int) -> dict[int, str]:
+    """The adapter side's label names (a ``config.json`` saved beside the adapter, as a Trainer
+    run may leave it) when they fit the head, else transformers' defaults ``LABEL_i``."""
+    try:
+        saved = json.loads((adapter / "config.json").read_text()).get("id2label") or {}
+        labels = {int(k): str(v) for k, v in saved.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        labels = {}
+    return labels if sorted(labels) == list(range(num_labels)) else {i: f"LABEL_{i}" for i in range(num_labels)}
+
+
+def vocab_size_of(config: dict) -> int | None:
+    value = config.get("vocab_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def output_changes(spec, base: Path) -> dict:
+    """The config keys the merge of ``spec`` into ``base`` changes (architecture and labels of an
+    adapter-only head, ``vocab_size``, untied weights): what a run-time model of the base needs to be
+    loaded as to take the adapter. Plans the merge (no weights are read)."""
+    from .plan import build_plan
+    from .reading import ModelFolder
+
+    folder = ModelFolder.open(base, "base model")
+    try:
+        return dict(build_plan(spec, folder).config_updates)
+    finally:
+        folder.close()

@@ -113,8 +113,9 @@ class AdapterSpec:
     files: list[Path]  # the files read (for hashes in the report)
     config: dict
     updates: dict[str, ModuleUpdate]  # by module path
-    # Full tensors that replace the base's (modules_to_save, base_layer copies, trained biases),
-    # keyed by base tensor name.
+    # Full tensors that replace the base's (modules_to_save, base_layer copies, trained biases, a
+    # head only the adapter has; formats.saved.TokenRows for trainable tokens), keyed by base tensor
+    # name. A shape may differ from the base's only as a resized vocabulary (docs/design.md §4.4).
     replacements: dict[str, np.ndarray] = field(default_factory=dict)
     selection: DamSelection | None = None
     base_model_name_or_path: str | None = None

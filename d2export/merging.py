@@ -86,6 +86,8 @@ def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult
             stats, hashes = write_weights(job.plan, tmp, progress, hashing)
             write_config(job.plan, tmp)
             copy_side_files(job.base.path, tmp)
+            for file in job.plan.side_files:  # the adapter's tokenizer, which knows the added tokens
+                shutil.copy2(file, tmp / file.name)
             report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
             write_report(tmp, report)
     finally:

@@ -63,17 +63,38 @@ def _train_and_save(model, folder: Path, lora: dict, vocab: int, loss=None) -> C
     return Case(folder, tokens, reference)
 
 
+ADDED = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def _tokenizer(folder: Path):
+    """A word-level tokenizer over the fixture vocabulary (``t0`` .. ``t255``), saved with the base."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(build.VOCAB)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0", bos_token="t1",
+                                        eos_token="t2")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def _llama_case(folder: Path, *, tie: bool, resize: bool, **lora) -> Case:
     build.llama_base(folder / "base", tie=tie)
+    tokenizer = _tokenizer(folder / "base")
     torch.manual_seed(0)
     model = build._load(folder / "base")
     vocab = build.VOCAB
     if resize:  # the chat recipe: new special tokens, then resize_token_embeddings
-        vocab = NEW_VOCAB
+        tokenizer.add_special_tokens({"additional_special_tokens": ADDED})
+        vocab = len(tokenizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.resize_token_embeddings(vocab)
-    return _train_and_save(model, folder, lora, vocab, _lm_loss(vocab))
+    case = _train_and_save(model, folder, lora, vocab, _lm_loss(vocab))
+    if resize:
+        tokenizer.save_pretrained(case.adapter)  # as trainers do: the tokenizer goes with the adapter
+    return case
 
 
 def _bert_head_case(folder: Path) -> Case:
@@ -160,6 +181,11 @@ def test_added_tokens_with_modules_to_save(case, tmp_path, name):
     assert config["tie_word_embeddings"] is False  # two trained copies: the tie cannot hold
     tensors = read_all(tmp_path / "out")
     assert tensors["model.embed_tokens.weight"].shape == (NEW_VOCAB, 64) == tensors["lm_head.weight"].shape
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")  # the adapter's: it knows the added tokens
+    assert len(tokenizer) == NEW_VOCAB
+    assert tokenizer("t7 <|assistant|> t9")["input_ids"] == [7, build.VOCAB + 1, 9]
 
 
 def test_lora_on_resized_embedding(case, tmp_path):

@@ -147,8 +147,11 @@ class _Targets:
                 head_only[k] = v
                 continue
             replacements[_claim(claimed, found, f"tensor {k}")] = v
-        for group in resolve.arch.tied:  # PEFT ties a layer sharing the embedding to its token adapter
-            rows = [replacements[n] for n in sorted(group) if isinstance(replacements.get(n), TokenRows)]
+        # PEFT ties a layer sharing the input embedding (a tied lm_head) to the embedding's token
+        # adapter, not the other way round: those layers take its rows unless they have their own
+        embeddings = {f"{m}.weight" for m in resolve.arch.embeddings}
+        for group in resolve.arch.tied:
+            rows = [replacements[n] for n in sorted(group & embeddings) if isinstance(replacements.get(n), TokenRows)]
             for name in group if rows else ():
                 replacements.setdefault(name, rows[0])
         return cls(weights, biases, replacements, head_only)

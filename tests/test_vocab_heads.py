@@ -118,6 +118,9 @@ CASES = {
         f, tie=False, resize=False, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 5, 7]),
     "trainable-tied": lambda f: _llama_case(
         f, tie=True, resize=False, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 5, 7]),
+    # rows on a tied lm_head alone: PEFT ties the head to the embedding's adapter, never the reverse
+    "trainable-head-tied": lambda f: _llama_case(
+        f, tie=True, resize=False, target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 5]}),
     "trainable-tied-resized": lambda f: _llama_case(
         f, tie=True, resize=True, target_modules=["q_proj"], trainable_token_indices=[3, 257, 258]),
     "save-untied": lambda f: _llama_case(f, tie=False, resize=False, **MTS),
@@ -195,7 +198,8 @@ def test_lora_on_resized_embedding(case, tmp_path):
     assert config["vocab_size"] == NEW_VOCAB
 
 
-@pytest.mark.parametrize("name", ["trainable-untied", "trainable-tied", "trainable-tied-resized"])
+@pytest.mark.parametrize("name", ["trainable-untied", "trainable-tied", "trainable-head-tied",
+                                  "trainable-tied-resized"])
 def test_trainable_tokens(case, tmp_path, name):
     c = case(name)
     config = _loads_and_matches(c, _merge_verified(c, tmp_path / "out"))
@@ -203,6 +207,10 @@ def test_trainable_tokens(case, tmp_path, name):
     merged, base = read_all(tmp_path / "out"), read_all(c.base)
     rows = adapter["trainable_token_indices"]
     embed = merged["model.embed_tokens.weight"]
+    if name == "trainable-head-tied":
+        assert torch.equal(embed, base["model.embed_tokens.weight"])  # the embedding keeps its rows
+        assert not torch.equal(merged["lm_head.weight"][rows["lm_head"]], embed[rows["lm_head"]])
+        return
     if name == "trainable-tied-resized":
         assert config["vocab_size"] == NEW_VOCAB and embed.shape[0] == NEW_VOCAB
         return

@@ -157,10 +157,10 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if getattr(value, "needs_base", False):  # trainable tokens over the base's own weight: its rows replaced
             new = nn.Parameter(old.detach().clone(), requires_grad=False)
             new.data[torch.as_tensor(value.indices)] = to_torch(value.values).to(old.dtype)
-            # PEFT ties a layer sharing this weight (a tied lm_head) to the embedding's token adapter:
-            # it takes the same rows unless the adapter gives it its own
+            # PEFT ties a layer sharing the embedding's weight (a tied lm_head) to the embedding's token
+            # adapter: it takes the same rows unless the adapter gives it its own
             for shared, p in model.named_parameters(remove_duplicate=False):
-                if p is old and shared not in owned:
+                if isinstance(module, nn.Embedding) and p is old and shared not in owned:
                     owner, _, attr = shared.rpartition(".")
                     setattr(model.get_submodule(owner), attr, new)
         else:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arrays import is_float
+from ..arrays import is_float, read_array
 from ..errors import D2ExportError
+from .stored import StoredTensor
 
 # Wrapper infixes whose tensors stand for the module's own parameter (all forms, adapter name or not).
 _INFIXES = re.compile(r"\.(?:modules_to_save(?:\.default)?|base_layer)\.")
@@ -114,8 +115,20 @@ def saved_tensors(path: Path, config: dict, rest: dict) -> dict:
     return tensors
 
 
+_CHUNK = 16 * 2**20
+
+
 def _same(a, b) -> bool:
-    return tuple(a.shape) == tuple(b.shape) and np.array_equal(np.asarray(a), np.asarray(b))
+    """Whether two saved copies hold the same tensor. Copies left in the file (a resized embedding
+    can be gigabytes) are compared as bytes in pieces, never loaded whole."""
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    if isinstance(a, StoredTensor) and isinstance(b, StoredTensor):
+        byte = np.dtype(np.uint8)
+        return all(np.array_equal(read_array(a.path, a.offset + i, byte, (min(_CHUNK, a.nbytes - i),)),
+                                  read_array(b.path, b.offset + i, byte, (min(_CHUNK, a.nbytes - i),)))
+                   for i in range(0, a.nbytes, _CHUNK))
+    return np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def _token_rows(path: Path, config: dict, deltas: dict, starts: dict) -> dict[str, TokenRows]:

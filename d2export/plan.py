@@ -102,8 +102,10 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
                      "the added tokens; ship the tokenizer the adapter was trained with")
     if head is not None:
         tensors += head_tensors(head, targets.head_only, base, out_dtype)
-        rename_for_head(tensors, head)
+        dropped = rename_for_head(tensors, head)
         config_updates.update(head.config_updates())
+        if dropped:
+            notes.append(f"left out, {head.architecture} has no place for them: {', '.join(dropped)}")
         notes.append(f"written as {head.architecture} with {head.num_labels} labels: the adapter's task head "
                      f"({', '.join(sorted(targets.head_only))}) is not in the base")
     return MergePlan(
@@ -366,15 +368,23 @@ def head_tensors(head: TaskHead, head_only: dict, base: ModelFolder, out_dtype: 
             for name, value in sorted(head_only.items())]
 
 
-def rename_for_head(tensors: list[TensorPlan], head: TaskHead) -> None:
+def rename_for_head(tensors: list[TensorPlan], head: TaskHead) -> list[str]:
     """Every tensor under the head model's name (base tensors gain its prefix: a head model's
-    checkpoint mixing prefixed and bare names does not load), and none of the head model's missing."""
-    for t in tensors:
+    checkpoint mixing prefixed and bare names does not load), and none of the head model's missing.
+    Base tensors the head model has no place for (BertModel's pooler under a token classifier) are
+    left out, as the head model's own save leaves them out; their names are returned."""
+    dropped = []
+    for t in list(tensors):
         name = find_name(t.name, head.shapes, head.prefix)
+        if name is None and t.action is Action.COPY:
+            tensors.remove(t)
+            dropped.append(t.name)
+            continue
         if name is None:
-            raise D2ExportError(f"{t.name} has no place in {head.architecture}")
+            raise D2ExportError(f"{t.name} has no place in {head.architecture}, and the adapter changes it")
         t.name = name
     missing = sorted(set(head.shapes) - {t.name for t in tensors})
     if missing:
         raise D2ExportError(f"{head.architecture} would lack {', '.join(missing)}: neither the base nor the adapter "
                             "has it")
+    return dropped

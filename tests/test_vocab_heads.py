@@ -97,15 +97,18 @@ def _llama_case(folder: Path, *, tie: bool, resize: bool, **lora) -> Case:
     return case
 
 
-def _bert_head_case(folder: Path) -> Case:
-    from transformers import AutoModelForSequenceClassification
+def _bert_head_case(folder: Path, task: str) -> Case:
+    import transformers
 
     build.bert_base(folder / "base")  # a plain BertModel: no classifier in the checkpoint
     torch.manual_seed(0)
+    auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}[task]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(folder / "base", num_labels=3)
-    return _train_and_save(model, folder, {"task_type": "SEQ_CLS", "target_modules": ["query", "value"]}, build.VOCAB)
+        model = getattr(transformers, auto).from_pretrained(folder / "base", num_labels=3)
+    loss = None if task == "SEQ_CLS" else lambda m, tokens: m(input_ids=tokens).logits.square().mean()
+    return _train_and_save(model, folder, {"task_type": task, "target_modules": ["query", "value"]}, build.VOCAB,
+                           loss)
 
 
 MTS = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}
@@ -124,7 +127,8 @@ CASES = {
     "trainable-tied-resized": lambda f: _llama_case(
         f, tie=True, resize=True, target_modules=["q_proj"], trainable_token_indices=[3, 257, 258]),
     "save-untied": lambda f: _llama_case(f, tie=False, resize=False, **MTS),
-    "seq-cls-head": _bert_head_case,
+    "SEQ_CLS": lambda f: _bert_head_case(f, "SEQ_CLS"),
+    "TOKEN_CLS": lambda f: _bert_head_case(f, "TOKEN_CLS"),
 }
 
 
@@ -150,11 +154,10 @@ def _merge_verified(c: Case, out: Path, *extra: str) -> Path:
 
 def _loads_and_matches(c: Case, out: Path) -> dict:
     """The merged folder loads with no missing/unexpected keys and computes PEFT's unmerged logits."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     config = json.loads((out / "config.json").read_text())
-    cls = AutoModelForSequenceClassification if config["architectures"][0].endswith("Classification") \
-        else AutoModelForCausalLM
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
@@ -223,16 +226,20 @@ def test_trainable_tokens(case, tmp_path, name):
         assert torch.equal(merged["lm_head.weight"], embed)
 
 
-def test_seq_cls_head_only_in_adapter(case, tmp_path):
-    c = case("seq-cls-head")
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+def test_task_head_only_in_adapter(case, tmp_path, task):
+    c = case(task)
     base_config = json.loads((c.base / "config.json").read_text())
     assert base_config["architectures"] == ["BertModel"]
     config = _loads_and_matches(c, _merge_verified(c, tmp_path / "out"))
-    assert config["architectures"] == ["BertForSequenceClassification"]
+    head = {"SEQ_CLS": "BertForSequenceClassification", "TOKEN_CLS": "BertForTokenClassification"}[task]
+    assert config["architectures"] == [head]
     assert config["id2label"] == {str(i): f"LABEL_{i}" for i in range(3)}
     tensors = read_all(tmp_path / "out")
     assert tensors["classifier.weight"].shape == (3, 64)
     assert all(k.startswith(("bert.", "classifier.")) for k in tensors)  # a head model's own names
+    # a token classifier has no pooler: the base's is left out, as the head model's own save does
+    assert any(k.startswith("bert.pooler.") for k in tensors) == (task == "SEQ_CLS")
 
 
 def test_modules_to_save_without_resize(case, tmp_path):

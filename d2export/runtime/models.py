@@ -29,8 +29,8 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
 
 
 def head_kind(config: dict) -> str:
-    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification``, ``image-classification`` or
-    ``encoder`` (hidden states, no head)."""
+    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification``, ``token-classification``,
+    ``image-classification`` or ``encoder`` (hidden states, no head)."""
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "causal-lm"
@@ -38,6 +38,8 @@ def head_kind(config: dict) -> str:
         return "seq2seq-lm"
     if arch.endswith("ForSequenceClassification"):
         return "sequence-classification"
+    if arch.endswith("ForTokenClassification"):  # per-token logits, compared like an LM's
+        return "token-classification"
     if arch.endswith("ForImageClassification"):
         return "image-classification"
     return "encoder"
@@ -54,6 +56,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
     auto = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
             "sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification",
             "image-classification": "AutoModelForImageClassification"}
     # the class the overrides call for: an adapter-only task head loads the base as that head model
     cls = getattr(transformers, auto.get(head_kind({**read_config(folder), **config_overrides}), "AutoModel"))

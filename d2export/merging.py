@@ -27,6 +27,7 @@ from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
 from .report import REPORT_NAME, build_report, input_files, write_report
 from .sidefiles import side_files
 from .spec import Rescale
+from .st_modules import plan_modules, write_modules
 from .writing import ReadHashes, ShardWriter, atomic_output, check_output_location, write_text
 
 # The merge's threads: this one reads, WORKERS merge row blocks, one per shard writes. Each BLAS
@@ -80,6 +81,7 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
 def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult:
     """Write the merge ``job`` plans into the folder ``out`` (atomically)."""
     check_output_location(out, [job.spec.path, job.base.path], job.options.force)
+    st = plan_modules(job.base.path, job.spec.path)  # read and checked before anything is written
     hashing = ReadHashes(input_files(job.plan), job.spec.file_hashes) if job.options.hash_inputs else None
     try:
         with atomic_output(out, replace=job.options.force) as tmp:
@@ -87,6 +89,9 @@ def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult
             write_config(job.plan, tmp)
             copy_side_files(job.base.path, tmp)
             report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
+            if st is not None:  # sentence-transformers modules (2_Dense/...) and settings
+                write_modules(st, tmp)
+                report["sentence_transformers"] = st.summary()
             write_report(tmp, report)
     finally:
         if hashing is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import __version__
 from .algebra import MergeStats
 from .arrays import dtype_name
+from .card import with_base_card
 from .plan import Action, MergePlan, TensorPlan
 from .writing import write_json, write_text
 
@@ -91,7 +92,7 @@ def config_changes(plan: MergePlan) -> dict:
 def write_report(folder: Path, report: dict) -> None:
     """``d2export_report.json`` and the model card, both from ``report`` (each replaced atomically)."""
     write_json(folder / REPORT_NAME, report)
-    write_text(folder / CARD_NAME, model_card(report))
+    write_text(folder / CARD_NAME, with_base_card(model_card(report), report))
 
 
 def _config_summary(config: dict) -> dict:

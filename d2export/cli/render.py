@@ -83,7 +83,10 @@ def print_onnx(report: dict, out_dir: Path) -> None:
     if validation:
         table = Table("file", "precision", "output", "max |d|", "rel", "mean |d|", "top-1", "decode step", "generate",
                       "", box=None, header_style="bold")
-        for file, graph in validation["graphs"].items():
+        # a sentence-transformers folder: also through SentenceTransformer(backend="onnx")
+        embeddings = (validation.get("sentence_transformers") or {}).get("graphs", {})
+        graphs = [*validation["graphs"].items(), *((f"{f} (ST)", g) for f, g in embeddings.items())]
+        for file, graph in graphs:
             decode = graph.get("decode_step")
             generate = graph.get("generate")
             for name, c in graph["outputs"].items():
@@ -93,7 +96,7 @@ def print_onnx(report: dict, out_dir: Path) -> None:
                               "-" if generate is None else f"{generate['matching']}/{generate['prompts']}",
                               "[green]ok[/]" if graph["passed"] else "[red]FAIL[/]")
         err.print(table)
-        for graph in validation["graphs"].values():
+        for _, graph in graphs:
             for failure in graph["failures"]:
                 err.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
     for note in report["notes"]:

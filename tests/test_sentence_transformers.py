@@ -196,3 +196,23 @@ def test_onnx_loads_in_sentence_transformers(case, merged):
     diff = (got - _encode(_load(merged.out))).abs().max().item()
     assert diff <= ONNX_ATOL, diff
     assert (got - case["trained"]).abs().max().item() <= ONNX_ATOL + MERGE_ATOL
+
+
+def test_embedding_check_catches_a_folder_without_modules(case, merged, tmp_path):
+    """The export before this check existed: model.onnx without modules.json, which
+    sentence-transformers serves with plain mean pooling (no Dense, no normalisation)."""
+    from d2export.onnx.embeddings import validate_embeddings
+    from d2export.runtime.calibration import config_batches
+
+    onnx_out = case["root"] / "merged-onnx"
+    if not onnx_out.is_dir():
+        pytest.skip("needs test_onnx_loads_in_sentence_transformers's export")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in onnx_out.iterdir():
+        if file.is_file() and file.name not in ("modules.json", "sentence_bert_config.json"):
+            (bare / file.name).symlink_to(file)
+    config = json.loads((merged.out / "config.json").read_text())
+    validation = validate_embeddings(bare, merged.out, config_batches(config)[:1], {"model.onnx": ("float32", False)})
+    assert not validation.passed
+    assert "cannot run model.onnx" in validation.checks[0].graph.failures[0]

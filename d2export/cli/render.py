@@ -84,8 +84,8 @@ def print_onnx(report: dict, out_dir: Path) -> None:
         table = Table("file", "precision", "output", "max |d|", "rel", "mean |d|", "top-1", "decode step", "generate",
                       "", box=None, header_style="bold")
         # a sentence-transformers folder: also through SentenceTransformer(backend="onnx")
-        embeddings = (validation.get("sentence_transformers") or {}).get("graphs", {})
-        graphs = [*validation["graphs"].items(), *((f"{f} (ST)", g) for f, g in embeddings.items())]
+        st_check = validation.get("sentence_transformers") or {}
+        graphs = [*validation["graphs"].items(), *((f"{f} (ST)", g) for f, g in st_check.get("graphs", {}).items())]
         for file, graph in graphs:
             decode = graph.get("decode_step")
             generate = graph.get("generate")
@@ -99,6 +99,8 @@ def print_onnx(report: dict, out_dir: Path) -> None:
         for _, graph in graphs:
             for failure in graph["failures"]:
                 err.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
+        if st_check.get("error"):
+            err.print(f"[red]FAIL[/] {escape(st_check['error'])}", highlight=False)
     for note in report["notes"]:
         err.print(f"note: {note}", markup=False, highlight=False)
     err.print("[bold green]ONNX export validated[/]" if report["passed"] and validation else

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 
 from .errors import D2ExportError
 from .jsonfiles import SIDE_FILES, check_side_file, parse_json, read_json_object
+from .reading import WEIGHT_SUFFIXES
 from .sidefiles import side_files
-from .writing import write_json, write_text
+from .writing import sha256_file, write_json, write_text
 
 MODULES_NAME = "modules.json"
 SETTINGS_NAMES = ("sentence_bert_config.json", "config_sentence_transformers.json")
@@ -37,11 +38,12 @@ class StModules:
     settings: dict[str, dict] = field(default_factory=dict)  # settings file name -> its merged content
     sources: dict[str, str] = field(default_factory=dict)  # file or module path -> "base" / "adapter"
     notes: list[str] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)  # module weight file copied -> sha256 (once written)
 
     def summary(self) -> dict:
-        """The report's record: where each module and setting came from."""
+        """The report's record: where each module and setting came from, and the module weights' hashes."""
         return {"modules": [m.get("path", "") for m in self.modules], "sources": dict(sorted(self.sources.items())),
-                "notes": self.notes}
+                "weights": dict(sorted(self.weights.items())), "notes": self.notes}
 
 
 def is_sentence_transformers(folder: Path) -> bool:
@@ -66,6 +68,7 @@ def plan_modules(base: Path, adapter: Path | None = None) -> StModules | None:
             continue  # the transformer itself: the merged weights
         for name, root in sides:
             if (root / path).is_dir():
+                _check_inside(root, root / path)
                 st.folders[path] = root / path
                 st.sources[path] = name
                 break
@@ -122,6 +125,13 @@ def _check_module(entry: dict, where: Path) -> None:
                             "point --base at that subfolder")
 
 
+def _check_inside(root: Path, folder: Path) -> None:
+    real = folder.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise D2ExportError(f"{folder} is a symlink to {real}, outside {root}; it is not copied into the output "
+                            "(copy the folder itself in if it belongs there)")
+
+
 def write_modules(st: StModules, folder: Path) -> None:
     """Write ``st`` into the output ``folder``: modules.json, the merged settings, and every
     module folder whole (weights included), replacing what the side-file copy put there."""
@@ -140,3 +150,5 @@ def write_modules(st: StModules, folder: Path) -> None:
             except OSError as exc:
                 raise D2ExportError(f"cannot copy {source / relative} into the output ({exc.strerror or exc})"
                                     ) from None
+            if relative.name.endswith(WEIGHT_SUFFIXES):  # hashed as written, like the shards
+                st.weights[(PurePosixPath(path) / relative.as_posix()).as_posix()] = sha256_file(target / relative)

@@ -120,7 +120,8 @@ def test_merged_embeddings_equal_unmerged(case, merged):
     assert (got - case["with_base_dense"]).abs().max().item() > 100 * MERGE_ATOL
     # and the LoRA is in: the base alone is as far off
     assert (_encode(_load(case["base"])) - case["with_base_dense"]).abs().max().item() > 100 * MERGE_ATOL
-    assert merged.report["sentence_transformers"]["sources"]["2_Dense"] == "adapter"
+    record = merged.report["sentence_transformers"]
+    assert record["sources"]["2_Dense"] == "adapter" and list(record["weights"]) == ["2_Dense/model.safetensors"]
 
 
 def test_adapter_without_st_files_keeps_base_modules(case):
@@ -216,3 +217,12 @@ def test_embedding_check_catches_a_folder_without_modules(case, merged, tmp_path
     validation = validate_embeddings(bare, merged.out, config_batches(config)[:1], {"model.onnx": ("float32", False)})
     assert not validation.passed
     assert "cannot run model.onnx" in validation.checks[0].graph.failures[0]
+
+
+def test_module_folder_linked_out_of_the_base_refused(case, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy2(case["base"] / "modules.json", base / "modules.json")
+    (base / "2_Dense").symlink_to(case["base"] / "2_Dense")  # a folder elsewhere: would leak into the output
+    with pytest.raises(D2ExportError, match="outside"):
+        plan_modules(base, case["root"] / "adapter-only")

@@ -92,7 +92,7 @@ class TrainedFiles:
             return
         with _staged(found) as stage:
             if found.processor is not None:
-                found.loaded.append(_load(found.processor, "processor", lambda: _load_processor(stage)))
+                found.loaded += _load(found.processor, "processor", lambda: _load_processor(stage))
             if found.retokenize:
                 source = found.tokenizer or found.template or found.base
                 found.loaded.append(_load(source, "tokenizer", lambda: _load_tokenizer(stage)))
@@ -179,10 +179,21 @@ def _load_tokenizer(stage: Path):
     return tokenizer
 
 
-def _load_processor(stage: Path):
-    from transformers import AutoProcessor
+def _load_processor(stage: Path) -> list:
+    """The processor, or where no processor class is named (AutoProcessor then falls back to the
+    tokenizer alone), the feature extractor, image and video processors the files describe."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoVideoProcessor, ProcessorMixin
 
-    return AutoProcessor.from_pretrained(stage)
+    processor = AutoProcessor.from_pretrained(stage)
+    if isinstance(processor, ProcessorMixin):
+        return [processor]
+    parts = []
+    if (stage / "preprocessor_config.json").is_file():
+        image = "image_processor_type" in json.loads((stage / "preprocessor_config.json").read_text())
+        parts.append((AutoImageProcessor if image else AutoFeatureExtractor).from_pretrained(stage))
+    if (stage / "video_preprocessor_config.json").is_file():
+        parts.append(AutoVideoProcessor.from_pretrained(stage))
+    return parts
 
 
 def _load(source: Path, what: str, load):

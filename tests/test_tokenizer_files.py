@@ -211,3 +211,15 @@ def test_unreadable_adapter_tokenizer_is_refused_before_writing(recipe, tmp_path
     with pytest.raises(D2ExportError, match="tokenizer cannot be loaded"):
         merge(adapter, base=base, out=tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_feature_extractor_from_the_adapter_side(recipe, tmp_path):
+    """preprocessor_config.json goes through transformers' feature extractor save, the base's is
+    replaced; the tokenizer stays the base's."""
+    base, adapter = recipe("processor")
+    transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000).save_pretrained(base)
+    transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=8000).save_pretrained(adapter)
+    out = merge(adapter, base=base, out=tmp_path / "out").out
+    assert transformers.AutoFeatureExtractor.from_pretrained(out).sampling_rate == 8000
+    assert load(out).get_vocab() == load(base).get_vocab()
+    assert load(out).apply_chat_template(CHAT, tokenize=False) == "w5 w7w9"

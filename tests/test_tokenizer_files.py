@@ -164,12 +164,19 @@ def test_trainer_run_folder_tokenizer_checkpoint_first(recipe, tmp_path):
     run = tmp_path / "run"
     checkpoint = run / "checkpoint-20"
     shutil.copytree(adapter, checkpoint)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
+        (checkpoint / name).write_bytes(b"{}")  # the trainer's own files: never opened, never carried
+    (run / "runs").mkdir()
+    (run / "runs" / "events.out.tfevents").write_bytes(b"x")
     adapter_tokenizer().save_pretrained(run)
     GenerationConfig(eos_token_id=2, max_new_tokens=5).save_pretrained(run)
 
     out = merge(checkpoint, base=base, out=tmp_path / "from-run").out
     assert load(out).additional_special_tokens == ADDED
     assert GenerationConfig.from_pretrained(out).max_new_tokens == 5
+    assert files(out) == {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                          "d2export_report.json", "README.md"}  # none of the trainer's own files
 
     only_template = base_tokenizer("{{ messages[0].content }}!")  # the checkpoint's own tokenizer wins
     only_template.save_pretrained(checkpoint)

@@ -230,3 +230,25 @@ def test_feature_extractor_from_the_adapter_side(recipe, tmp_path):
     assert transformers.AutoFeatureExtractor.from_pretrained(out).sampling_rate == 8000
     assert load(out).get_vocab() == load(base).get_vocab()
     assert load(out).apply_chat_template(CHAT, tokenize=False) == "w5 w7w9"
+
+
+def test_named_chat_templates_survive(recipe, tmp_path):
+    """Several templates: transformers keeps the extra ones in additional_chat_templates/."""
+    base, adapter = recipe("named")
+    tokenizer = adapter_tokenizer()
+    tokenizer.chat_template = {"default": ADAPTER_TEMPLATE, "tool_use": "{{ messages[0].content }} tools"}
+    tokenizer.save_pretrained(adapter)
+    assert (adapter / "additional_chat_templates" / "tool_use.jinja").is_file()
+    out = merge(adapter, base=base, out=tmp_path / "out").out
+    merged = load(out)
+    assert merged.apply_chat_template(CHAT, tokenize=False, chat_template="tool_use") == "w5 w7 tools"
+    assert merged.apply_chat_template(CHAT, tokenize=False).startswith("<|user|> w5 w7")
+
+
+def test_base_named_templates_do_not_outlive_the_adapter_template(recipe, tmp_path):
+    base, adapter = recipe("named-base")
+    base_tokenizer({"default": BASE_TEMPLATE, "tool_use": "base tools"}).save_pretrained(base)
+    adapter_tokenizer().save_pretrained(adapter)
+    out = merge(adapter, base=base, out=tmp_path / "out").out
+    assert (base / "additional_chat_templates").is_dir() and not (out / "additional_chat_templates").exists()
+    assert load(out).chat_template == ADAPTER_TEMPLATE

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,10 +98,7 @@ class TrainedFiles:
                 source = found.tokenizer or found.template or found.base
                 found.loaded.append(_load(source, "tokenizer", lambda: _load_tokenizer(stage)))
             if found.generation is not None:
-                from transformers import GenerationConfig
-
-                found.loaded.append(_load(found.generation, GENERATION_FILES[0],
-                                          lambda: GenerationConfig.from_pretrained(stage)))
+                found.loaded.append(_load(found.generation, GENERATION_FILES[0], lambda: _generation(stage)))
             yield found
 
     def write(self, folder: Path) -> None:
@@ -194,6 +192,26 @@ def _load_processor(stage: Path) -> list:
     if (stage / "video_preprocessor_config.json").is_file():
         parts.append(AutoVideoProcessor.from_pretrained(stage))
     return parts
+
+
+@dataclass
+class _CheckedFile:
+    """A file transformers has read, saved as it is."""
+
+    path: Path
+
+    def save_pretrained(self, folder: Path) -> None:
+        shutil.copyfile(self.path, folder / self.path.name)
+
+
+def _generation(stage: Path) -> _CheckedFile:
+    """The generation config, read by transformers but copied as written: its save_pretrained
+    refuses what its strict validation only warns about on load (a temperature without sampling,
+    as many shipped configs have), which would fail a merge over a setting the model keeps."""
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_pretrained(stage)
+    return _CheckedFile(stage / GENERATION_FILES[0])
 
 
 def _load(source: Path, what: str, load):

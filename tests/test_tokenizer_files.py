@@ -20,6 +20,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
+from d2export import merging
 from d2export.errors import D2ExportError
 from d2export.merging import merge
 
@@ -150,9 +151,12 @@ def test_template_alone_goes_with_the_base_tokenizer(recipe, tmp_path, kept):
 def test_generation_config_from_the_adapter_side_wins(recipe, tmp_path):
     base, adapter = recipe("generation")
     assert GenerationConfig.from_pretrained(base).max_new_tokens is None
-    GenerationConfig(bos_token_id=1, eos_token_id=[2, 205], pad_token_id=0, max_new_tokens=7,
-                     do_sample=True, temperature=0.6).save_pretrained(adapter)
+    # as some trainers leave it: a temperature without sampling, which GenerationConfig.save_pretrained refuses
+    trained = {"bos_token_id": 1, "eos_token_id": [2, 205], "pad_token_id": 0, "max_new_tokens": 7,
+               "temperature": 0.6, "transformers_version": "4.44.0"}
+    (adapter / "generation_config.json").write_text(json.dumps(trained))
     out = merge(adapter, base=base, out=tmp_path / "out").out
+    assert json.loads((out / "generation_config.json").read_text()) == trained
     merged = GenerationConfig.from_pretrained(out)
     assert (merged.max_new_tokens, merged.eos_token_id, merged.temperature) == (7, [2, 205], 0.6)
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()  # the base's tokenizer
@@ -211,11 +215,14 @@ def test_symlink_out_of_the_adapter_is_refused(recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_adapter_tokenizer_is_refused_before_writing(recipe, tmp_path):
-    base, adapter = recipe("broken")
+@pytest.mark.parametrize(("file", "what"), [("tokenizer.json", "tokenizer"),
+                                           ("generation_config.json", "generation_config.json")])
+def test_unreadable_part_is_refused_before_writing(recipe, tmp_path, monkeypatch, file, what):
+    base, adapter = recipe(f"broken-{file}")
     adapter_tokenizer().save_pretrained(adapter)
-    (adapter / "tokenizer.json").write_text("{not json")
-    with pytest.raises(D2ExportError, match="tokenizer cannot be loaded"):
+    (adapter / file).write_text("{not json")
+    monkeypatch.setattr(merging, "write_weights", lambda *a: pytest.fail("weights written before the check"))
+    with pytest.raises(D2ExportError, match=f"{what} cannot be loaded"):
         merge(adapter, base=base, out=tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 

@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import D2ExportError
 from .formats.trainer import CHECKPOINT_DIR
@@ -178,18 +179,20 @@ def _load_tokenizer(stage: Path):
 
 
 def _load_processor(stage: Path) -> list:
-    """The processor, or where no processor class is named (AutoProcessor then falls back to the
-    tokenizer alone), the feature extractor, image and video processors the files describe."""
-    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoVideoProcessor, ProcessorMixin
+    """The processor where one is named (``processor_config.json``, or ``processor_class`` in a
+    preprocessor or tokenizer config), else the feature extractor, image and video processors the
+    files describe: AutoProcessor would fall back to the tokenizer alone and drop them."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoVideoProcessor
 
-    processor = AutoProcessor.from_pretrained(stage)
-    if isinstance(processor, ProcessorMixin):
-        return [processor]
+    configs = {name: json.loads((stage / name).read_text()) for name in (*PROCESSOR_FILES, "tokenizer_config.json")
+               if (stage / name).is_file()}
+    if "processor_config.json" in configs or any("processor_class" in c for c in configs.values()):
+        return [AutoProcessor.from_pretrained(stage)]
     parts = []
-    if (stage / "preprocessor_config.json").is_file():
-        image = "image_processor_type" in json.loads((stage / "preprocessor_config.json").read_text())
+    if "preprocessor_config.json" in configs:
+        image = "image_processor_type" in configs["preprocessor_config.json"]
         parts.append((AutoImageProcessor if image else AutoFeatureExtractor).from_pretrained(stage))
-    if (stage / "video_preprocessor_config.json").is_file():
+    if "video_preprocessor_config.json" in configs:
         parts.append(AutoVideoProcessor.from_pretrained(stage))
     return parts
 
@@ -214,7 +217,7 @@ def _generation(stage: Path) -> _CheckedFile:
     return _CheckedFile(stage / GENERATION_FILES[0])
 
 
-def _load(source: Path, what: str, load):
+def _load(source: Path, what: str, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad folder

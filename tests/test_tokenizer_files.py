@@ -259,3 +259,38 @@ def test_base_named_templates_do_not_outlive_the_adapter_template(recipe, tmp_pa
     out = merge(adapter, base=base, out=tmp_path / "out").out
     assert (base / "additional_chat_templates").is_dir() and not (out / "additional_chat_templates").exists()
     assert load(out).chat_template == ADAPTER_TEMPLATE
+
+
+def test_sentence_transformers_model_keeps_its_modules(fixture, tmp_path):
+    """A sentence-transformers base (modules.json, 1_Pooling/, a BERT vocab.txt) whose adapter was
+    saved with its tokenizer: the modules stay, the tokenizer is the adapter side's, and
+    sentence-transformers loads the result and embeds as the merge without it does."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    source = fixture("d2lora-bert")
+    bert, base, adapter = tmp_path / "bert", tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(source / "base", bert)
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(bert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = Transformer(str(bert))
+        SentenceTransformer(modules=[module, Pooling(module.get_word_embedding_dimension())]).save(str(base))
+    shutil.copytree(source / "adapter", adapter)
+    trained = load(base)
+    trained.chat_template = "{{ messages[0].content }}"
+    trained.save_pretrained(adapter)
+
+    out = merge(adapter, base=base, out=tmp_path / "out").out
+    plain = merge(source / "adapter", base=base, out=tmp_path / "plain").out
+    assert {"modules.json", "1_Pooling", "sentence_bert_config.json", "vocab.txt"} <= files(out)
+    pooling = "1_Pooling/config.json"
+    assert (out / pooling).read_bytes() == (base / pooling).read_bytes()
+    assert load(out).chat_template == "{{ messages[0].content }}" and load(plain).chat_template is None
+    texts = ["w1 w2 w3", "w4 w5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embedded = SentenceTransformer(str(out), device="cpu").encode(texts)
+        expected = SentenceTransformer(str(plain), device="cpu").encode(texts)
+    assert abs(embedded - expected).max() == 0

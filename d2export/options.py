@@ -156,7 +156,8 @@ class VerifyOptions:
     peft_reference: bool = option("Also compare against PEFT's own unmerged model (PEFT adapters).", default=True)
     seed: int = option("Seed of the random calibration tokens.", default=0)
     dtypes: tuple[str, ...] | str | None = option(
-        "Dtypes to run the output checks in, e.g. bf16,fp32 (default: the folder's).", default=None)
+        "Dtypes to run the output checks in, e.g. bf16,fp32 (default: float32, which also shows a 16-bit "
+        "folder's rounding).", default=None)
     resident: int | str | None = option(
         "Weights kept in memory by the output checks, e.g. 256MiB; the rest is read from the files layer by "
         "layer. 'all': load whole.", default="256MiB")

@@ -30,6 +30,8 @@ TaskDataOption = Annotated[Path | None, typer.Option(help=help_of(VerifyOptions,
 AtolOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "atol"))]
 MinTop1Option = Annotated[float | None, typer.Option(help=help_of(Thresholds, "min_top1"))]
 MaxUnitsOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_units"))]
+DtypesOption = Annotated[str | None, typer.Option(help=help_of(VerifyOptions, "dtypes"))]
+ResidentOption = Annotated[str, typer.Option(help=help_of(VerifyOptions, "resident"))]
 ForceOption = Annotated[bool, typer.Option(help=help_of(MergeOptions, "force"))]
 TrainerCheckpointOption = Annotated[str | None, typer.Option(
     "--checkpoint", help="In a trainer run folder: latest, best (trainer_state.json) or a step number.")]
@@ -94,6 +96,8 @@ def merge_cmd(
     atol: AtolOption = None,
     min_top1: MinTop1Option = None,
     max_units: MaxUnitsOption = None,
+    dtypes: DtypesOption = None,
+    resident: ResidentOption = "256MiB",
     onnx: Annotated[bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read, match and check everything; write nothing.")
                        ] = False,
@@ -106,8 +110,9 @@ def merge_cmd(
     with reported():  # every option is checked before anything is read or written
         options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
                                hash_inputs=not no_hash)
-        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, thresholds=Thresholds(
-            atol=atol, min_top1=min_top1, max_units=max_units)) if verify else None
+        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, dtypes=dtypes, resident=resident,
+                                       thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units)
+                                       ) if verify else None
         if dry_run:
             _dry_run(checkpoint, base, out_dir, options)
             return
@@ -177,8 +182,8 @@ def verify_cmd(
     weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
     no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
     seed: Annotated[int, typer.Option(help=help_of(VerifyOptions, "seed"))] = 0,
-    dtypes: Annotated[str | None, typer.Option(help=help_of(VerifyOptions, "dtypes"))] = None,
-    resident: Annotated[str, typer.Option(help=help_of(VerifyOptions, "resident"))] = "256MiB",
+    dtypes: DtypesOption = None,
+    resident: ResidentOption = "256MiB",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:

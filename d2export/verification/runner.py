@@ -215,7 +215,7 @@ class _Ladder:
         scale = fidelity.comparison.scale
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
         min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
-        judge_fidelity(fidelity, cost.comparison, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
         c = fidelity.comparison
         if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
             report.notes.append(

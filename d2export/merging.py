@@ -86,7 +86,8 @@ def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult
             stats, hashes = write_weights(job.plan, tmp, progress, hashing)
             write_config(job.plan, tmp)
             copy_side_files(job.base.path, tmp)
-            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
+            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None,
+                                  source=job.source)
             write_report(tmp, report)
     finally:
         if hashing is not None:

@@ -77,11 +77,17 @@ def resolve_base(adapter_dir: Path, configured: str | None, configured_revision:
         name = str(base)
         if Path(base).is_dir():
             _no_revision(revision, name, Path(base))
-            return BaseSource(Path(base).absolute(), "given", name)
+            return BaseSource(Path(base).resolve(), "given", name)
         # the adapter's revision belongs to the adapter's base, not to another model named by --base
         if revision is None and name == configured:
             revision = configured_revision
-        return _from_cache(name, revision, "given") or BaseSource(Path(base).absolute(), "given", name)
+        source = _from_cache(name, revision, "given")
+        if source is not None:
+            return source
+        if not _is_repo_id(name):
+            raise BaseModelError(f"base model folder not found: {Path(base).absolute()}")
+        raise BaseModelError(f"base model {name!r} is neither a folder nor a model in the local Hugging Face cache "
+                             f"({_cache_dir()})")
     if not configured:
         raise BaseNotGivenError(f"is needed: the adapter {adapter_dir} names no base model")
     local = _local_folder(adapter_dir, configured)
@@ -101,14 +107,14 @@ def _local_folder(adapter_dir: Path, name: str) -> BaseSource | None:
     as two different model folders, it is refused: which one the user meant cannot be known."""
     path = Path(name)
     if path.is_absolute():
-        return BaseSource(path, "absolute path", name) if path.is_dir() else None
+        return BaseSource(path.resolve(), "absolute path", name) if path.is_dir() else None
     beside, here = (adapter_dir / path).absolute(), path.absolute()
     if _is_model(beside) and _is_model(here) and beside.resolve() != here.resolve():
         raise BaseModelError(f"the adapter's base model {name!r} is ambiguous: it names both {beside} (beside the "
                              f"adapter) and {here} (under the current directory); pass --base")
     for folder, found in ((beside, "adapter folder"), (here, "current directory")):
         if folder.is_dir():
-            return BaseSource(folder, found, name)
+            return BaseSource(folder.resolve(), found, name)
     return None
 
 
@@ -119,8 +125,9 @@ def _is_model(folder: Path) -> bool:
 
 def _no_revision(revision: str | None, name: str, folder: Path) -> None:
     if revision is not None:
-        raise RevisionError(f"{revision}: a revision picks a snapshot in the Hugging Face cache, but the base "
-                            f"{name!r} is the local folder {folder.absolute()}; drop --revision or pass a model id")
+        named = "" if Path(name).absolute() == folder.absolute() else f" {name!r}"
+        raise RevisionError(f"{revision}: a revision picks a snapshot in the Hugging Face cache, but the base{named} "
+                            f"is the local folder {folder.resolve()}; drop --revision or pass a model id")
 
 
 def _cache_dir() -> str:
@@ -130,18 +137,26 @@ def _cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _from_cache(repo_id: str, revision: str | None, found: str) -> BaseSource | None:
     """The snapshot of ``repo_id`` at ``revision`` (default main) in the local cache, found by
     huggingface_hub itself (``refs/<branch or tag>`` or a commit hash); None if the repo is not
     cached at all. A cached repo without that revision is an error: falling back to another
     snapshot is exactly the silent wrong base this module exists to prevent."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
+    if not _is_repo_id(repo_id):
         return None
     cache = _cache_dir()
     try:
@@ -154,7 +169,7 @@ def _from_cache(repo_id: str, revision: str | None, found: str) -> BaseSource | 
         raise BaseModelError(f"revision {revision or 'main'} of the base model {repo_id} is not in the local Hugging "
                              f"Face cache ({cache}), which holds {held}; download it or pass --revision or "
                              "--base") from None
-    return BaseSource(folder.absolute(), found, repo_id, repo_id, revision, folder.name)
+    return BaseSource(folder.resolve(), found, repo_id, repo_id, revision, folder.name)
 
 
 def _cached_snapshots(repo_id: str, cache: str) -> list[str] | None:

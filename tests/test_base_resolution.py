@@ -128,6 +128,15 @@ def test_revision_not_in_the_cache_is_one_line(hub, cache, tmp_path):
                        "--base", str(snapshot(cache, OLD))]), ["--revision main", "local folder"])
 
 
+def test_every_command_takes_the_revision(hub, cache, tmp_path):
+    merge(hub / "adapter", tmp_path / "m", "--no-hash")
+    for command in (["verify", str(tmp_path / "m"), "--adapter"], ["bench", str(tmp_path / "m"), "--adapter"]):
+        check_refused(cli([*command, str(hub / "adapter"), "--revision", MISSING, "--quiet"]), [MISSING, REPO])
+    result = cli(["inspect", str(hub / "adapter"), "--revision", MISSING, "--json"])
+    plan = json.loads(result.stdout)["merge_plan"]
+    assert result.exit_code == 0 and not plan["available"] and MISSING in plan["reason"]
+
+
 def test_verify_names_its_base_and_a_different_snapshot(hub, cache, tmp_path):
     merge(hub / "adapter", tmp_path / "m", "--no-hash")
     result = cli(["verify", str(tmp_path / "m"), "--adapter", str(hub / "adapter"), "--weights-only", "--json",

@@ -41,7 +41,8 @@ def run_bench(
     Args:
         merged: the merged model folder.
         adapter: the adapter folder it was merged from.
-        base: the base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: the base model folder or a model id in the local Hugging Face cache; default: the
+            adapter's ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         onnx_dir: an ONNX export of ``merged`` to time too; default: ``<merged>-onnx`` when it exists.
         options: a :class:`~d2export.options.BenchOptions`; ``settings`` (its field names as
             keywords: ``batch_sizes``, ``seq_lens``, ``warmup``, ``repeats``, ``threads``, ``dtype``)

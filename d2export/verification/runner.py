@@ -63,7 +63,8 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
     Args:
         merged: the folder to check (written by d2export or by another tool).
         adapter: the adapter folder; not needed when ``job`` is given.
-        base: the base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: the base model folder or a model id in the local Hugging Face cache; default: the
+            adapter's ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         job: the :class:`~d2export.job.Job` of the merge that wrote ``merged`` (``merge --verify``),
             so the adapter is not read nor the plan built again.
         options: a :class:`VerifyOptions`; ``settings`` (its field names as keywords) override it.

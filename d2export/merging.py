@@ -60,7 +60,8 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
 
     Args:
         adapter: adapter folder (or a trainer ``checkpoint-N`` folder holding one).
-        base: base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: base model folder or a model id in the local Hugging Face cache; default: the adapter's
+            ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         out: output folder; default ``<adapter>-merged`` beside the adapter.
         options: a :class:`MergeOptions`; ``settings`` (its field names as keywords) override it.
         progress: called with (tensor name, bytes written, bytes in all).
@@ -90,7 +91,8 @@ def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult
             write_config(job.plan, tmp)
             copy_side_files(job.base.path, tmp, skip=trained.replaced)
             trained.write(tmp)
-            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
+            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None,
+                                  source=job.source)
             write_report(tmp, report)
     finally:
         if hashing is not None:

@@ -48,8 +48,12 @@ def _base_metadata(readme: Path) -> dict:
 
 
 def base_model_id(report: dict) -> str | None:
-    """The base as a Hub id: from its Hugging Face cache path, else the adapter's
-    ``base_model_name_or_path`` when that is an id and not a local folder. None when unknown."""
+    """The base as a Hub id: the cache repository it was found in, else one read from its cache
+    path, else the adapter's ``base_model_name_or_path`` when that is an id and not a local
+    folder. None when unknown."""
+    repo = report["base"].get("repo_id")
+    if isinstance(repo, str) and repo:
+        return repo
     base = Path(report["base"]["path"]).absolute()
     for path in (base, *base.parents):
         if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import D2ExportError
+from .formats.trainer import CHECKPOINT_DIR
 from .jsonfiles import SIDE_FILES, check_side_file, parse_json, read_json_object
 from .reading import WEIGHT_SUFFIXES
 from .sidefiles import side_files
@@ -54,6 +55,8 @@ def plan_modules(base: Path, adapter: Path | None = None) -> StModules | None:
     """The sentence-transformers files for an output merged from ``base`` and the adapter folder
     ``adapter`` (None: carry ``base`` as it is, for an export). None when neither side is one."""
     sides = [("adapter", adapter)] if adapter is not None else []
+    if adapter is not None and CHECKPOINT_DIR.fullmatch(adapter.name):
+        sides.append(("run", adapter.parent))  # the trainer saves the model into its run folder too
     sides.append(("base", base))
     found = [(name, folder) for name, folder in sides if is_sentence_transformers(folder)]
     if not found:

@@ -239,7 +239,8 @@ def test_missing_tensor_and_output_thresholds(merged, tmp_path):
     strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))
     assert not strict.passed and all("bfloat16" in f or "float32" in f for f in strict.failures)
     assert all("worst at batch " in f and " row " in f and " position " in f for f in strict.failures)
-    top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0))
+    top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0),
+                  dtypes="bf16")  # bf16 logits of bf16 weights: some top-1 differ on these inputs
     assert any("top-1 agreement" in f for f in top1.failures)
     bad = shutil.copytree(out, tmp_path / "bad")
     file = bad / "model.safetensors"

@@ -55,7 +55,8 @@ def print_plan(job, out_dir: Path) -> None:
     plan = job.plan
     counts = {a: sum(t.action is a for t in plan.tensors) for a in Action}
     err.print(f"dry run: would merge {job.spec.method} from {escape(str(job.spec.path))} into the base "
-              f"{escape(str(job.base.path))} and write {escape(str(out_dir))}: {counts[Action.MERGE]} tensors merged, "
+              f"{escape(base_phrase(job.source, job.base.path))} and write {escape(str(out_dir))}: "
+              f"{counts[Action.MERGE]} tensors merged, "
               f"{counts[Action.UNSELECTED]} left as base (DiffoRA), {counts[Action.REPLACE]} replaced, "
               f"{counts[Action.BIAS]} biases, {plan.total_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
               "nothing written", highlight=False)
@@ -63,9 +64,17 @@ def print_plan(job, out_dir: Path) -> None:
         err.print(f"note: {note}", highlight=False, markup=False)
 
 
+def base_phrase(source, path: Path) -> str:
+    """The base a command used, as one phrase: ``org/name@<snapshot> at <path>`` or the path."""
+    return source.describe() if source is not None else str(path)
+
+
 def print_merge(report: dict, out_dir: Path) -> None:
     t = report["tensors"]
-    err.print(f"merged {report['method']} into {escape(str(out_dir))}: {t['merge']} tensors merged, "
+    base = report["base"]
+    where = f"{base['repo_id']}@{base['snapshot']}" if base.get("snapshot") else base["path"]
+    err.print(f"merged {report['method']} into {escape(str(out_dir))} (base {escape(where)}): "
+              f"{t['merge']} tensors merged, "
               f"{t['unselected']} left as base (DiffoRA), {t['replace']} replaced, {t['bias']} biases, "
               f"{report['output']['total_bytes'] / 1e6:,.1f} MB in {len(report['output']['shards'])} shard(s)",
               highlight=False)
@@ -109,7 +118,8 @@ def print_onnx(report: dict, out_dir: Path) -> None:
 
 def print_verify(report, console: Console) -> None:
     console.print(f"[bold]verify[/] {escape(str(report.merged))} ({report.merged_dtype}, written by "
-                  f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))}",
+                  f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))} "
+                  f"on the base {escape(base_phrase(report.base_source, report.base))}",
                   highlight=False)
     w = report.weights
     if w is not None:

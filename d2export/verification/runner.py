@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..arrays import is_float
+from ..basesource import BaseSource
 from ..errors import D2ExportError
 from ..job import Job, prepare
 from ..options import MergeOptions, VerifyOptions, with_settings
@@ -62,7 +63,8 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
     Args:
         merged: the folder to check (written by d2export or by another tool).
         adapter: the adapter folder; not needed when ``job`` is given.
-        base: the base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: the base model folder or a model id in the local Hugging Face cache; default: the
+            adapter's ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         job: the :class:`~d2export.job.Job` of the merge that wrote ``merged`` (``merge --verify``),
             so the adapter is not read nor the plan built again.
         options: a :class:`VerifyOptions`; ``settings`` (its field names as keywords) override it.
@@ -79,7 +81,7 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
     if job is None:
         if adapter is None:
             raise D2ExportError("verify needs the adapter (adapter) or the merge's job (job)")
-        with prepare(adapter, base) as own_job:
+        with prepare(adapter, base, MergeOptions(revision=options.revision)) as own_job:
             return _verify(merged, own_job, options, progress)
     return _verify(merged, job, options, progress)
 
@@ -94,7 +96,8 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
                                 f"{', '.join(TORCH_DTYPES)}")
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
-                              merged_dtype, options.thresholds)
+                              merged_dtype, options.thresholds, base_source=job.source)
+        report.notes += _base_mismatch(merged, job.source)
         if options.weights:
             report.weights = check_weights(job.plan, folder, max_units=options.thresholds.max_units,
                                            progress=lambda name: say(f"weights {name}"))
@@ -113,6 +116,21 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
                 report.task.append(_task(merged, job, config, tokenizer, data, dtype))
     report.rounding_note()
     return report
+
+
+def _base_mismatch(merged: Path, source: BaseSource | None) -> list[str]:
+    """A note when the folder's own report says it was merged into another snapshot of the base
+    than the one checked against (then the weights cannot match, and this says why)."""
+    try:
+        recorded = read_json_object(merged / REPORT_NAME)["base"]
+        repo_id, snapshot = recorded.get("repo_id"), recorded.get("snapshot")
+    except (D2ExportError, KeyError, TypeError, AttributeError):
+        return []
+    if source is None or source.snapshot is None or snapshot is None or (repo_id, snapshot) == (
+            source.repo_id, source.snapshot):
+        return []
+    return [f"the folder's report says it was merged into {repo_id}@{snapshot}; this check used "
+            f"{source.describe()}"]
 
 
 def _written_by(folder: Path) -> str:
@@ -215,7 +233,7 @@ class _Ladder:
         scale = fidelity.comparison.scale
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
         min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
-        judge_fidelity(fidelity, cost.comparison, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
         c = fidelity.comparison
         if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
             report.notes.append(

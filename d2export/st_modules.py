@@ -53,7 +53,9 @@ def is_sentence_transformers(folder: Path) -> bool:
 
 def plan_modules(base: Path, adapter: Path | None = None) -> StModules | None:
     """The sentence-transformers files for an output merged from ``base`` and the adapter folder
-    ``adapter`` (None: carry ``base`` as it is, for an export). None when neither side is one."""
+    ``adapter`` (None: carry ``base`` as it is, for an export). The adapter side is ``adapter`` and,
+    for a trainer ``checkpoint-N``, its run folder (the checkpoint's wins), as for the tokenizer
+    (:mod:`d2export.tokenizer_files`). None when no side is a sentence-transformers folder."""
     sides = [("adapter", adapter)] if adapter is not None else []
     if adapter is not None and CHECKPOINT_DIR.fullmatch(adapter.name):
         sides.append(("run", adapter.parent))  # the trainer saves the model into its run folder too

@@ -226,3 +226,32 @@ def test_module_folder_linked_out_of_the_base_refused(case, tmp_path):
     (base / "2_Dense").symlink_to(case["base"] / "2_Dense")  # a folder elsewhere: would leak into the output
     with pytest.raises(D2ExportError, match="outside"):
         plan_modules(base, case["root"] / "adapter-only")
+
+
+def _report(base: Path, repo_id: str | None = None, configured: str | None = None) -> dict:
+    return {"base": {"path": str(base), "repo_id": repo_id},
+            "adapter": {"path": str(base.parent / "adapter"), "config": {"base_model_name_or_path": configured}},
+            "sentence_transformers": None}
+
+
+@pytest.mark.parametrize("repo_id, configured, expected", [
+    ("org/model", "/somewhere/local", "org/model"),  # the cache repository the base was found in
+    (None, HUB_ID, HUB_ID),  # trained from a Hub id, merged onto a local copy
+    (None, "/somewhere/local", None),  # only a local path: no base_model rather than a wrong one
+])
+def test_card_base_model(tmp_path, repo_id, configured, expected):
+    from d2export.card import base_model_id
+
+    assert base_model_id(_report(tmp_path / "base", repo_id, configured)) == expected
+
+
+def test_card_with_unreadable_base_front_matter(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from d2export.card import with_base_card
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: [unclosed\n---\n# A base\n")
+    text = with_base_card("---\nlibrary_name: transformers\n---\n\n# Merged model\n", _report(tmp_path / "base"))
+    data = ModelCard(text).data.to_dict()
+    assert data["library_name"] == "transformers" and data["tags"] == ["d2export", "merged-adapter"]

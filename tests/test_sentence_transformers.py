@@ -255,3 +255,15 @@ def test_card_with_unreadable_base_front_matter(tmp_path):
     text = with_base_card("---\nlibrary_name: transformers\n---\n\n# Merged model\n", _report(tmp_path / "base"))
     data = ModelCard(text).data.to_dict()
     assert data["library_name"] == "transformers" and data["tags"] == ["d2export", "merged-adapter"]
+
+
+def test_checkpoint_settings_over_run_folder_over_base(case, tmp_path):
+    """A trainer run: the run folder and its checkpoint-N both hold settings; the checkpoint's win."""
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-5"
+    shutil.copytree(case["root"] / "adapter-only", checkpoint)
+    (run / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "dot",
+                                                                        "default_prompt_name": "query"}))
+    (checkpoint / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "euclidean"}))
+    settings = plan_modules(case["base"], checkpoint).settings["config_sentence_transformers.json"]
+    assert settings["similarity_fn_name"] == "euclidean" and settings["default_prompt_name"] == "query"

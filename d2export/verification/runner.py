@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -183,16 +184,17 @@ class _Ladder:
         self.prompts = _generation_prompts(batches, config) if kind == "causal-lm" else None
         self.resident = options.resident
         self.output = "logits" if self.distributions else "hidden states"
-        self.runs: dict[tuple[str, str], ModelRun] = {}
+        self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
 
-    def run(self, name: str, dtype: str) -> ModelRun:
-        """One model's run, kept for other comparisons; the model itself is dropped at once."""
-        if (name, dtype) not in self.runs:
+    def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
+        """One model's run, kept for other comparisons; the model itself is dropped at once.
+        ``probe``: on the first calibration batch only, without the continuation."""
+        if (name, dtype, probe) not in self.runs:
             torch_dtype, job = TORCH_DTYPES[dtype], self.job
+            sequences = None
             if name == UNMERGED:
                 model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
-                sequences = None
                 if self.prompts is not None:  # the continuation every other model follows
                     sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
                     self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
@@ -203,32 +205,44 @@ class _Ladder:
                 model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
             else:
                 model = peft_model(job.base.path, job.spec, torch_dtype)
-            if name != UNMERGED:
+            if name != UNMERGED and not probe:
                 sequences = self._sequences(dtype)
-            self.runs[name, dtype] = run_model(model, self.batches, sequences, GENERATION_STEPS)
+            self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches, sequences,
+                                                      GENERATION_STEPS)
             del model
             gc.collect()
-        return self.runs[name, dtype]
+        return self.runs[name, dtype, probe]
 
     def _sequences(self, dtype: str) -> torch.Tensor | None:
         continuation = self.continuation.get(dtype)
         return None if continuation is None else torch.cat([self.prompts, continuation], dim=1)
 
-    def compare(self, rung: str, candidate: str, reference: str, dtype: str) -> OutputCheck:
-        comparison, generation = compare_runs(self.run(reference, dtype), self.run(candidate, dtype), self.batches,
+    def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
+        ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
+        if probe:
+            ref = ModelRun(ref.outputs[:1])
+        comparison, generation = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
                                               distributions=self.distributions,
-                                              continuation=self.continuation.get(dtype))
+                                              continuation=None if probe else self.continuation.get(dtype))
         return OutputCheck(rung, candidate, reference, dtype, self.output, comparison,
                            generation if reference == UNMERGED else None)
 
     def checks(self, dtype: str, say) -> list[OutputCheck]:
         report, thresholds = self.report, self.options.thresholds
         self.run(UNMERGED, dtype)
-        cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
-        cost.rule = "figures only: what writing the folder's dtype costs"
-        loading = self.compare("loading", FOLDER, ROUNDED, dtype)
-        judge_loading(loading, report.weights is not None and report.weights.all_exact)
         fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
+        exact = report.weights is not None and report.weights.all_exact
+        # When every tensor of the folder is the correctly rounded value, the folder *is* the
+        # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
+        # head, an ignored tensor or a wrong dtype changes every output), and the folder's own
+        # figures are then the floor, so the merge is not run over every input a second time.
+        loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact)
+        judge_loading(loading, exact)
+        if exact and loading.passed:
+            cost = replace(fidelity, rung="rounding cost", candidate=ROUNDED)
+        else:
+            cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
+        cost.rule = "figures only: what writing the folder's dtype costs"
         explicit = thresholds.atol is not None or thresholds.min_top1 is not None
         scale = fidelity.comparison.scale
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
@@ -240,9 +254,8 @@ class _Ladder:
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
                 f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
                 f"{_share(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
-        for name in [n for n, d in self.runs if d == dtype]:
-            if name != UNMERGED:  # the unmerged run stays for the PEFT comparison in float32
-                del self.runs[name, dtype]
+        for key in [k for k in self.runs if k[1] == dtype and k[0] != UNMERGED]:
+            del self.runs[key]  # the unmerged run stays for the PEFT comparison in float32
         return [fidelity, loading, cost]
 
     def peft_checks(self) -> list[OutputCheck]:

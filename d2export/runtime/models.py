@@ -141,7 +141,10 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None)
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = {}
     for t in plan.tensors:
-        if t.action is Action.COPY:
+        # A copy under its own name is what the base already loaded. A copy under another name is an
+        # untied member of a tied group (say Gemma's head when only the embedding is adapted): the base
+        # loaded with tie_word_embeddings false has no tensor of that name and would leave it random.
+        if t.action is Action.COPY and t.name == t.source:
             continue
         key = find_name(t.name, keys, prefix)
         if key is None:

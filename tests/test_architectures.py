@@ -12,14 +12,19 @@ float32 within the float32 round-off bound ``verify`` uses for its PEFT rung.
 from __future__ import annotations
 
 import gc
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from support import check_refused, cli
 
 from d2export import merge, verify
+from d2export.reading import read_config
 from d2export.verification.report import FP32_OUTPUT_RTOL
 
 VOCAB = 128
@@ -41,7 +46,7 @@ class Arch:
 DECODER = dict(SMALL, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
                eos_token_id=2)
 ARCHS = [
-    Arch("llama", "LlamaConfig", "LlamaForCausalLM", DECODER, extra=["down_proj"]),
+    Arch("llama", "LlamaConfig", "LlamaForCausalLM", DECODER, extra=["down_proj", "lm_head"]),
     Arch("mistral", "MistralConfig", "MistralForCausalLM", dict(DECODER, sliding_window=None)),
     Arch("qwen2", "Qwen2Config", "Qwen2ForCausalLM", DECODER, extra=["gate_proj"]),
     Arch("qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, head_dim=8)),
@@ -74,11 +79,11 @@ ARCHS = [
     # GPT-2: Conv1D weights stored [in, out], and a short learned position table (64).
     Arch("gpt2", "GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
-         extra=["c_fc", "c_proj"], peft=dict(fan_in_fan_out=True)),
+         extra=["c_fc", "c_proj", "wte"], peft=dict(fan_in_fan_out=True)),  # wte: tied to the head
     # Mixtral: every expert's w1/w2/w3 adapted, the router left alone.
     Arch("mixtral", "MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
          extra=["w1", "w2", "w3"]),
-    Arch("bert", "BertConfig", "BertModel", dict(SMALL, max_position_embeddings=128), extra=["dense"],
+    Arch("bert", "BertConfig", "BertModel", dict(SMALL, max_position_embeddings=128), extra=["dense", "word_embeddings"],
          family="encoder"),
     Arch("roberta", "RobertaConfig", "RobertaForSequenceClassification", dict(
         SMALL, max_position_embeddings=130, num_labels=3, pad_token_id=1, bos_token_id=0, eos_token_id=2),
@@ -94,6 +99,9 @@ ARCHS = [
         SMALL, max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=16, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2), targets=["Wqkv", "Wo", "Wi"],
          family="encoder"),
+    # DeBERTa (v1): one fused in_proj, without a bias of its own (q_bias and v_bias are separate).
+    Arch("deberta", "DebertaConfig", "DebertaModel", dict(SMALL, max_position_embeddings=128),
+         targets=["in_proj", "output.dense"], family="encoder"),
     Arch("t5", "T5Config", "T5ForConditionalGeneration", dict(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
         pad_token_id=0), extra=["wo"], family="seq2seq"),
@@ -104,6 +112,9 @@ ARCHS = [
     Arch("vit", "ViTConfig", "ViTForImageClassification", dict(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3), targets=["query", "value", "output.dense"], family="vision"),
+    Arch("vit-model", "ViTConfig", "ViTModel", dict(  # no head: hidden states compared
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64), targets=["query", "value"], family="vision"),
 ]
 BY_NAME = {a.name: a for a in ARCHS}
 
@@ -256,3 +267,50 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
     assert max_abs <= FP32_OUTPUT_RTOL * scale, (max_abs, scale)
     # ...and the adapter really moves the model: the base is far from it.
     assert moved > 100 * FP32_OUTPUT_RTOL * scale, (moved, scale)
+    # Learned position tables shorter than the longest calibration length clip it (GPT-2 64, OPT 40).
+    config = read_config(base)
+    limit = config.get("n_positions") or config.get("max_position_embeddings") or 10**9
+    lengths = json.loads(report.calibration.split("lengths ")[1].split("]")[0] + "]") if arch.family != "vision" \
+        else []
+    assert all(n <= limit for n in lengths)
+    if arch.family in ("seq2seq", "vision"):
+        # the output check sees a change to one decoder (or encoder) weight alone
+        tamper_tensor(result.out, TAMPER[name], lambda w: w.mul_(1.05))
+        tampered = verify(result.out, adapter, base=base, weights=False)
+        assert not tampered.passed
+        assert all(("max |dlogits|" if name != "vit-model" else "max |dhidden states|") in f
+                   for f in tampered.failures), tampered.failures
+
+
+TAMPER = {"t5": "decoder.block.1.layer.0.SelfAttention.q.weight",
+          "bart": "model.decoder.layers.1.fc2.weight",
+          "vit": "vit.encoder.layer.1.attention.attention.query.weight",
+          "vit-model": "encoder.layer.1.attention.attention.query.weight"}
+
+
+def tamper_tensor(folder: Path, name: str, edit) -> None:
+    """Edit one tensor of a merged folder in place, keeping every other byte."""
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            if name not in f.keys():
+                continue
+            values = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        edit(values[name])
+        save_file(values, file, metadata=metadata)
+        return
+    raise KeyError(name)
+
+
+# One case per family through the command line: merge --verify exits 0 and records the verdict.
+CLI_CASES = [("gpt2", True), ("modernbert", False), ("t5", True), ("vit", False)]
+
+
+@pytest.mark.parametrize(("name", "dora"), CLI_CASES, ids=[f"{n}-{'dora' if d else 'lora'}" for n, d in CLI_CASES])
+def test_cli_merge_verify(adapters, tmp_path, name, dora):
+    base, adapter = adapters(name, dora)
+    out = tmp_path / "merged"
+    result = cli(["merge", str(adapter), "--base", str(base), "-o", str(out), "--verify", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "d2export_report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["failures"] == []

@@ -83,8 +83,8 @@ ARCHS = [
     # Mixtral: every expert's w1/w2/w3 adapted, the router left alone.
     Arch("mixtral", "MixtralConfig", "MixtralForCausalLM", dict(DECODER, num_local_experts=4, num_experts_per_tok=2),
          extra=["w1", "w2", "w3"]),
-    Arch("bert", "BertConfig", "BertModel", dict(SMALL, max_position_embeddings=128), extra=["dense", "word_embeddings"],
-         family="encoder"),
+    Arch("bert", "BertConfig", "BertModel", dict(SMALL, max_position_embeddings=128),
+         extra=["dense", "word_embeddings"], family="encoder"),
     Arch("roberta", "RobertaConfig", "RobertaForSequenceClassification", dict(
         SMALL, max_position_embeddings=130, num_labels=3, pad_token_id=1, bos_token_id=0, eos_token_id=2),
          family="encoder"),
@@ -116,7 +116,19 @@ ARCHS = [
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64), targets=["query", "value"], family="vision"),
 ]
-BY_NAME = {a.name: a for a in ARCHS}
+# Heads beyond the causal LM / classifier: each loads with its own Auto class, so a head the merge
+# changes (a tied MLM decoder untied by an adapted embedding, a saved classifier) is compared too.
+HEADS = [
+    Arch("bert-mlm", "BertConfig", "BertForMaskedLM", dict(SMALL, max_position_embeddings=128),
+         extra=["word_embeddings"], family="encoder"),
+    Arch("bert-token-cls", "BertConfig", "BertForTokenClassification", dict(
+        SMALL, max_position_embeddings=128, num_labels=5), peft=dict(modules_to_save=["classifier"]), family="encoder"),
+    Arch("bert-qa", "BertConfig", "BertForQuestionAnswering", dict(SMALL, max_position_embeddings=128),
+         peft=dict(modules_to_save=["qa_outputs"]), family="encoder"),
+    Arch("llama-cls", "LlamaConfig", "LlamaForSequenceClassification", dict(DECODER, num_labels=3),
+         peft=dict(modules_to_save=["score"])),
+]
+BY_NAME = {a.name: a for a in ARCHS + HEADS}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -235,7 +247,10 @@ def peft_vs_folder(arch: Arch, base: Path, adapter: Path, merged: Path) -> tuple
 
     def run(model):
         out = model(**batch)
-        y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        if getattr(out, "start_logits", None) is not None:
+            y = torch.stack([out.start_logits, out.end_logits], dim=-1)
+        else:
+            y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
         return y[keep] if keep is not None and y.dim() == 3 else y
 
     want = run(reference)
@@ -245,7 +260,9 @@ def peft_vs_folder(arch: Arch, base: Path, adapter: Path, merged: Path) -> tuple
 
 
 CASES = [pytest.param(a.name, dora, id=f"{a.name}-{'dora' if dora else 'lora'}") for a in ARCHS
-         for dora in (False, True)]
+         for dora in (False, True)] + [
+    pytest.param(a.name, dora, id=f"{a.name}-{'dora' if dora else 'lora'}")
+    for a, dora in zip(HEADS, (True, False, True, False), strict=True)]
 
 
 @pytest.mark.parametrize(("name", "dora"), CASES)
@@ -253,7 +270,8 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
     arch = BY_NAME[name]
     base, adapter = adapters(name, dora)
     result = merge(adapter, base=base, out=tmp_path / "merged")
-    assert result.report["tensors"]["merge"] > 0
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:  # every adapted module is merged
+        assert result.report["tensors"]["merge"] == sum(".lora_A." in k or "lora_embedding_A" in k for k in f.keys())
     report = verify(result.out, adapter, base=base)
     assert report.passed, report.failures
     assert report.method == ("dora" if dora else "lora")
@@ -314,3 +332,30 @@ def test_cli_merge_verify(adapters, tmp_path, name, dora):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "d2export_report.json").read_text())
     assert report["verification"]["passed"] and report["verification"]["failures"] == []
+
+
+@pytest.mark.parametrize(("name", "dora"), [("gemma", True), ("gpt2", False), ("t5", True)],
+                         ids=["gemma-dora", "gpt2-lora", "t5-dora"])
+def test_merge_into_another_dtype_verifies(adapters, tmp_path, name, dora):
+    """A float32 base merged into bfloat16: every tensor, copied ones included, is the correctly
+    rounded value, so the folder loads exactly as the correctly rounded merge held in memory."""
+    base, adapter = adapters(name, dora)
+    out = merge(adapter, base=base, out=tmp_path / "merged", dtype="bfloat16").out
+    report = verify(out, adapter, base=base)
+    assert report.passed, report.failures
+    assert report.merged_dtype == "bfloat16"
+    loading = next(o for o in report.outputs if o.rung == "loading")
+    assert loading.rule.startswith("equal outputs") and loading.comparison.max_abs == 0.0
+
+
+def test_adapted_shared_seq2seq_embedding_is_refused(bases, tmp_path):
+    """T5 (like BART) ties ``shared`` to both stacks' ``embed_tokens`` whatever tie_word_embeddings
+    says. PEFT wraps ``shared`` alone, and the stacks keep reading the plain embedding, so PEFT's
+    unmerged model never sees that update, while any merge into the one stored tensor reaches all
+    three. No merged folder can compute what the adapter computed: refused, exit 2, nothing written."""
+    base = bases("t5")
+    adapter = build_adapter(Arch("t5-shared", "T5Config", "T5ForConditionalGeneration", BY_NAME["t5"].kwargs,
+                                 targets=["q", "shared"], family="seq2seq"), base, tmp_path / "adapter", dora=False)
+    result = cli(["merge", str(adapter), "--base", str(base), "-o", str(tmp_path / "merged"), "--verify", "--quiet"])
+    check_refused(result, ["shared.weight", "cannot be untied"])
+    assert not (tmp_path / "merged").exists()

@@ -127,6 +127,10 @@ HEADS = [
          peft=dict(modules_to_save=["qa_outputs"]), family="encoder"),
     Arch("llama-cls", "LlamaConfig", "LlamaForSequenceClassification", dict(DECODER, num_labels=3),
          peft=dict(modules_to_save=["score"])),
+    Arch("t5-untied-head", "T5Config", "T5ForConditionalGeneration", dict(  # T5 v1.1 / Flan-T5 layout
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0, tie_word_embeddings=False, feed_forward_proj="gated-gelu"), targets=["q", "wi_0", "lm_head"],
+         family="seq2seq"),
 ]
 BY_NAME = {a.name: a for a in ARCHS + HEADS}
 
@@ -262,7 +266,7 @@ def peft_vs_folder(arch: Arch, base: Path, adapter: Path, merged: Path) -> tuple
 CASES = [pytest.param(a.name, dora, id=f"{a.name}-{'dora' if dora else 'lora'}") for a in ARCHS
          for dora in (False, True)] + [
     pytest.param(a.name, dora, id=f"{a.name}-{'dora' if dora else 'lora'}")
-    for a, dora in zip(HEADS, (True, False, True, False), strict=True)]
+    for a, dora in zip(HEADS, (True, False, True, False, True), strict=True)]
 
 
 @pytest.mark.parametrize(("name", "dora"), CASES)
@@ -291,7 +295,7 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
     lengths = json.loads(report.calibration.split("lengths ")[1].split("]")[0] + "]") if arch.family != "vision" \
         else []
     assert all(n <= limit for n in lengths)
-    if arch.family in ("seq2seq", "vision"):
+    if name in TAMPER:
         # the output check sees a change to one decoder (or encoder) weight alone
         tamper_tensor(result.out, TAMPER[name], lambda w: w.mul_(1.05))
         tampered = verify(result.out, adapter, base=base, weights=False)
@@ -348,14 +352,18 @@ def test_merge_into_another_dtype_verifies(adapters, tmp_path, name, dora):
     assert loading.rule.startswith("equal outputs") and loading.comparison.max_abs == 0.0
 
 
-def test_adapted_shared_seq2seq_embedding_is_refused(bases, tmp_path):
-    """T5 (like BART) ties ``shared`` to both stacks' ``embed_tokens`` whatever tie_word_embeddings
-    says. PEFT wraps ``shared`` alone, and the stacks keep reading the plain embedding, so PEFT's
-    unmerged model never sees that update, while any merge into the one stored tensor reaches all
-    three. No merged folder can compute what the adapter computed: refused, exit 2, nothing written."""
+@pytest.mark.parametrize("tied", ["shared", "lm_head"])
+def test_adapted_tied_t5_embedding_or_head_is_refused(bases, tmp_path, tied):
+    """T5 scales its decoder output by d_model**-0.5 only while the head is tied to ``shared``, so
+    the untied folder a merge into either would need computes another model (measured: logits 4x
+    the scale away from PEFT's unmerged model, and verify's rounding floor, built with the same
+    untied config, could not tell). Worse for ``shared``: it is tied to both stacks' embed_tokens,
+    which PEFT leaves unwrapped, so PEFT's own model never applies that update at all. Refused,
+    exit 2, nothing written. (T5 v1.1 / Flan-T5 checkpoints are untied: their head merges, below.)"""
     base = bases("t5")
-    adapter = build_adapter(Arch("t5-shared", "T5Config", "T5ForConditionalGeneration", BY_NAME["t5"].kwargs,
-                                 targets=["q", "shared"], family="seq2seq"), base, tmp_path / "adapter", dora=False)
+    arch = Arch("t5-tied", "T5Config", "T5ForConditionalGeneration", BY_NAME["t5"].kwargs, targets=["q", tied],
+                family="seq2seq")
+    adapter = build_adapter(arch, base, tmp_path / "adapter", dora=False)
     result = cli(["merge", str(adapter), "--base", str(base), "-o", str(tmp_path / "merged"), "--verify", "--quiet"])
-    check_refused(result, ["shared.weight", "cannot be untied"])
+    check_refused(result, [f"{tied}.weight", "no untied folder computes the adapted model"])
     assert not (tmp_path / "merged").exists()

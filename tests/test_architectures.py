@@ -190,7 +190,9 @@ def build_adapter(arch: Arch, base: Path, folder: Path, *, dora: bool) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-    peft.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "setting save_embedding_layers": as intended
+        peft.save_pretrained(folder)
     return folder
 
 
@@ -289,12 +291,12 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
     assert max_abs <= FP32_OUTPUT_RTOL * scale, (max_abs, scale)
     # ...and the adapter really moves the model: the base is far from it.
     assert moved > 100 * FP32_OUTPUT_RTOL * scale, (moved, scale)
-    # Learned position tables shorter than the longest calibration length clip it (GPT-2 64, OPT 40).
-    config = read_config(base)
-    limit = config.get("n_positions") or config.get("max_position_embeddings") or 10**9
-    lengths = json.loads(report.calibration.split("lengths ")[1].split("]")[0] + "]") if arch.family != "vision" \
-        else []
-    assert all(n <= limit for n in lengths)
+    if arch.family != "vision":
+        # A learned position table shorter than the longest calibration length clips it (OPT: 40).
+        config = read_config(base)
+        limit = config.get("n_positions") or config.get("max_position_embeddings")
+        lengths = json.loads(report.calibration.split("lengths ")[1].split("]")[0] + "]")
+        assert lengths == [min(n, limit or n) for n in (8, 24, 64)]
     if name in TAMPER:
         # the output check sees a change to one decoder (or encoder) weight alone
         tamper_tensor(result.out, TAMPER[name], lambda w: w.mul_(1.05))

@@ -38,8 +38,8 @@ class Architecture:
 # tests/test_architecture.py checks every entry against the meta-device probe.
 KNOWN_CAUSAL_LMS = {  # model_type -> tie_word_embeddings default
     "llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True, "gemma2": True,
-    "phi": False, "phi3": False, "mixtral": False, "starcoder2": True, "olmo": False, "olmo2": False, "granite": False, "cohere": True,
-    "stablelm": False,
+    "phi": False, "phi3": False, "mixtral": False, "starcoder2": True, "olmo": False, "olmo2": False,
+    "granite": False, "cohere": True, "stablelm": False,
 }
 
 # Model types whose forward depends on tie_word_embeddings beyond the tie itself: T5 and its kin

@@ -11,7 +11,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from .architecture import Architecture, probe_architecture
+from .architecture import RESCALED_WHEN_TIED, Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
 from .names import find_name
@@ -172,6 +172,11 @@ def _untie(base: ModelFolder, arch: Architecture, touched: set[str], resolve: _R
         stored = [n for n in group if n in base.tensors]
         if not group & touched or not stored:
             continue
+        if base.config.get("model_type") in RESCALED_WHEN_TIED:
+            raise D2ExportError(
+                f"the adapter changes {', '.join(sorted(group & touched))}, tied to "
+                f"{', '.join(sorted(group - touched))} in a {base.config['model_type']} model, which scales its "
+                "decoder output by d_model**-0.5 only while they are tied: no untied folder computes the adapted model")
         for name in sorted(group - set(out_names)):
             out_names.append(name)
             resolve.alias[name] = stored[0]

@@ -180,10 +180,11 @@ class _Ladder:
     def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions):
         self.job, self.report, self.batches, self.options = job, report, batches, options
         kind = head_kind(config)
-        self.distributions = kind != "encoder"
+        # question answering's start/end logits are distributions over positions, not over their last axis
+        self.distributions = kind not in ("encoder", "question-answering")
         self.prompts = _generation_prompts(batches, config) if kind == "causal-lm" else None
         self.resident = options.resident
-        self.output = "logits" if self.distributions else "hidden states"
+        self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
 

@@ -38,9 +38,14 @@ class Architecture:
 # tests/test_architecture.py checks every entry against the meta-device probe.
 KNOWN_CAUSAL_LMS = {  # model_type -> tie_word_embeddings default
     "llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True, "gemma2": True,
-    "phi3": False, "starcoder2": True, "olmo": False, "olmo2": False, "granite": False, "cohere": True,
-    "stablelm": False,
+    "phi": False, "phi3": False, "mixtral": False, "starcoder2": True, "olmo": False, "olmo2": False,
+    "granite": False, "cohere": True, "stablelm": False,
 }
+
+# Model types whose forward depends on tie_word_embeddings beyond the tie itself: T5 and its kin
+# scale the decoder output by d_model**-0.5 only while the head is tied, so the untied folder a
+# merge into the head needs would compute another model (tests/test_architectures.py).
+RESCALED_WHEN_TIED = {"t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano"}
 
 
 def probe_architecture(config: dict) -> Architecture:

@@ -97,19 +97,6 @@ def vocab_size_of(config: dict) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# A tokenizer's files, as save_pretrained writes them for the tokenizers in use.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
-
-
-def adapter_tokenizer(spec) -> list[Path]:
-    """The tokenizer files saved beside the adapter (the chat recipe saves the tokenizer it added
-    tokens to there): plain files only, a link could lead anywhere."""
-    return [spec.path / n for n in TOKENIZER_FILES
-            if (spec.path / n).is_file() and not (spec.path / n).is_symlink()]
-
-
 def output_changes(spec, base: Path) -> dict:
     """The config keys the merge of ``spec`` into ``base`` changes (architecture and labels of an
     adapter-only head, ``vocab_size``, untied weights): what a run-time model of the base needs to be

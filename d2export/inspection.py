@@ -19,8 +19,10 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, options: Mer
 
     Args:
         adapter: adapter folder (or a trainer checkpoint folder holding one).
-        base: base model folder; default: the adapter's ``base_model_name_or_path``.
-        options: a :class:`MergeOptions` (dtype, shard size); ``settings`` override its fields.
+        base: base model folder (or model id in the local Hugging Face cache); default: the
+            adapter's ``base_model_name_or_path``.
+        options: a :class:`MergeOptions` (dtype, shard size, the base's ``revision``); ``settings``
+            override its fields.
 
     Returns:
         A JSON-able dict: method, modules, DiffoRA grid, and ``merge_plan`` (``available`` False
@@ -53,6 +55,7 @@ def inspect(adapter: str | Path, *, base: str | Path | None = None, options: Mer
     info["merge_plan"] = {
         "available": True,
         "base": str(job.base.path),
+        "base_source": job.source.to_dict() if job.source is not None else None,
         "tensors": {a.value: sum(t.action is a for t in plan.tensors) for a in Action},
         "shards": [{"file": f, "tensors": len(ts), "bytes": sum(t.nbytes for t in ts)} for f, ts in plan.shards],
         "total_bytes": plan.total_bytes,

@@ -9,23 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import D2ExportError, OptionError
+from .basesource import BaseModelError, BaseNotGivenError, BaseSource, resolve_base
+from .errors import D2ExportError
 from .formats import load_adapter
 from .options import MergeOptions
 from .plan import MergePlan, build_plan
 from .reading import ModelFolder
 from .spec import AdapterSpec
 
-
-class BaseModelError(D2ExportError):
-    """The adapter's base model cannot be found or opened."""
-
-
-class BaseNotGivenError(OptionError, BaseModelError):
-    """No base was given and the adapter's own reference does not lead to one."""
-
-    def __init__(self, message: str):
-        super().__init__("base", message)
+__all__ = ["BaseModelError", "BaseNotGivenError", "Job", "open_base", "prepare"]
 
 
 @dataclass
@@ -36,6 +28,7 @@ class Job:
     base: ModelFolder
     plan: MergePlan
     options: MergeOptions
+    source: BaseSource | None = None  # how the base was found (None: a Job built by hand)
 
     @property
     def default_out(self) -> Path:
@@ -58,8 +51,10 @@ def prepare(adapter: str | Path | AdapterSpec, base: str | Path | None = None,
 
     Args:
         adapter: adapter folder, trainer checkpoint folder, or an :class:`AdapterSpec`.
-        base: base model folder; default: the adapter's ``base_model_name_or_path``.
-        options: what the merge writes (dtype, shards); default :class:`MergeOptions`.
+        base: base model folder (or a model id in the local Hugging Face cache); default: the
+            adapter's ``base_model_name_or_path`` at its ``revision``.
+        options: what the merge writes (dtype, shards) and the base's ``revision``; default
+            :class:`MergeOptions`.
 
     Returns:
         A :class:`Job`; close it (or use it as a context manager) when done.
@@ -69,41 +64,24 @@ def prepare(adapter: str | Path | AdapterSpec, base: str | Path | None = None,
     """
     spec = adapter if isinstance(adapter, AdapterSpec) else load_adapter(adapter)
     options = options or MergeOptions()
-    folder = open_base(spec, base)
+    source, folder = open_base(spec, base, options.revision)
     try:
         plan = build_plan(spec, folder, options)
     except BaseException:
         folder.close()
         raise
-    return Job(spec, folder, plan, options)
+    asked = spec.config.get("revision")
+    if asked and source.snapshot is None:
+        plan.notes.append(f"the adapter names revision {asked} of its base; the base is the local folder "
+                          f"{source.path}, used as it is")
+    return Job(spec, folder, plan, options, source)
 
 
-def open_base(spec: AdapterSpec, base: str | Path | None) -> ModelFolder:
-    path = resolve_base(spec, base)
+def open_base(spec: AdapterSpec, base: str | Path | None, revision: str | None = None
+              ) -> tuple[BaseSource, ModelFolder]:
+    """Find the base (:func:`~d2export.basesource.resolve_base`) and open it."""
+    source = resolve_base(spec.path, spec.base_model_name_or_path, spec.config.get("revision"), base, revision)
     try:  # a base folder that is not a model is the base's problem, not the adapter's
-        return ModelFolder.open(path, "base model")
+        return source, ModelFolder.open(source.path, "base model")
     except D2ExportError as exc:
         raise BaseModelError(str(exc)) from None
-
-
-def resolve_base(spec: AdapterSpec, base: str | Path | None) -> Path:
-    """``base`` if given, else the adapter's ``base_model_name_or_path``: a local folder (relative
-    paths are tried from the adapter folder too) or a model in the local Hugging Face cache.
-    Never touches the network."""
-    if base is not None:
-        return Path(base)
-    name = spec.base_model_name_or_path
-    if not name:
-        raise BaseNotGivenError(f"is needed: the adapter {spec.path} names no base model")
-    for candidate in (Path(name), spec.path / name):
-        if candidate.is_dir():
-            return candidate
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise BaseNotGivenError(
-            f"is needed: the adapter's base model {name!r} is neither a local folder nor in the local "
-            "Hugging Face cache"
-        ) from None

@@ -27,6 +27,8 @@ from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
 from .report import REPORT_NAME, build_report, input_files, write_report
 from .sidefiles import side_files
 from .spec import Rescale
+from .st_modules import plan_modules, write_modules
+from .tokenizer_files import TrainedFiles
 from .writing import ReadHashes, ShardWriter, atomic_output, check_output_location, write_text
 
 # The merge's threads: this one reads, WORKERS merge row blocks, one per shard writes. Each BLAS
@@ -59,7 +61,8 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
 
     Args:
         adapter: adapter folder (or a trainer ``checkpoint-N`` folder holding one).
-        base: base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: base model folder or a model id in the local Hugging Face cache; default: the adapter's
+            ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         out: output folder; default ``<adapter>-merged`` beside the adapter.
         options: a :class:`MergeOptions`; ``settings`` (its field names as keywords) override it.
         progress: called with (tensor name, bytes written, bytes in all).
@@ -80,15 +83,21 @@ def merge(adapter: str | Path, *, base: str | Path | None = None, out: str | Pat
 def write_merge(job: Job, out: Path, progress: Progress = silent) -> MergeResult:
     """Write the merge ``job`` plans into the folder ``out`` (atomically)."""
     check_output_location(out, [job.spec.path, job.base.path], job.options.force)
+    st = plan_modules(job.base.path, job.spec.path)  # read and checked before anything is written
     hashing = ReadHashes(input_files(job.plan), job.spec.file_hashes) if job.options.hash_inputs else None
     try:
-        with atomic_output(out, replace=job.options.force) as tmp:
+        # the tokenizer, chat template... trained with the adapter, loaded before anything is written
+        with TrainedFiles.load(job.spec.path, job.base.path) as trained, \
+                atomic_output(out, replace=job.options.force) as tmp:
             stats, hashes = write_weights(job.plan, tmp, progress, hashing)
             write_config(job.plan, tmp)
-            copy_side_files(job.base.path, tmp)
-            for file in job.plan.side_files:  # the adapter's tokenizer, which knows the added tokens
-                shutil.copy2(file, tmp / file.name)
-            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None)
+            copy_side_files(job.base.path, tmp, skip=trained.replaced)
+            trained.write(tmp)
+            report = build_report(job.plan, stats, hashes, out, input_hashes=hashing.result() if hashing else None,
+                                  source=job.source)
+            if st is not None:  # sentence-transformers modules (2_Dense/...) and settings
+                write_modules(st, tmp)
+                report["sentence_transformers"] = st.summary()
             write_report(tmp, report)
     finally:
         if hashing is not None:
@@ -290,11 +299,12 @@ def write_config(plan: MergePlan, folder: Path) -> None:
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(base: Path, folder: Path) -> None:
+def copy_side_files(base: Path, folder: Path, skip: set[str] = frozenset()) -> None:
     """Tokenizer, generation config and other small files travel with the model; weights, indexes
     and the old config do not (they are rewritten), nor does a subfolder holding weights. Links
-    out of the base or looping back are refused (:func:`d2export.sidefiles.side_files`)."""
-    skip = {CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
+    out of the base or looping back are refused (:func:`d2export.sidefiles.side_files`). Top-level
+    names in ``skip`` are not copied either (the adapter side brings its own)."""
+    skip = {*skip, CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
     for source, relative in side_files(base, skip, WEIGHT_SUFFIXES):
         target = folder / relative
         try:

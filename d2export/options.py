@@ -87,6 +87,18 @@ def parse_sizes(value: str | tuple[int, ...] | list[int], option: str) -> tuple[
     return tuple(dict.fromkeys(values))
 
 
+REVISION_HELP = ("Base model revision (branch, tag or commit hash) to take from the local Hugging Face cache; "
+                 "default: the adapter's revision, else main.")
+
+
+def _revision(options: object) -> None:
+    value = options.revision  # type: ignore[attr-defined]
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise OptionError("revision", f"must be a branch, tag or commit hash; got {value!r}")
+    if value is not None:
+        _set(options, "revision", value.strip())
+
+
 def _set(options: object, name: str, value: Any) -> None:
     object.__setattr__(options, name, value)  # normalising a frozen dataclass in __post_init__
 
@@ -108,8 +120,10 @@ class MergeOptions:
                                              default=None)
     force: bool = option("Replace an existing output folder.", default=False)
     hash_inputs: bool = option("Record the inputs' sha256 in the report.", default=True)
+    revision: str | None = option(REVISION_HELP, default=None)
 
     def __post_init__(self) -> None:
+        _revision(self)
         _set(self, "dtype", dtype_choice("dtype", self.dtype, OUTPUT_DTYPES, auto=True))
         _set(self, "compute_dtype", dtype_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES))
         if self.max_shard_size is not None:
@@ -156,12 +170,15 @@ class VerifyOptions:
     peft_reference: bool = option("Also compare against PEFT's own unmerged model (PEFT adapters).", default=True)
     seed: int = option("Seed of the random calibration tokens.", default=0)
     dtypes: tuple[str, ...] | str | None = option(
-        "Dtypes to run the output checks in, e.g. bf16,fp32 (default: the folder's).", default=None)
+        "Dtypes to run the output checks in, e.g. bf16,fp32 (default: float32, which also shows a 16-bit "
+        "folder's rounding).", default=None)
     resident: int | str | None = option(
         "Weights kept in memory by the output checks, e.g. 256MiB; the rest is read from the files layer by "
         "layer. 'all': load whole.", default="256MiB")
+    revision: str | None = option(REVISION_HELP, default=None)
 
     def __post_init__(self) -> None:
+        _revision(self)
         for name in ("calibration", "task_data"):
             path = getattr(self, name)
             if path is not None:
@@ -218,8 +235,10 @@ class BenchOptions:
     repeats: int = option("Timed runs per model and shape (p50/p95 over these).", default=10)
     threads: int | None = option("PyTorch and ONNX Runtime threads (default: torch's).", default=None)
     dtype: str = option("PyTorch models run in: float32 or bfloat16.", default="float32")
+    revision: str | None = option(REVISION_HELP, default=None)
 
     def __post_init__(self) -> None:
+        _revision(self)
         _set(self, "batch_sizes", parse_sizes(self.batch_sizes, "batch_sizes"))
         _set(self, "seq_lens", parse_sizes(self.seq_lens, "seq_lens"))
         _positive("warmup", self.warmup, allow_zero=True)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 
-from .architecture import Architecture, probe_architecture
+from .architecture import RESCALED_WHEN_TIED, Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
 from .formats.saved import TokenRows
-from .heads import TaskHead, adapter_tokenizer, task_head, vocab_size_of
+from .heads import TaskHead, task_head, vocab_size_of
 from .names import find_name
 from .options import MergeOptions
 from .reading import ModelFolder
@@ -63,7 +62,6 @@ class MergePlan:
     out_dtype: str | None = None  # every floating tensor written in this dtype; None: each keeps its own
     config_updates: dict = field(default_factory=dict)  # keys config.json gets besides the dtype
     notes: list[str] = field(default_factory=list)
-    side_files: list[Path] = field(default_factory=list)  # adapter files that replace the base's (a tokenizer)
 
     @property
     def total_bytes(self) -> int:
@@ -92,14 +90,9 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         targets.apply(plan, arch, spec, base)
         tensors.append(plan)
     vocab = resized_vocab(tensors, base, targets.resized)
-    tokenizer: list[Path] = []
-    if vocab is not None:
+    if vocab is not None:  # the adapter side's tokenizer, which knows the added tokens, ships (tokenizer_files.py)
         config_updates["vocab_size"] = vocab
         notes.append(f"vocabulary resized from {base.config.get('vocab_size')} to {vocab} tokens (the adapter's)")
-        tokenizer = adapter_tokenizer(spec)
-        notes.append("the adapter's tokenizer files replace the base's (" + ", ".join(p.name for p in tokenizer) + ")"
-                     if tokenizer else "no tokenizer beside the adapter: the base's is copied, and it does not know "
-                     "the added tokens; ship the tokenizer the adapter was trained with")
     if head is not None:
         tensors += head_tensors(head, targets.head_only, base, out_dtype)
         dropped = rename_for_head(tensors, head)
@@ -112,7 +105,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         spec=spec, base=base, arch=arch, tensors=tensors,
         shards=_shard_layout(tensors, base, options.max_shard_size),
         compute_dtype=np.dtype(options.compute_dtype), out_dtype=options.out_dtype,
-        config_updates=config_updates, notes=notes, side_files=tokenizer,
+        config_updates=config_updates, notes=notes,
     )
 
 
@@ -211,6 +204,11 @@ def _untie(base: ModelFolder, arch: Architecture, touched: set[str], resolve: _R
         stored = [n for n in group if n in base.tensors]
         if not group & touched or not stored:
             continue
+        if base.config.get("model_type") in RESCALED_WHEN_TIED:
+            raise D2ExportError(
+                f"the adapter changes {', '.join(sorted(group & touched))}, tied to "
+                f"{', '.join(sorted(group - touched))} in a {base.config['model_type']} model, which scales its "
+                "decoder output by d_model**-0.5 only while they are tied: no untied folder computes the adapted model")
         for name in sorted(group - set(out_names)):
             out_names.append(name)
             resolve.alias[name] = stored[0]

@@ -8,7 +8,10 @@ from pathlib import Path
 from . import __version__
 from .algebra import MergeStats
 from .arrays import dtype_name
+from .basesource import BaseSource
+from .card import with_base_card
 from .plan import Action, MergePlan, TensorPlan
+from .reading import CONFIG_NAME
 from .writing import write_json, write_text
 
 REPORT_NAME = "d2export_report.json"
@@ -17,15 +20,17 @@ REPORT_VERSION = 1
 
 
 def input_files(plan: MergePlan) -> list[Path]:
-    """The files a merge reads: the adapter's and the base's weights (hashed for the report)."""
-    return [*plan.spec.files, *(plan.base.path / f for f in plan.base.files)]
+    """The files a merge reads: the adapter's, the base's weights and its config (hashed for the
+    report: they say which base this was, whatever its path)."""
+    return [*plan.spec.files, *(plan.base.path / f for f in plan.base.files), plan.base.path / CONFIG_NAME]
 
 
 def build_report(
     plan: MergePlan, stats: dict[str, MergeStats], shard_hashes: dict[str, str], out: Path,
-    *, input_hashes: dict[Path, str] | None = None,
+    *, input_hashes: dict[Path, str] | None = None, source: BaseSource | None = None,
 ) -> dict:
-    """``input_hashes``: sha256 of the :func:`input_files` (None: not computed, recorded as null)."""
+    """``input_hashes``: sha256 of the :func:`input_files` (None: not computed, recorded as null);
+    ``source``: how the base was found (its cache snapshot and revision)."""
     spec, base = plan.spec, plan.base
     hashes = input_hashes or {}
 
@@ -42,7 +47,9 @@ def build_report(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "method": spec.method,
         "adapter": {"path": str(spec.path), "files": files(spec.files), "config": _config_summary(spec.config)},
-        "base": {"path": str(base.path), "files": files([base.path / f for f in base.files])},
+        "base": {**(source.to_dict() if source is not None else {"path": str(base.path.absolute())}),
+                 "files": files([base.path / f for f in base.files]),
+                 "config_sha256": hashes.get(base.path / CONFIG_NAME)},
         "output": {
             "path": str(out),
             "compute_dtype": dtype_name(plan.compute_dtype),
@@ -91,7 +98,7 @@ def config_changes(plan: MergePlan) -> dict:
 def write_report(folder: Path, report: dict) -> None:
     """``d2export_report.json`` and the model card, both from ``report`` (each replaced atomically)."""
     write_json(folder / REPORT_NAME, report)
-    write_text(folder / CARD_NAME, model_card(report))
+    write_text(folder / CARD_NAME, with_base_card(model_card(report), report))
 
 
 def _config_summary(config: dict) -> dict:
@@ -113,7 +120,7 @@ def model_card(report: dict) -> str:
         "# Merged model",
         "",
         f"This folder was written by d2export {report['tool']['version']}: the `{report['method']}` adapter "
-        f"at `{report['adapter']['path']}` folded into the base model at `{report['base']['path']}`. "
+        f"at `{report['adapter']['path']}` folded into the base model {_base_phrase(report['base'])}. "
         "It is a plain model: no adapter code runs at inference.",
         "",
         f"- modules merged: {len(merged)}"
@@ -127,6 +134,12 @@ def model_card(report: dict) -> str:
         lines.append(_verification_line(verification))
     lines += ["", "Per-module figures and input hashes are in `d2export_report.json`.", ""]
     return "\n".join(lines)
+
+
+def _base_phrase(base: dict) -> str:
+    if base.get("repo_id") and base.get("snapshot"):
+        return f"`{base['repo_id']}` (snapshot `{base['snapshot']}`)"
+    return f"at `{base['path']}`"
 
 
 def _verification_line(verification: dict) -> str:

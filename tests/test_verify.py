@@ -239,7 +239,8 @@ def test_missing_tensor_and_output_thresholds(merged, tmp_path):
     strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))
     assert not strict.passed and all("bfloat16" in f or "float32" in f for f in strict.failures)
     assert all("worst at batch " in f and " row " in f and " position " in f for f in strict.failures)
-    top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0))
+    top1 = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(min_top1=1.0),
+                  dtypes="bf16")  # bf16 logits of bf16 weights: some top-1 differ on these inputs
     assert any("top-1 agreement" in f for f in top1.failures)
     bad = shutil.copytree(out, tmp_path / "bad")
     file = bad / "model.safetensors"
@@ -333,74 +334,8 @@ def test_generation_prompts_fit_a_short_position_table():
     assert _generation_prompts(batches, {"n_positions": 20}).shape[1] + GENERATION_STEPS == 20
 
 
-def _seq2seq(name: str):
-    import warnings
-
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if name == "t5":
-            return T5ForConditionalGeneration(T5Config(
-                vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
-                pad_token_id=0)), ["q", "v", "wo"], "decoder.block.1.layer.0.SelfAttention.q.weight"
-        return BartForConditionalGeneration(BartConfig(
-            vocab_size=256, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-        )), ["q_proj", "v_proj", "fc2"], "model.decoder.layers.1.self_attn.q_proj.weight"
-
-
-@pytest.mark.parametrize(("arch", "use_dora"), [("t5", True), ("bart", False)], ids=["t5-dora", "bart-lora"])
-def test_seq2seq_models_verify_through_their_decoder(tmp_path, arch, use_dora):
-    """Encoder-decoders load as what they are and run teacher-forced: a correct merge passes against
-    both references, and a change to a decoder weight alone fails the output check."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-
-    model, targets, decoder_weight = _seq2seq(arch)
-    model.save_pretrained(tmp_path / "base")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora,
-                                                init_lora_weights=False))
-    peft.save_pretrained(tmp_path / "adapter")
-    out = merge(tmp_path / "adapter", base=tmp_path / "base", out=tmp_path / "merged").out
-    report = verify(out, tmp_path / "adapter", base=tmp_path / "base")
-    assert report.passed, report.failures
-    assert {o.rung for o in report.outputs} == {"fidelity", "loading", "rounding cost", "references"}
-    tamper_tensor(out, decoder_weight, lambda w: w.mul_(1.05))
-    report = verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False)
-    assert not report.passed and all("max |dlogits|" in line for line in report.failures)
-
-
-@pytest.mark.parametrize(("head", "use_dora"), [(True, False), (False, True)], ids=["vit-cls-lora", "vit-dora"])
-def test_vision_models_verify_on_random_images(tmp_path, head, use_dora):
-    """A model without token inputs is calibrated with images of its config's size."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import ViTConfig, ViTForImageClassification, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, num_labels=3)
-    model = ViTForImageClassification(config) if head else ViTModel(config)
-    model.save_pretrained(tmp_path / "base")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                use_dora=use_dora, init_lora_weights=False))
-    peft.save_pretrained(tmp_path / "adapter")
-    out = merge(tmp_path / "adapter", base=tmp_path / "base", out=tmp_path / "merged").out
-    report = verify(out, tmp_path / "adapter", base=tmp_path / "base")
-    assert report.passed, report.failures
-    assert report.calibration.startswith("random images")
-    assert {o.rung for o in report.outputs} == {"fidelity", "loading", "rounding cost", "references"}
-    prefix = "vit." if head else ""
-    tamper_tensor(out, f"{prefix}encoder.layer.1.attention.attention.query.weight", lambda w: w.mul_(1.05))
-    assert not verify(out, tmp_path / "adapter", base=tmp_path / "base", weights=False).passed
+# Encoder-decoders (teacher-forced) and vision models (random images) verify in
+# tests/test_architectures.py, with every other architecture.
 
 
 def test_rounding_floor_passes_a_correct_merge_the_fixed_limits_fail(merged, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..job import prepare
-from ..options import BenchOptions, with_settings
+from ..options import BenchOptions, MergeOptions, with_settings
 from ..progress import Progress, silent
 from ..reading import ModelFolder
 from ..runtime.models import PEFT_METHODS, TORCH_DTYPES, head_kind
@@ -41,7 +41,8 @@ def run_bench(
     Args:
         merged: the merged model folder.
         adapter: the adapter folder it was merged from.
-        base: the base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: the base model folder or a model id in the local Hugging Face cache; default: the
+            adapter's ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         onnx_dir: an ONNX export of ``merged`` to time too; default: ``<merged>-onnx`` when it exists.
         options: a :class:`~d2export.options.BenchOptions`; ``settings`` (its field names as
             keywords: ``batch_sizes``, ``seq_lens``, ``warmup``, ``repeats``, ``threads``, ``dtype``)
@@ -58,7 +59,7 @@ def run_bench(
     """
     options = with_settings(BenchOptions, options, settings)
     merged = Path(merged)
-    spec, base_path, config = _checked_inputs(merged, adapter, base)
+    spec, base_path, config = _checked_inputs(merged, adapter, base, options.revision)
     loads, notes = workloads(config, options.batch_sizes, options.seq_lens)
     onnx_path, onnx_models, onnx_notes = onnx_files(merged, None if onnx_dir is None else Path(onnx_dir))
     threads = options.threads or torch.get_num_threads()
@@ -78,10 +79,12 @@ def run_bench(
     return report
 
 
-def _checked_inputs(merged: Path, adapter: str | Path, base: str | Path | None) -> tuple[AdapterSpec, Path, dict]:
+def _checked_inputs(merged: Path, adapter: str | Path, base: str | Path | None, revision: str | None = None
+                    ) -> tuple[AdapterSpec, Path, dict]:
     """(adapter spec, base folder, merged config) once the adapter fits the base and the merged
     folder fits the plan. The merged folder is opened first: a wrong path is the likeliest mistake."""
-    with ModelFolder.open(merged, "merged model") as merged_folder, prepare(adapter, base) as job:
+    with ModelFolder.open(merged, "merged model") as merged_folder, \
+            prepare(adapter, base, MergeOptions(revision=revision)) as job:
         check_models(merged_folder, job)
         # Only the spec and the base's path are needed from here: the plan is dropped with the job.
         return job.spec, job.base.path, merged_folder.config

@@ -21,8 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 CheckpointArg = Annotated[Path, typer.Argument(help="Adapter folder (or a trainer checkpoint-N/ folder).")]
 AdapterOption = Annotated[Path, typer.Option(help="Adapter folder (or a trainer checkpoint-N/ folder).")]
-BaseOption = Annotated[Path | None, typer.Option(help="Base model folder (default: the adapter's "
-                                                       "base_model_name_or_path).")]
+BaseOption = Annotated[Path | None, typer.Option(help="Base model folder, or a model id in the local Hugging Face "
+                                                       "cache (default: the adapter's base_model_name_or_path).")]
+RevisionOption = Annotated[str | None, typer.Option(help=help_of(MergeOptions, "revision"))]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the machine-readable report on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 CalibrationOption = Annotated[Path | None, typer.Option(help=help_of(VerifyOptions, "calibration"))]
@@ -30,6 +31,8 @@ TaskDataOption = Annotated[Path | None, typer.Option(help=help_of(VerifyOptions,
 AtolOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "atol"))]
 MinTop1Option = Annotated[float | None, typer.Option(help=help_of(Thresholds, "min_top1"))]
 MaxUnitsOption = Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_units"))]
+DtypesOption = Annotated[str | None, typer.Option(help=help_of(VerifyOptions, "dtypes"))]
+ResidentOption = Annotated[str, typer.Option(help=help_of(VerifyOptions, "resident"))]
 ForceOption = Annotated[bool, typer.Option(help=help_of(MergeOptions, "force"))]
 TrainerCheckpointOption = Annotated[str | None, typer.Option(
     "--checkpoint", help="In a trainer run folder: latest, best (trainer_state.json) or a step number.")]
@@ -60,14 +63,14 @@ def main(
 
 
 @app.command("inspect")
-def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, trainer_checkpoint: TrainerCheckpointOption = None,
-                as_json: JsonOption = False) -> None:
+def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, revision: RevisionOption = None,
+                trainer_checkpoint: TrainerCheckpointOption = None, as_json: JsonOption = False) -> None:
     """Describe an adapter: method, modules, ranks, the DiffoRA grid, and what a merge would write."""
     from ..inspection import inspect
 
     checkpoint = _adapter_folder(checkpoint, trainer_checkpoint)
     with reported():
-        info = inspect(checkpoint, base=base)
+        info = inspect(checkpoint, base=base, revision=revision)
     if as_json:
         print(json.dumps(info, indent=2))
     else:
@@ -78,6 +81,7 @@ def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, trainer_chec
 def merge_cmd(
     checkpoint: CheckpointArg,
     base: BaseOption = None,
+    revision: RevisionOption = None,
     trainer_checkpoint: TrainerCheckpointOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <checkpoint>-merged).")
                        ] = None,
@@ -94,6 +98,8 @@ def merge_cmd(
     atol: AtolOption = None,
     min_top1: MinTop1Option = None,
     max_units: MaxUnitsOption = None,
+    dtypes: DtypesOption = None,
+    resident: ResidentOption = "256MiB",
     onnx: Annotated[bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read, match and check everything; write nothing.")
                        ] = False,
@@ -105,9 +111,10 @@ def merge_cmd(
     checkpoint = _adapter_folder(checkpoint, trainer_checkpoint)
     with reported():  # every option is checked before anything is read or written
         options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
-                               hash_inputs=not no_hash)
-        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, thresholds=Thresholds(
-            atol=atol, min_top1=min_top1, max_units=max_units)) if verify else None
+                               hash_inputs=not no_hash, revision=revision)
+        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, dtypes=dtypes, resident=resident,
+                                       thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units)
+                                       ) if verify else None
         if dry_run:
             _dry_run(checkpoint, base, out_dir, options)
             return
@@ -167,6 +174,7 @@ def verify_cmd(
     merged: Annotated[Path, typer.Argument(help="Merged model folder (by d2export or another tool).")],
     adapter: AdapterOption,
     base: BaseOption = None,
+    revision: RevisionOption = None,
     trainer_checkpoint: TrainerCheckpointOption = None,
     calibration: CalibrationOption = None,
     task_data: TaskDataOption = None,
@@ -177,8 +185,8 @@ def verify_cmd(
     weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
     no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
     seed: Annotated[int, typer.Option(help=help_of(VerifyOptions, "seed"))] = 0,
-    dtypes: Annotated[str | None, typer.Option(help=help_of(VerifyOptions, "dtypes"))] = None,
-    resident: Annotated[str, typer.Option(help=help_of(VerifyOptions, "resident"))] = "256MiB",
+    dtypes: DtypesOption = None,
+    resident: ResidentOption = "256MiB",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -189,6 +197,7 @@ def verify_cmd(
         gap = {} if max_task_gap is None else {"max_task_gap_pp": max_task_gap}
         options = VerifyOptions(outputs=not weights_only, calibration=calibration, task_data=task_data,
                                 peft_reference=not no_peft, seed=seed, dtypes=dtypes, resident=resident,
+                                revision=revision,
                                 thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units, **gap))
     report = _verify(merged, adapter, base, options, quiet)
     if as_json:
@@ -244,6 +253,7 @@ def bench_cmd(
     merged: Annotated[Path, typer.Argument(help="Merged model folder.")],
     adapter: AdapterOption,
     base: BaseOption = None,
+    revision: RevisionOption = None,
     onnx_dir: Annotated[Path | None, typer.Option(
         "--onnx", help="ONNX export to time too (default: <merged>-onnx when it exists).")] = None,
     trainer_checkpoint: TrainerCheckpointOption = None,
@@ -264,7 +274,7 @@ def bench_cmd(
     adapter = _adapter_folder(adapter, trainer_checkpoint)
     with reported():
         options = BenchOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, warmup=warmup, repeats=repeats,
-                               threads=threads, dtype=dtype)
+                               threads=threads, dtype=dtype, revision=revision)
         if plot is not None:
             require_matplotlib()  # fail before minutes of timing, not after
     with progress_display("benchmark", quiet=quiet) as (progress, display), reported(display):

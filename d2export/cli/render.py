@@ -55,7 +55,8 @@ def print_plan(job, out_dir: Path) -> None:
     plan = job.plan
     counts = {a: sum(t.action is a for t in plan.tensors) for a in Action}
     err.print(f"dry run: would merge {job.spec.method} from {escape(str(job.spec.path))} into the base "
-              f"{escape(str(job.base.path))} and write {escape(str(out_dir))}: {counts[Action.MERGE]} tensors merged, "
+              f"{escape(base_phrase(job.source, job.base.path))} and write {escape(str(out_dir))}: "
+              f"{counts[Action.MERGE]} tensors merged, "
               f"{counts[Action.UNSELECTED]} left as base (DiffoRA), {counts[Action.REPLACE]} replaced, "
               f"{counts[Action.BIAS]} biases, {plan.total_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
               "nothing written", highlight=False)
@@ -63,9 +64,17 @@ def print_plan(job, out_dir: Path) -> None:
         err.print(f"note: {note}", highlight=False, markup=False)
 
 
+def base_phrase(source, path: Path) -> str:
+    """The base a command used, as one phrase: ``org/name@<snapshot> at <path>`` or the path."""
+    return source.describe() if source is not None else str(path)
+
+
 def print_merge(report: dict, out_dir: Path) -> None:
     t = report["tensors"]
-    err.print(f"merged {report['method']} into {escape(str(out_dir))}: {t['merge']} tensors merged, "
+    base = report["base"]
+    where = f"{base['repo_id']}@{base['snapshot']}" if base.get("snapshot") else base["path"]
+    err.print(f"merged {report['method']} into {escape(str(out_dir))} (base {escape(where)}): "
+              f"{t['merge']} tensors merged, "
               f"{t['unselected']} left as base (DiffoRA), {t['replace']} replaced, {t['bias']} biases, "
               f"{report['output']['total_bytes'] / 1e6:,.1f} MB in {len(report['output']['shards'])} shard(s)",
               highlight=False)
@@ -83,7 +92,10 @@ def print_onnx(report: dict, out_dir: Path) -> None:
     if validation:
         table = Table("file", "precision", "output", "max |d|", "rel", "mean |d|", "top-1", "decode step", "generate",
                       "", box=None, header_style="bold")
-        for file, graph in validation["graphs"].items():
+        # a sentence-transformers folder: also through SentenceTransformer(backend="onnx")
+        st_check = validation.get("sentence_transformers") or {}
+        graphs = [*validation["graphs"].items(), *((f"{f} (ST)", g) for f, g in st_check.get("graphs", {}).items())]
+        for file, graph in graphs:
             decode = graph.get("decode_step")
             generate = graph.get("generate")
             for name, c in graph["outputs"].items():
@@ -93,9 +105,11 @@ def print_onnx(report: dict, out_dir: Path) -> None:
                               "-" if generate is None else f"{generate['matching']}/{generate['prompts']}",
                               "[green]ok[/]" if graph["passed"] else "[red]FAIL[/]")
         err.print(table)
-        for graph in validation["graphs"].values():
+        for _, graph in graphs:
             for failure in graph["failures"]:
                 err.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
+        if st_check.get("error"):
+            err.print(f"[red]FAIL[/] {escape(st_check['error'])}", highlight=False)
     for note in report["notes"]:
         err.print(f"note: {note}", markup=False, highlight=False)
     err.print("[bold green]ONNX export validated[/]" if report["passed"] and validation else
@@ -104,7 +118,8 @@ def print_onnx(report: dict, out_dir: Path) -> None:
 
 def print_verify(report, console: Console) -> None:
     console.print(f"[bold]verify[/] {escape(str(report.merged))} ({report.merged_dtype}, written by "
-                  f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))}",
+                  f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))} "
+                  f"on the base {escape(base_phrase(report.base_source, report.base))}",
                   highlight=False)
     w = report.weights
     if w is not None:

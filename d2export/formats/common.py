@@ -60,6 +60,11 @@ def find_adapter_dir(path: str | Path, checkpoint: str | None = None) -> Path:
     if checkpoints and len(checkpoints) == len(candidates):
         raise OptionError("checkpoint", f"is needed: {path} holds several trainer checkpoints "
                           f"({names(checkpoints)}); choose latest, best or a step number")
+    if candidates:  # several adapters, not all of them checkpoints: the checkpoints by step, then the rest
+        listed = names([*checkpoints, *(p for p in candidates if p not in checkpoints)])
+        choose = "; pass the folder of the one to use" + (
+            ", or --checkpoint latest, best or a step number" if checkpoints else "")
+        raise D2ExportError(f"{path} holds several adapters ({listed}){choose}")
     raise D2ExportError(f"{path} is not an adapter checkpoint: no {CONFIG_NAME} found")
 
 

@@ -22,7 +22,10 @@ from ..errors import D2ExportError, OptionError
 from ..options import OnnxOptions, with_settings
 from ..progress import Progress, silent
 from ..reading import ModelFolder
+from ..runtime.calibration import config_batches
+from ..st_modules import is_sentence_transformers
 from ..writing import atomic_output, check_output_location, current_umask, write_json
+from .embeddings import carry_sentence_transformers, validate_embeddings
 from .files import (
     MODEL_NAME,
     QUANTIZED_NAME,
@@ -104,6 +107,7 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
     with atomic_output(out, replace=options.force) as tmp:
         started = time.perf_counter()
         _write_graphs(model_dir, tmp, task, options, want_external, say)
+        sentence_transformers = carry_sentence_transformers(model_dir, tmp)  # modules.json, 1_Pooling/, 2_Dense/...
         report = {
             "tool": "d2export", "version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -116,6 +120,8 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
             "external_data": uses_external_data(tmp / MODEL_NAME),
             "notes": notes, "export_seconds": round(time.perf_counter() - started, 2),
         }
+        if sentence_transformers is not None:
+            report["sentence_transformers"] = sentence_transformers
         passed = _validate(tmp, weights, task, options, report, say)
         report["passed"] = passed
         report["files"] = file_sizes(tmp)
@@ -155,11 +161,18 @@ def _validate(tmp: Path, weights: ModelFolder, task: str, options: OnnxOptions, 
     say("validating")
     started = time.perf_counter()
     validation = validate_export(tmp, weights, task, progress=say, approximate=options.optimize == "O3")
-    report["validation_seconds"] = round(time.perf_counter() - started, 2)
     report["validation"] = validation.to_dict()
-    if not validation.passed:
+    passed = validation.passed
+    if is_sentence_transformers(weights.path):  # also through SentenceTransformer(backend="onnx")
+        say("validating sentence embeddings")
+        graphs = {c.file: (c.precision, c.approximate) for c in validation.checks}
+        embeddings = validate_embeddings(tmp, weights.path, config_batches(weights.config), graphs)
+        report["validation"]["sentence_transformers"] = embeddings.to_dict()
+        passed = passed and embeddings.passed
+    report["validation_seconds"] = round(time.perf_counter() - started, 2)
+    if not passed:
         report["notes"].append("VALIDATION FAILED: the files were written for inspection only; do not deploy them")
-    return validation.passed
+    return passed
 
 
 def _require_onnx_stack() -> None:

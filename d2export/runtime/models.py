@@ -28,21 +28,30 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Heads loaded with their own Auto class, by the ending of the config's architecture. The head
+# must load: a merge may change it (a tied decoder untied, a modules_to_save classifier), and under
+# AutoModel it would be dropped unseen (and its tensors not found by the in-memory merge).
+HEAD_ENDINGS = (
+    ("ForSequenceClassification", "sequence-classification", "AutoModelForSequenceClassification"),
+    ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
+    ("ForMaskedLM", "masked-lm", "AutoModelForMaskedLM"),
+    ("ForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "question-answering", "AutoModelForQuestionAnswering"),
+)
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
+                **{kind: auto for _, kind, auto in HEAD_ENDINGS}}
+
+
 def head_kind(config: dict) -> str:
-    """``causal-lm``, ``seq2seq-lm``, ``sequence-classification``, ``token-classification``,
-    ``image-classification`` or ``encoder`` (hidden states, no head)."""
+    """``causal-lm``, ``seq2seq-lm``, a head of :data:`HEAD_ENDINGS` (``sequence-classification``,
+    ``image-classification``, ``masked-lm``, ``token-classification``, ``question-answering``) or
+    ``encoder`` (hidden states, no head)."""
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "causal-lm"
     if arch.endswith("ForConditionalGeneration") and config.get("is_encoder_decoder"):
         return "seq2seq-lm"
-    if arch.endswith("ForSequenceClassification"):
-        return "sequence-classification"
-    if arch.endswith("ForTokenClassification"):  # per-token logits, compared like an LM's
-        return "token-classification"
-    if arch.endswith("ForImageClassification"):
-        return "image-classification"
-    return "encoder"
+    return next((kind for ending, kind, _ in HEAD_ENDINGS if arch.endswith(ending)), "encoder")
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
@@ -54,12 +63,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
-    auto = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
-            "sequence-classification": "AutoModelForSequenceClassification",
-            "token-classification": "AutoModelForTokenClassification",
-            "image-classification": "AutoModelForImageClassification"}
     # the class the overrides call for: an adapter-only task head loads the base as that head model
-    cls = getattr(transformers, auto.get(head_kind({**read_config(folder), **config_overrides}), "AutoModel"))
+    cls = getattr(transformers, AUTO_CLASSES.get(head_kind({**read_config(folder), **config_overrides}), "AutoModel"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -77,7 +82,8 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
 
 @torch.no_grad()
 def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers) or the last hidden state.
+    """Logits (``[B, T, V]`` for LMs, ``[B, labels]`` for classifiers, start and end ``[B, T, 2]``
+    for question answering) or the last hidden state.
     An encoder-decoder is teacher-forced with the batch as decoder input too, so every decoder
     position (and the cross-attention to every encoder position) is compared."""
     kwargs = batch.model_inputs()
@@ -85,6 +91,8 @@ def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
         kwargs.update(decoder_input_ids=batch.input_ids, decoder_attention_mask=batch.attention_mask)
     out = model(**kwargs)
     logits = getattr(out, "logits", None)
+    if logits is None and getattr(out, "start_logits", None) is not None:  # question answering: [B, T, 2]
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
     return logits if logits is not None else out.last_hidden_state
 
 
@@ -173,7 +181,12 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None)
     prefix = getattr(model, "base_model_prefix", "") or ""
     state = {}
     for t in plan.tensors:
-        if t.action is Action.COPY:
+        # A copy under its own name, in the base's dtype, is what the base already loaded. Any other copy
+        # must be set: one rounded to another dtype (merge --dtype bfloat16 of a float32 base: the model
+        # runs in float32, so the base's unrounded values would stay), or one under another name, an
+        # untied member of a tied group (Gemma's head when only the embedding is adapted), which the
+        # base loaded with tie_word_embeddings false lacks and would leave random.
+        if t.action is Action.COPY and t.name == t.source and t.out_dtype == plan.base.tensors[t.source].dtype:
             continue
         key = find_name(t.name, keys, prefix)
         if key is None:

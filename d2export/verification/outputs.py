@@ -1,4 +1,4 @@
-"""Output-level checks: the reference ladder (docs/design.md §7).
+"""Output-level checks: the reference ladder (docs/design.md §6).
 
 Every output check runs the same calibration batches through a few models, one at a time,
 each streamed layer by layer from its files:
@@ -28,11 +28,15 @@ from ..runtime.comparison import OutputComparison
 from ..runtime.models import model_output
 
 # Fidelity: how much further from the unmerged model than the correctly rounded merge a folder may
-# be (max |d| within 1.5x, top-1 agreement at most half a point lower). Another tool's merge sits a
-# unit or two off the correct rounding in some elements (the weight check bounds that); a wrong
-# scale, tau or a dropped branch moves outputs by orders of magnitude more than rounding does.
+# be: max |d| within 1.5x, mean KL within 1.5^2 x (KL grows with the square of small logit
+# differences), top-1 agreement at most half a point lower, greedy continuations followed to the end
+# for at most one prompt fewer. Another tool's merge sits a unit or two off the correct rounding in
+# some elements (the weight check bounds that), which adds rounding noise of the same order as the
+# correct rounding's own; a wrong scale, tau or a dropped branch moves outputs by orders of magnitude
+# more than rounding does.
 FLOOR_SLACK = 1.5
 FLOOR_TOP1_SLACK = 0.005
+FLOOR_GREEDY_SLACK = 1
 
 UNMERGED, ROUNDED, FOLDER, PEFT = "unmerged model", "correctly rounded merge", "merged folder", "PEFT unmerged"
 
@@ -103,30 +107,46 @@ def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
                    "tensors are right, so transformers loads it as a different model")
 
 
-def judge_fidelity(check: OutputCheck, floor: OutputComparison, *, fixed_abs: float, min_top1: float,
+def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, min_top1: float,
                    explicit: bool) -> None:
-    """The folder against the unmerged model, no further than the correctly rounded merge (the
-    floor) up to :data:`FLOOR_SLACK`; never held to less than the fixed per-dtype limits
-    (``fixed_abs``, ``min_top1``, measured on correct merges). ``explicit``: limits the user gave
-    (``atol``, ``min_top1``) are applied as they are, without the floor."""
-    check.floor = floor
-    c = check.comparison
+    """The folder against the unmerged model, no further than the correctly rounded merge (``floor``,
+    against the same reference) up to :data:`FLOOR_SLACK`; never held to less than the fixed
+    per-dtype limits (``fixed_abs``, ``min_top1``, measured on correct merges). ``explicit``: limits
+    the user gave (``atol``, ``min_top1``) are applied as they are, without the floor.
+
+    Mean KL is allowed ``fixed_abs**2 / 2`` at least: logits that differ by at most ``d`` everywhere
+    give distributions at most ``d**2 / 2`` apart in KL (Hoeffding's lemma), so the bound adds
+    nothing the max |d| limit does not already allow."""
+    check.floor = floor.comparison
+    c, f = check.comparison, floor.comparison
     allowed_abs, allowed_top1 = fixed_abs, min_top1
+    allowed_kl = fixed_abs ** 2 / 2
     if explicit:
-        check.rule = f"max |d| <= {allowed_abs:.3g}, top-1 >= {allowed_top1:.2%} (given)"
+        check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {allowed_top1:.2%} (given)" if c.top1 is not None
+                                                         else " (given)")
     else:
-        allowed_abs = max(fixed_abs, FLOOR_SLACK * floor.max_abs)
-        if floor.top1 is not None:
-            allowed_top1 = min(min_top1, floor.top1 - FLOOR_TOP1_SLACK)
+        allowed_abs = max(fixed_abs, FLOOR_SLACK * f.max_abs)
+        if f.top1 is not None:
+            allowed_top1 = min(min_top1, f.top1 - FLOOR_TOP1_SLACK)
+        if f.mean_kl is not None:
+            allowed_kl = max(allowed_kl, FLOOR_SLACK ** 2 * f.mean_kl)
         check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
-                      f"{floor.max_abs:.3g} and the fixed {fixed_abs:.3g})"
-                      + (f", top-1 >= {allowed_top1:.2%}" if c.top1 is not None else ""))
+                      f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g})"
+                      + (f", top-1 >= {allowed_top1:.2%}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "")
+                      + (f", greedy: at most {FLOOR_GREEDY_SLACK} prompt fewer followed than the floor's"
+                         if check.generation and floor.generation else ""))
     if not c.max_abs <= allowed_abs:  # also catches inf/nan
         check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
-                   f"rounded merge: {floor.max_abs:.3g}), worst at {c.where()}")
+                   f"rounded merge: {f.max_abs:.3g}), worst at {c.where()}")
     elif c.top1 is not None and c.top1 < allowed_top1:
         check.fail(f"top-1 agreement {c.top1:.2%} < {allowed_top1:.2%} (the correctly rounded merge: "
-                   f"{_share(floor.top1)})")
+                   f"{_share(f.top1)})")
+    elif c.mean_kl is not None and not c.mean_kl <= allowed_kl:
+        check.fail(f"mean KL {c.mean_kl:.3g} > {allowed_kl:.3g} (the correctly rounded merge: {f.mean_kl:.3g})")
+    elif (not explicit and check.generation and floor.generation
+          and check.generation.identical < floor.generation.identical - FLOOR_GREEDY_SLACK):
+        check.fail(f"greedy continuations followed {check.generation.identical}/{check.generation.prompts} "
+                   f"(the correctly rounded merge: {floor.generation.identical}/{floor.generation.prompts})")
 
 
 def judge_references(check: OutputCheck, fixed_abs: float) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..basesource import BaseSource
 from ..options import Thresholds
 from .outputs import OutputCheck
 from .task import TaskResult
@@ -72,6 +73,7 @@ class VerifyReport:
     outputs: list[OutputCheck] = field(default_factory=list)
     task: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    base_source: BaseSource | None = None  # how the base checked against was found
 
     @property
     def failures(self) -> list[str]:
@@ -112,6 +114,7 @@ class VerifyReport:
             "passed": self.passed,
             "failures": self.failures,
             "merged": str(self.merged), "adapter": str(self.adapter), "base": str(self.base),
+            "base_source": self.base_source.to_dict() if self.base_source is not None else None,
             "method": self.method, "merged_by": self.merged_by, "merged_dtype": self.merged_dtype,
             "thresholds": self.thresholds.to_dict(),
             "calibration": self.calibration,

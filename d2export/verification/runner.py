@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gc
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..arrays import is_float
+from ..basesource import BaseSource
 from ..errors import D2ExportError
 from ..job import Job, prepare
 from ..options import MergeOptions, VerifyOptions, with_settings
@@ -62,7 +64,8 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
     Args:
         merged: the folder to check (written by d2export or by another tool).
         adapter: the adapter folder; not needed when ``job`` is given.
-        base: the base model folder; default: the adapter's ``base_model_name_or_path``.
+        base: the base model folder or a model id in the local Hugging Face cache; default: the
+            adapter's ``base_model_name_or_path`` at its ``revision`` (docs/design.md §5).
         job: the :class:`~d2export.job.Job` of the merge that wrote ``merged`` (``merge --verify``),
             so the adapter is not read nor the plan built again.
         options: a :class:`VerifyOptions`; ``settings`` (its field names as keywords) override it.
@@ -79,7 +82,7 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
     if job is None:
         if adapter is None:
             raise D2ExportError("verify needs the adapter (adapter) or the merge's job (job)")
-        with prepare(adapter, base) as own_job:
+        with prepare(adapter, base, MergeOptions(revision=options.revision)) as own_job:
             return _verify(merged, own_job, options, progress)
     return _verify(merged, job, options, progress)
 
@@ -94,7 +97,8 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
                                 f"{', '.join(TORCH_DTYPES)}")
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
-                              merged_dtype, options.thresholds)
+                              merged_dtype, options.thresholds, base_source=job.source)
+        report.notes += _base_mismatch(merged, job.source)
         if options.weights:
             report.weights = check_weights(job.plan, folder, max_units=options.thresholds.max_units,
                                            progress=lambda name: say(f"weights {name}"))
@@ -113,6 +117,21 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
                 report.task.append(_task(merged, job, config, tokenizer, data, dtype))
     report.rounding_note()
     return report
+
+
+def _base_mismatch(merged: Path, source: BaseSource | None) -> list[str]:
+    """A note when the folder's own report says it was merged into another snapshot of the base
+    than the one checked against (then the weights cannot match, and this says why)."""
+    try:
+        recorded = read_json_object(merged / REPORT_NAME)["base"]
+        repo_id, snapshot = recorded.get("repo_id"), recorded.get("snapshot")
+    except (D2ExportError, KeyError, TypeError, AttributeError):
+        return []
+    if source is None or source.snapshot is None or snapshot is None or (repo_id, snapshot) == (
+            source.repo_id, source.snapshot):
+        return []
+    return [f"the folder's report says it was merged into {repo_id}@{snapshot}; this check used "
+            f"{source.describe()}"]
 
 
 def _written_by(folder: Path) -> str:
@@ -161,20 +180,22 @@ class _Ladder:
     def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions):
         self.job, self.report, self.batches, self.options = job, report, batches, options
         kind = head_kind(config)
-        self.distributions = kind != "encoder"
+        # question answering's start/end logits are distributions over positions, not over their last axis
+        self.distributions = kind not in ("encoder", "question-answering")
         self.prompts = _generation_prompts(batches, config) if kind == "causal-lm" else None
         self.resident = options.resident
-        self.output = "logits" if self.distributions else "hidden states"
-        self.runs: dict[tuple[str, str], ModelRun] = {}
+        self.output = "hidden states" if kind == "encoder" else "logits"
+        self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
 
-    def run(self, name: str, dtype: str) -> ModelRun:
-        """One model's run, kept for other comparisons; the model itself is dropped at once."""
-        if (name, dtype) not in self.runs:
+    def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
+        """One model's run, kept for other comparisons; the model itself is dropped at once.
+        ``probe``: on the first calibration batch only, without the continuation."""
+        if (name, dtype, probe) not in self.runs:
             torch_dtype, job = TORCH_DTYPES[dtype], self.job
+            sequences = None
             if name == UNMERGED:
                 model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
-                sequences = None
                 if self.prompts is not None:  # the continuation every other model follows
                     sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
                     self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
@@ -185,46 +206,57 @@ class _Ladder:
                 model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
             else:
                 model = peft_model(job.base.path, job.spec, torch_dtype)
-            if name != UNMERGED:
+            if name != UNMERGED and not probe:
                 sequences = self._sequences(dtype)
-            self.runs[name, dtype] = run_model(model, self.batches, sequences, GENERATION_STEPS)
+            self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches, sequences,
+                                                      GENERATION_STEPS)
             del model
             gc.collect()
-        return self.runs[name, dtype]
+        return self.runs[name, dtype, probe]
 
     def _sequences(self, dtype: str) -> torch.Tensor | None:
         continuation = self.continuation.get(dtype)
         return None if continuation is None else torch.cat([self.prompts, continuation], dim=1)
 
-    def compare(self, rung: str, candidate: str, reference: str, dtype: str) -> OutputCheck:
-        comparison, generation = compare_runs(self.run(reference, dtype), self.run(candidate, dtype), self.batches,
+    def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
+        ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
+        if probe:
+            ref = ModelRun(ref.outputs[:1])
+        comparison, generation = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
                                               distributions=self.distributions,
-                                              continuation=self.continuation.get(dtype))
+                                              continuation=None if probe else self.continuation.get(dtype))
         return OutputCheck(rung, candidate, reference, dtype, self.output, comparison,
                            generation if reference == UNMERGED else None)
 
     def checks(self, dtype: str, say) -> list[OutputCheck]:
         report, thresholds = self.report, self.options.thresholds
         self.run(UNMERGED, dtype)
-        cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
-        cost.rule = "figures only: what writing the folder's dtype costs"
-        loading = self.compare("loading", FOLDER, ROUNDED, dtype)
-        judge_loading(loading, report.weights is not None and report.weights.all_exact)
         fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
+        exact = report.weights is not None and report.weights.all_exact
+        # When every tensor of the folder is the correctly rounded value, the folder *is* the
+        # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
+        # head, an ignored tensor or a wrong dtype changes every output), and the folder's own
+        # figures are then the floor, so the merge is not run over every input a second time.
+        loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact)
+        judge_loading(loading, exact)
+        if exact and loading.passed:
+            cost = replace(fidelity, rung="rounding cost", candidate=ROUNDED)
+        else:
+            cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
+        cost.rule = "figures only: what writing the folder's dtype costs"
         explicit = thresholds.atol is not None or thresholds.min_top1 is not None
         scale = fidelity.comparison.scale
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
         min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
-        judge_fidelity(fidelity, cost.comparison, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
         c = fidelity.comparison
         if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
             report.notes.append(
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
                 f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
                 f"{_share(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
-        for name in [n for n, d in self.runs if d == dtype]:
-            if name != UNMERGED:  # the unmerged run stays for the PEFT comparison in float32
-                del self.runs[name, dtype]
+        for key in [k for k in self.runs if k[1] == dtype and k[0] != UNMERGED]:
+            del self.runs[key]  # the unmerged run stays for the PEFT comparison in float32
         return [fidelity, loading, cost]
 
     def peft_checks(self) -> list[OutputCheck]:

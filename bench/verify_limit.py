@@ -1,0 +1,139 @@
+"""What `d2export verify` costs, against the check a user writes by hand (bench/by_hand_check.py:
+PEFT's unmerged model and the merged folder through transformers, one 4x64 batch), on the 320M bf16
+Llama with a LoRA adapter, and its verdicts on correct bf16 merges (d2export's and PEFT's); then
+verify's peak RSS and time on the 7B shape.
+
+Each command is a fresh process measured whole by GNU time (wall time and peak RSS). The commands
+alternate and repeat, and medians are reported: other work on the machine moves absolute times, so
+read the ratios. Targets (issue 12): verify at most 1.5x the by-hand check at 320M with a peak RSS
+at most the model's bytes; at 7B a peak RSS under 4 GB.
+
+    python bench/verify_limit.py                    # both shapes; 7B: about 27 GB of disk
+    python bench/verify_limit.py --shapes 320m --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from synthetic import MB, PRESETS, build, d2export_command, measure, peft_command, print_table, write_results
+
+BY_HAND = Path(__file__).with_name("by_hand_check.py")
+TIME_TARGET = 1.5  # verify / by-hand, 320M
+RSS_TARGET_7B = 4e9  # bytes
+
+
+def verify_command(merged: Path, base: Path, adapter: Path, *extra: str) -> list[str]:
+    return ["d2export", "verify", str(merged), "--adapter", str(adapter), "--base", str(base), "-q", *extra]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/d2export-bench"))
+    parser.add_argument("--shapes", default="320m,7b")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds at 320M (7B runs once)")
+    parser.add_argument("--keep", action="store_true", help="keep the 7B model (default: delete it)")
+    args = parser.parse_args(argv)
+    record = {}
+    for key in args.shapes.split(","):
+        record[key] = run_shape(args, key)
+    write_results("verify_limit", record)
+    summarise(record)
+    return 0
+
+
+def run_shape(args, key: str) -> dict:
+    shape = PRESETS[key]
+    base, adapters = build(args.workdir, shape, ("lora",))
+    adapter = adapters["lora"]
+    folder = args.workdir / shape.key
+    ours, peft = folder / "merged-d2export", folder / "merged-peft"
+    outcome: dict = {"model_bytes": 2 * shape.params, "params": shape.params}
+    try:
+        _run(d2export_command(base, adapter, ours), "d2export merge", ours)
+        commands = {"d2export verify": verify_command(ours, base, adapter)}
+        if key == "320m":  # the by-hand check holds two whole models: at 7B it is no comparison
+            commands["by hand"] = [sys.executable, str(BY_HAND), str(base), str(adapter), str(ours)]
+        repeats = args.repeats if key == "320m" else 1
+        runs: dict[str, list] = {}
+        for rep in range(repeats):
+            order = list(commands) if rep % 2 == 0 else list(commands)[::-1]
+            for name in order:
+                result = measure(commands[name])
+                if result.returncode != 0:
+                    raise SystemExit(f"{name} exited {result.returncode}:\n{result.stderr_tail}")
+                runs.setdefault(name, []).append(result)
+                print(f"{key:5} {name:16} run {rep + 1}: {result.wall_s:7.1f} s, peak RSS "
+                      f"{result.peak_rss / MB:8,.0f} MB", flush=True)
+        outcome["runs"] = {n: [r.to_dict() for r in rs] for n, rs in runs.items()}
+        outcome["median"] = {n: {"wall_s": statistics.median(r.wall_s for r in rs),
+                                 "peak_rss": statistics.median(r.peak_rss for r in rs)} for n, rs in runs.items()}
+        outcome["verdicts"] = {"d2export merge": _verdict(ours, base, adapter)}
+        if key == "320m":
+            _run(peft_command(base, adapter, peft), "PEFT merge", peft)
+            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(peft, base, adapter)
+    finally:
+        for path in (ours, peft):
+            shutil.rmtree(path, ignore_errors=True)
+        if key == "7b" and not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return outcome
+
+
+def _run(command: list[str], what: str, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+
+
+def _verdict(merged: Path, base: Path, adapter: Path) -> dict:
+    """verify's verdict and the figures it rests on (its --json report)."""
+    done = subprocess.run(verify_command(merged, base, adapter, "--json"), capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"verify of {merged} could not run (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    report = json.loads(done.stdout)
+    fidelity = [o for o in report["outputs"] if o["rung"] == "fidelity"]
+    return {"exit": done.returncode, "failures": report["failures"], "notes": report["notes"],
+            "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule")} for o in fidelity],
+            "rounding_floor": [o["rounding_floor"] for o in fidelity]}
+
+
+def summarise(record: dict) -> None:
+    for key, outcome in record.items():
+        med = outcome["median"]
+        rows = [[name, f"{m['wall_s']:.1f}", f"{m['peak_rss'] / MB:,.0f}",
+                 f"{m['peak_rss'] / outcome['model_bytes']:.2f}"] for name, m in med.items()]
+        print(f"\n{key}: {outcome['model_bytes'] / MB:,.0f} MB bf16 base, LoRA r16 on every linear layer:")
+        print_table(["command", "wall s", "peak RSS MB", "x model bytes"], rows)
+        for tool, verdict in outcome["verdicts"].items():
+            fid = verdict["fidelity"][0] if verdict["fidelity"] else {}
+            floor = verdict["rounding_floor"][0] if verdict["rounding_floor"] else {}
+            print(f"{tool}: verify exit {verdict['exit']}; float32 top-1 {fid.get('top1', 0):.2%} (correctly rounded "
+                  f"merge {floor.get('top1', 0):.2%}), max |d| {fid.get('max_abs', 0):.3g} (floor "
+                  f"{floor.get('max_abs', 0):.3g}){'; ' + verdict['failures'][0] if verdict['failures'] else ''}")
+        ours = med["d2export verify"]
+        rss = ours["peak_rss"]
+        targets = []
+        if "by hand" in med:
+            ratio = ours["wall_s"] / med["by hand"]["wall_s"]
+            targets.append(f"verify / by hand <= {TIME_TARGET}: {_met(ratio <= TIME_TARGET)} ({ratio:.2f})")
+            targets.append(f"peak RSS <= model bytes: {_met(rss <= outcome['model_bytes'])} "
+                           f"({rss / outcome['model_bytes']:.2f}x)")
+        else:
+            targets.append(f"peak RSS < {RSS_TARGET_7B / 1e9:.0f} GB: {_met(rss < RSS_TARGET_7B)} ({rss / MB:,.0f} MB)")
+        print("targets: " + "; ".join(targets))
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

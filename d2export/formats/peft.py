@@ -1,4 +1,5 @@
 """PEFT LoRA checkpoints (LoRA, rsLoRA, DoRA, rank/alpha patterns, lora_bias, modules_to_save,
+trainable tokens (formats/saved.py),
 adapted embeddings, GPT-2 Conv1D), as ``peft``'s ``save_pretrained`` writes them."""
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from d2export import merge, verify
 from d2export.job import prepare
 from d2export.runtime.calibration import config_batches
+from d2export.runtime.comparison import OutputComparison
 from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
 from d2export.runtime.streaming import is_streamed
+from d2export.verification.outputs import FLOOR_CEILING_UNITS, OutputCheck, judge_fidelity
 
 
 def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):
@@ -87,3 +89,26 @@ def test_more_dtypes_on_request(merged):
     report = verify(out, folder / "adapter", base=folder / "base", weights=False, dtypes="bf16,fp32")
     assert report.passed, report.failures
     assert [o.dtype for o in report.outputs if o.rung == "fidelity"] == ["bfloat16", "float32"]
+
+
+def _check(max_abs: float, top1: float = 1.0) -> OutputCheck:
+    comparison = OutputComparison(positions=100, max_abs=max_abs, scale=10.0, top1_agree=round(100 * top1))
+    return OutputCheck("fidelity", "merged folder", "unmerged model", "float32", "logits", comparison)
+
+
+def test_the_floor_excuses_rounding_but_not_a_plan_that_computes_another_model():
+    """A bf16 folder 0.2 from the unmerged model (fixed limit 4 units of the scale 10: 0.156) passes
+    when the correctly rounded merge is as far (rounding); it fails when the correctly rounded merge
+    is itself further than rounding can explain (both share a defect of the plan)."""
+    fixed, unit = 4 * 2.0**-8 * 10.0, 2.0**-8
+    rounding = _check(0.2)
+    judge_fidelity(rounding, _check(0.19), fixed_abs=fixed, min_top1=0.99, explicit=False,
+                   ceiling=FLOOR_CEILING_UNITS * unit * 10.0)
+    assert rounding.passed, rounding.problem
+    shared_defect = _check(3.0, top1=0.6)
+    judge_fidelity(shared_defect, _check(3.0, top1=0.6), fixed_abs=fixed, min_top1=0.99, explicit=False,
+                   ceiling=FLOOR_CEILING_UNITS * unit * 10.0)
+    assert not shared_defect.passed and "plan itself computes another model" in shared_defect.rule
+    float32 = _check(0.2)  # a float32 folder: no rounding to excuse
+    judge_fidelity(float32, _check(0.19), fixed_abs=1e-4, min_top1=0.99, explicit=False, ceiling=None)
+    assert not float32.passed

@@ -43,7 +43,7 @@ from .outputs import OutputCheck
 from .task import TaskResult
 from .weights import WeightReport
 
-_ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
 FP32_OUTPUT_RTOL = 1e-5
 MIN_TOP1 = {"float32": 0.99, "bfloat16": 0.95, "float16": 0.95}
 # A rounding cost worth a line: rounding erases a tenth of the adapter's update (by norm).
@@ -52,10 +52,10 @@ MATERIAL_UPDATE_LOST = 0.10
 
 def output_rtol(run_dtype: str, merged_dtype: str) -> float:
     """Allowed max |d output| as a fraction of the reference's largest output (module docstring)."""
-    if run_dtype in _ULP:
-        return 16 * _ULP[run_dtype]
-    if merged_dtype in _ULP:
-        return 4 * _ULP[merged_dtype]
+    if run_dtype in ULP:
+        return 16 * ULP[run_dtype]
+    if merged_dtype in ULP:
+        return 4 * ULP[merged_dtype]
     return FP32_OUTPUT_RTOL
 
 

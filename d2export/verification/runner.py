@@ -31,6 +31,7 @@ from ..runtime.models import (
     unmerged_model,
 )
 from .outputs import (
+    FLOOR_CEILING_UNITS,
     FOLDER,
     PEFT,
     ROUNDED,
@@ -44,7 +45,7 @@ from .outputs import (
     judge_references,
     run_model,
 )
-from .report import FP32_OUTPUT_RTOL, MIN_TOP1, VerifyReport, output_rtol
+from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
 from .weights import check_weights
 
@@ -248,7 +249,9 @@ class _Ladder:
         scale = fidelity.comparison.scale
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
         min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
-        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit)
+        unit = ULP.get(report.merged_dtype)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit,
+                       ceiling=None if unit is None else FLOOR_CEILING_UNITS * unit * scale)
         c = fidelity.comparison
         if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
             report.notes.append(

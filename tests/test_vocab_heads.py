@@ -333,3 +333,14 @@ def test_non_vocabulary_resize_refused(case, tmp_path):
     result = cli(["merge", str(edited.adapter), "--base", str(c.base), "--out", str(tmp_path / "out"), "--no-hash",
                   "--quiet"])
     check_refused(result, ["lm_head.weight", "only a resized vocabulary"])
+
+
+@pytest.mark.parametrize("name", ["tokens-tied", "trainable-tied-resized"])
+def test_bfloat16_output(case, tmp_path, name):
+    """Resized and row-replaced tensors are rounded once into the output dtype like any other:
+    the folder verifies, and its vocabulary is the adapter's."""
+    c = case(name)
+    out = _merge_verified(c, tmp_path / "out", "--dtype", "bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == NEW_VOCAB and config["dtype"] == "bfloat16"
+    assert read_all(out)["lm_head.weight"].dtype == torch.bfloat16

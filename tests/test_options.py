@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,14 @@ def test_verify_takes_the_trainer_checkpoint_too(fixture, tmp_path):
                                       "--base", str(folder / "base"), "--weights-only"])
     assert result.exit_code == 0, result.stderr
     assert "checkpoint-10" in result.stdout and "PASSED" in result.stdout
+
+
+def test_verbose_shows_the_libraries_log_and_the_default_does_not(merged):
+    folder, out = merged("lora-llama")
+    command = [sys.executable, "-m", "d2export", "verify", str(out), "--adapter", str(folder / "adapter"),
+               "--base", str(folder / "base"), "-q", "--no-peft"]
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    loud = subprocess.run([*command[:3], "-v", *command[3:]], capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "loading configuration file" in loud.stderr and "loading configuration file" not in quiet.stderr

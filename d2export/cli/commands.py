@@ -4,6 +4,7 @@ renders the result. Validation lives in the options objects, the work in the lib
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -56,10 +57,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (and what --verbose shows).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' warnings and "
+                                          "transformers' log (silenced by default).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ) -> None:
     settings["debug"] = debug
+    settings["verbose"] = verbose or debug
+    if settings["verbose"]:
+        # read when transformers is first imported, which the commands do later (and only if needed)
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info"
 
 
 @app.command("inspect")

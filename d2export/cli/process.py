@@ -20,7 +20,7 @@ from ..errors import D2ExportError, OptionError
 
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: don't fold tables at 80
-settings = {"debug": False}
+settings = {"debug": False, "verbose": False}
 
 # Options whose flag is not the field name with "-" for "_" (negated or shortened flags).
 FLAGS = {"past": "--no-past", "hash_inputs": "--no-hash", "onnx_dir": "--onnx", "max_task_gap_pp": "--max-task-gap",
@@ -78,11 +78,11 @@ def reported(live=None, interrupted: str = "interrupted"):
     """Bad input -> one line and exit 2; Ctrl-C -> one line and exit 130 (SIGTERM likewise, exit
     143); an exception nobody anticipated -> one line and exit 2 (exit 1 means "verification
     failed", nothing else). Warnings from numpy, torch or transformers are not the user's to read
-    (``--debug`` shows them). ``live``: the progress display to stop first, so the line is not
+    (``--verbose`` and ``--debug`` show them). ``live``: the progress display to stop first, so the line is not
     drawn over it."""
     try:
         with _sigterm_as_interrupt(), warnings.catch_warnings():
-            if not settings["debug"]:
+            if not settings["verbose"]:
                 warnings.simplefilter("ignore")
             yield
     except (typer.Exit, typer.Abort):

@@ -15,6 +15,7 @@ One tensor (and one block of its reference) is in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -199,10 +200,15 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     exact_count = 0
     worst_units, worst_at = -1.0, None
     cost = _RoundingCost() if t.action is Action.MERGE else None
-    for rows, exact, operands, candidate, base in _blocks(plan, t, stored):
+    for rows, exact, operands, candidate, base, products in _blocks(plan, t, stored):
         candidate = candidate.astype(float64)
         err = np.abs(candidate - exact)
         units = err / spacing(operands, dtype)
+        if products is not None and units.max() > 0.5:
+            # not correctly rounded at the result's own scale: the products' scale may excuse it
+            # (computed only then: it costs as much as the merge's product itself, in float64)
+            operands = np.maximum(operands, products())
+            units = err / spacing(operands, dtype)
         rounded = round_to_dtype(exact, dtype).astype(float64)
         exact_count += int(np.count_nonzero(candidate == rounded))
         if cost is not None:
@@ -244,33 +250,35 @@ class _RoundingCost:
 
 
 def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
-    """(rows, exact float64 value, operands' magnitude, stored values, base values) in canonical
-    row blocks."""
+    """(rows, exact float64 value, operands' magnitude, stored values, base values, the magnitude of
+    the update's products or None) in canonical row blocks; the products' magnitude is a function,
+    called only where it can change the verdict."""
     start = t.replacement if t.replacement is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
         exact = start.astype(float64)
-        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored, None
+        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored, None, None
         return
     assert t.update is not None
     if t.action is Action.BIAS:
         exact = merged_bias_exact(start, t.update)
-        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored, start
+        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored, start, None
         return
     canonical = stored.T if t.transposed else stored
     for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
         g = block.scale[:, None] if block.scale is not None else 1.0
-        operands = np.maximum(_operands(block.value, block.base * g), _term_magnitude(t.update, block.rows) * g)
-        yield block.rows, block.value, operands, canonical[block.rows], block.base
+        products = functools.partial(_term_magnitude, t.update, block.rows, g)
+        operands = _operands(block.value, block.base * g)
+        yield block.rows, block.value, operands, canonical[block.rows], block.base, products
 
 
-def _term_magnitude(update, rows: slice) -> np.ndarray:
+def _term_magnitude(update, rows: slice, g) -> np.ndarray:
     """``sum_t |c_t| |B_t| |A_t|``: the size of the products inside the low-rank update. Another
     tool's float32 ``B @ A`` is accurate to this scale, not to the (possibly cancelled) result."""
     total = None
     for term in update.terms:
         part = np.abs(term.B[rows].astype(float64)) @ np.abs(term.A.astype(float64)) * abs(term.coefficient)
         total = part if total is None else np.add(total, part, out=total)
-    return total
+    return total * g
 
 
 def _operands(exact: np.ndarray, start: np.ndarray) -> np.ndarray:

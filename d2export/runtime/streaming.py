@@ -1,5 +1,5 @@
 """Models that never hold all their weights: layer-streamed loading for the output checks
-(docs/design.md §7).
+(docs/design.md §6).
 
 transformers loads the model with accelerate's disk offload: modules beyond a resident budget stay
 on the meta device and accelerate's hooks read their tensors from the folder's own safetensors

@@ -1,4 +1,4 @@
-"""The verdict of ``verify`` and the limits it is judged by (docs/design.md §7).
+"""The verdict of ``verify`` and the limits it is judged by (docs/design.md §6).
 
 Rungs, each with figures in the report and a rule that decides pass or fail:
 

@@ -175,18 +175,21 @@ class Measured:
         return asdict(self)
 
 
-def measure(command: list[str], *, cap_bytes: int | None = None, env: dict | None = None) -> Measured:
+def measure(command: list[str], *, cap_bytes: int | None = None, env: dict | None = None,
+            stdout: Path | None = None) -> Measured:
     """Run ``command`` under GNU time: wall time and peak RSS of the whole process (``wait4``'s
     ``ru_maxrss``; ``time`` itself is tiny, so nothing large is inherited through ``exec``). With
-    ``cap_bytes`` the process is killed as soon as its RSS passes the cap (polled every 50 ms)."""
+    ``cap_bytes`` the process is killed as soon as its RSS passes the cap (polled every 50 ms).
+    ``stdout``: a file that receives the command's output (else it is dropped)."""
     os.sync()  # the kernel's writeback of files written just before would land inside the timing
     full = ["/usr/bin/time", "-f", "__TIME__ %e %M", *command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
-    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    killed = threading.Event()
-    if cap_bytes is not None:
-        threading.Thread(target=_watch, args=(proc.pid, cap_bytes, killed), daemon=True).start()
-    _, stderr = proc.communicate()
+    with open(stdout, "w") if stdout is not None else contextlib.nullcontext(subprocess.DEVNULL) as sink:
+        proc = subprocess.Popen(full, stdout=sink, stderr=subprocess.PIPE, text=True, env=env)
+        killed = threading.Event()
+        if cap_bytes is not None:
+            threading.Thread(target=_watch, args=(proc.pid, cap_bytes, killed), daemon=True).start()
+        _, stderr = proc.communicate()
     match = re.search(r"__TIME__ ([\d.]+) (\d+)", stderr)
     if not match:
         raise SystemExit(f"could not measure {' '.join(command)}:\n{stderr[-2000:]}")

@@ -54,10 +54,11 @@ def run_shape(args, key: str) -> dict:
     adapter = adapters["lora"]
     folder = args.workdir / shape.key
     ours, peft = folder / "merged-d2export", folder / "merged-peft"
+    report = folder / "verify.json"  # the timed run's own report: its verdict and figures
     outcome: dict = {"model_bytes": 2 * shape.params, "params": shape.params}
     try:
         _run(d2export_command(base, adapter, ours), "d2export merge", ours)
-        commands = {"d2export verify": verify_command(ours, base, adapter)}
+        commands = {"d2export verify": verify_command(ours, base, adapter, "--json")}
         if key == "320m":  # the by-hand check holds two whole models: at 7B it is no comparison
             commands["by hand"] = [sys.executable, str(BY_HAND), str(base), str(adapter), str(ours)]
         repeats = args.repeats if key == "320m" else 1
@@ -65,7 +66,7 @@ def run_shape(args, key: str) -> dict:
         for rep in range(repeats):
             order = list(commands) if rep % 2 == 0 else list(commands)[::-1]
             for name in order:
-                result = measure(commands[name])
+                result = measure(commands[name], stdout=report if name == "d2export verify" else None)
                 if result.returncode != 0:
                     raise SystemExit(f"{name} exited {result.returncode}:\n{result.stderr_tail}")
                 runs.setdefault(name, []).append(result)
@@ -74,13 +75,18 @@ def run_shape(args, key: str) -> dict:
         outcome["runs"] = {n: [r.to_dict() for r in rs] for n, rs in runs.items()}
         outcome["median"] = {n: {"wall_s": statistics.median(r.wall_s for r in rs),
                                  "peak_rss": statistics.median(r.peak_rss for r in rs)} for n, rs in runs.items()}
-        outcome["verdicts"] = {"d2export merge": _verdict(ours, base, adapter)}
+        outcome["verdicts"] = {"d2export merge": _verdict(0, report.read_text())}
         if key == "320m":
             _run(peft_command(base, adapter, peft), "PEFT merge", peft)
-            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(peft, base, adapter)
+            done = subprocess.run(verify_command(peft, base, adapter, "--json"), capture_output=True, text=True)
+            if done.returncode not in (0, 1):
+                raise SystemExit(f"verify of PEFT's merge could not run (exit {done.returncode}):\n"
+                                 f"{done.stderr[-2000:]}")
+            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, done.stdout)
     finally:
         for path in (ours, peft):
             shutil.rmtree(path, ignore_errors=True)
+        report.unlink(missing_ok=True)
         if key == "7b" and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     return outcome
@@ -93,14 +99,11 @@ def _run(command: list[str], what: str, out: Path) -> None:
         raise SystemExit(f"{what} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 
 
-def _verdict(merged: Path, base: Path, adapter: Path) -> dict:
-    """verify's verdict and the figures it rests on (its --json report)."""
-    done = subprocess.run(verify_command(merged, base, adapter, "--json"), capture_output=True, text=True)
-    if done.returncode not in (0, 1):
-        raise SystemExit(f"verify of {merged} could not run (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    report = json.loads(done.stdout)
+def _verdict(returncode: int, stdout: str) -> dict:
+    """verify's verdict and the figures it rests on, from its --json report."""
+    report = json.loads(stdout)
     fidelity = [o for o in report["outputs"] if o["rung"] == "fidelity"]
-    return {"exit": done.returncode, "failures": report["failures"], "notes": report["notes"],
+    return {"exit": returncode, "failures": report["failures"], "notes": report["notes"],
             "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule")} for o in fidelity],
             "rounding_floor": [o["rounding_floor"] for o in fidelity]}
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import save_file as save_torch_file
 from typer.testing import CliRunner
 
 from d2export import merging
@@ -53,6 +54,20 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
         for file in sorted(folder.glob("*.bin")):
             tensors.update(torch.load(file, weights_only=True))
     return tensors
+
+
+def tamper_tensor(folder: Path, name: str, edit) -> None:
+    """Edit one tensor of a merged folder in place, keeping every other byte."""
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            if name not in f.keys():
+                continue
+            values = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
+        edit(values[name])
+        save_torch_file(values, file, metadata=metadata)
+        return
+    raise KeyError(name)
 
 
 def write_model(folder: Path, tensors: dict[str, np.ndarray] | list[dict[str, np.ndarray]],

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from support import check_refused, cli
+from support import check_refused, cli, tamper_tensor
 
 from d2export import merge, verify
 from d2export.reading import read_config
@@ -310,20 +309,6 @@ TAMPER = {"t5": "decoder.block.1.layer.0.SelfAttention.q.weight",
           "bart": "model.decoder.layers.1.fc2.weight",
           "vit": "vit.encoder.layer.1.attention.attention.query.weight",
           "vit-model": "encoder.layer.1.attention.attention.query.weight"}
-
-
-def tamper_tensor(folder: Path, name: str, edit) -> None:
-    """Edit one tensor of a merged folder in place, keeping every other byte."""
-    for file in folder.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            if name not in f.keys():
-                continue
-            values = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata()
-        edit(values[name])
-        save_file(values, file, metadata=metadata)
-        return
-    raise KeyError(name)
 
 
 # One case per family through the command line: merge --verify exits 0 and records the verdict.

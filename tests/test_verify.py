@@ -11,8 +11,8 @@ import build
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import tamper_tensor
 from typer.testing import CliRunner
 
 from d2export import merge, verify
@@ -39,20 +39,6 @@ def copy_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=No
         tensors(values)
         save_file(values, file)
     return dst
-
-
-def tamper_tensor(folder: Path, name: str, edit) -> None:
-    """Edit one tensor of a merged folder, keeping every other byte."""
-    for file in folder.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            if name not in f.keys():
-                continue
-            values = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata()
-        edit(values[name])
-        save_file(values, file, metadata=metadata)
-        return
-    raise KeyError(name)
 
 
 def wrong_merge(fixture_folder: Path, tmp: Path, **adapter_changes) -> Path:

@@ -128,27 +128,31 @@ def merge_cmd(
     with progress_display("merging", quiet=quiet) as (progress, display), \
             reported(display, "interrupted: no output was written"):
         result = merge(checkpoint, base=base, out=out_dir, options=options, progress=progress)
-    report = result.report
-    failed = False
-    if verify_options is not None:
-        verification = _verify(result.out, None, None, verify_options, quiet, job=result.job,
-                               written=f"the merged folder {result.out} was written; ")
-        report["verification"] = verification.to_dict()
-        from ..report import write_report
-
-        with reported():
-            write_report(result.out, report)
-        failed = not verification.passed
+    verification = None if verify_options is None else _verify_written(result, verify_options, quiet)
     if as_json:
-        print(json.dumps(report, indent=2))
-    render.print_merge(report, result.out)
-    if verify_options is not None:
+        print(json.dumps(result.report, indent=2))
+    render.print_merge(result.report, result.out)
+    if verification is not None:
         render.print_verify(verification, console=err)
+    failed = verification is not None and not verification.passed
     if onnx and not failed:
         failed = not _onnx(result.out, result.out.parent / f"{result.out.name}-onnx", OnnxOptions(force=force),
                            quiet).passed
     if failed:
         raise typer.Exit(1)
+
+
+def _verify_written(result, options: VerifyOptions, quiet: bool):
+    """merge --verify: check the folder just written, reusing the merge's job, and record the
+    verdict in its report."""
+    from ..report import write_report
+
+    verification = _verify(result.out, None, None, options, quiet, job=result.job,
+                           written=f"the merged folder {result.out} was written; ")
+    result.report["verification"] = verification.to_dict()
+    with reported():
+        write_report(result.out, result.report)
+    return verification
 
 
 def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options: MergeOptions) -> None:

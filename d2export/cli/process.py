@@ -115,8 +115,8 @@ def tune_malloc(*, streaming: bool = False) -> None:
 
     ``streaming`` (verify's model runs) turns this around: each block's weights are loaded, used
     once and freed, between allocations of every other size, so heap-allocated blocks fragment the
-    heap and RSS grows with the model (320M: 1.13 GB peak for one streamed model against 0.80 GB
-    with blocks from 1 MiB mapped on their own and given back at once).
+    heap and RSS grows with the model; blocks from 1 MiB up are mapped on their own and given back
+    at once.
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..arrays import is_float, read_array
 from ..errors import D2ExportError
-from .stored import StoredTensor
+from .stored import LazyArray, StoredTensor
 
 # Wrapper infixes whose tensors stand for the module's own parameter (all forms, adapter name or not).
 _INFIXES = re.compile(r"\.(?:modules_to_save(?:\.default)?|base_layer)\.")
@@ -30,7 +30,7 @@ _TOKENS = ".token_adapter."
 _DELTA = ".token_adapter.trainable_tokens_delta"
 
 
-class TokenRows:
+class TokenRows(LazyArray):
     """A weight whose rows ``indices`` take ``values`` (PEFT's trainable tokens), over ``start``: the
     adapter's saved copy of the base, or (``start`` None) the base's own tensor, bound by the plan.
 
@@ -65,13 +65,6 @@ class TokenRows:
         # PEFT casts the trained rows to the weight's dtype before index_copy: so do we
         value[self.indices] = np.asarray(self.values).astype(value.dtype)
         return value
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        value = self.load()
-        return value if dtype is None else value.astype(dtype)
-
-    def astype(self, dtype, **kwargs) -> np.ndarray:
-        return self.load().astype(dtype, **kwargs)
 
     def __len__(self) -> int:
         return self.shape[0]

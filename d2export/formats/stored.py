@@ -30,7 +30,24 @@ _RECENT_LOCK = threading.Lock()
 _SCAN_CHUNK = 8 * 2**20
 
 
-class StoredTensor:
+class LazyArray:
+    """A tensor whose data is read on use (``load()``, defined by each kind): numpy conversions go
+    through it, so callers treat it as an array without anyone holding the data."""
+
+    __slots__ = ()
+
+    def load(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        value = self.load()
+        return value if dtype is None else value.astype(dtype)
+
+    def astype(self, dtype, **kwargs) -> np.ndarray:
+        return self.load().astype(dtype, **kwargs)
+
+
+class StoredTensor(LazyArray):
     """A tensor in a safetensors file: shape and dtype known, data read on use.
 
     It answers what the format readers and the plan ask (``shape``, ``ndim``, ``dtype``,
@@ -70,13 +87,6 @@ class StoredTensor:
                 while sum(v.nbytes for v in _RECENT.values()) > RECENT_BYTES:
                     _RECENT.pop(next(iter(_RECENT)))
         return value
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        value = self.load()
-        return value if dtype is None else value.astype(dtype)
-
-    def astype(self, dtype, **kwargs) -> np.ndarray:
-        return self.load().astype(dtype, **kwargs)
 
     def reshape(self, *shape) -> np.ndarray:
         return self.load().reshape(*shape)

@@ -236,11 +236,13 @@ class _RoundingCost:
         self.lost_sq = self.update_sq = 0.0
 
     def add(self, exact: np.ndarray, rounded: np.ndarray, base: np.ndarray, dtype: np.dtype) -> None:
+        # a base already in the output dtype is its own rounding
+        base_rounded = base if base.dtype == dtype else round_to_dtype(base.astype(float64), dtype)
         base = base.astype(float64)
         change = exact - base
         moved = change != 0
         self.changed += int(np.count_nonzero(moved))
-        self.vanished += int(np.count_nonzero(moved & (rounded == round_to_dtype(base, dtype).astype(float64))))
+        self.vanished += int(np.count_nonzero(moved & (rounded == base_rounded.astype(float64))))
         self.lost_sq += float(np.sum(np.square(rounded - exact)))
         self.update_sq += float(np.sum(np.square(change)))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import SAFETENSORS_NAMES
+from .directio import OutputFile
 from .errors import D2ExportError, OptionError
 from .outlock import output_lock, remove_stale, stem
 
@@ -50,7 +51,7 @@ class ShardWriter:
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
         self.nbytes = 8 + len(blob) + offset
         self._hash = hashlib.sha256()
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close() or abort()
+        self._file = OutputFile(path)  # closed in close() or abort()
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._stop = False
@@ -117,13 +118,16 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._stop = True
-        self._finish()
+        self._finish(abort=True)
 
-    def _finish(self) -> None:
+    def _finish(self, abort: bool = False) -> None:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
-        try:  # closing flushes the last buffered bytes: a full disk can show only here
+        if abort:
+            self._file.abort()
+            return
+        try:  # closing writes the last staged bytes: a full disk can show only here
             self._file.close()
         except OSError as exc:
             if self._error is None:

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from support import tree_state
 from typer.testing import CliRunner
 
+from d2export import directio
 from d2export import merging as merge_module
-from d2export import writing as io_module
 from d2export.cli import app
 from d2export.errors import D2ExportError
 
@@ -569,31 +569,16 @@ def test_full_disk_while_writing_is_one_error_and_leaves_no_output(fixture, tmp_
     ctx = copy_fixture(fixture, "d2lora-llama", tmp_path)
     before = tree_state(tmp_path)
     opened = []
-    real_open = open
+    real_pwrite = os.pwrite
 
-    class FullDisk:
-        """A file that takes 4 kB and then finds the disk full."""
+    def pwrite_fills_the_disk(fd, data, offset):
+        """Files take 4 kB and then find the disk full."""
+        opened.append(fd)
+        if offset + len(data) > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
 
-        def __init__(self, file):
-            self.file, self.written = file, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 4096:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.file.write(data)
-
-        def close(self):
-            self.file.close()
-
-    def open_for_writing_fills_the_disk(path, mode="r", *args, **kwargs):
-        file = real_open(path, mode, *args, **kwargs)
-        if "w" not in mode:
-            return file
-        opened.append(path)
-        return FullDisk(file)
-
-    monkeypatch.setattr(io_module, "open", open_for_writing_fills_the_disk, raising=False)
+    monkeypatch.setattr(directio.os, "pwrite", pwrite_fills_the_disk)
     with pytest.raises(D2ExportError, match="No space left on device"):
         merge_module.merge(ctx.adapter, base=ctx.base, out=ctx.out, hash_inputs=False)
     assert opened  # the writer really went through the failing file

@@ -200,6 +200,34 @@ def test_pipeline_matches_whole_tensor_merge_with_tiny_blocks(tmp_path, monkeypa
     assert _files(fast.out) == _files(reference.out)
 
 
+def test_pages_dropped_behind_while_views_are_in_flight_change_nothing(tmp_path, monkeypatch):
+    base, adapter = _model(tmp_path)
+    reference = merge(adapter, base=base, out=tmp_path / "one", hash_inputs=False)
+    monkeypatch.setattr(merging, "TASK_BYTES", 200)
+    monkeypatch.setattr(merging._Reader, "AHEAD", 4096)
+    monkeypatch.setattr(merging._Reader, "BEHIND", 4096)  # dropped while queued pieces still use them
+    before = _files(base)
+    result = merge(adapter, base=base, out=tmp_path / "two")
+    assert _files(result.out) == _files(reference.out)
+    assert _files(base) == before
+
+
+def test_reader_maps_a_window_and_drops_a_finished_file(tmp_path):
+    base, _ = _model(tmp_path, hidden=256, inter=512)
+    files = sorted(p.name for p in base.glob("*.safetensors"))
+    data = (base / files[0]).read_bytes()
+    with merging._Reader(base, None) as reader:
+        reader.AHEAD = reader.BEHIND = 8192
+        for offset in range(0, len(data) - 1000, 1000):
+            assert reader.read(files[0], offset, 1000).tobytes() == data[offset:offset + 1000]
+        first = reader._maps[files[0]]
+        assert 0 < first.dropped < len(data) - 8192  # pages well behind are let go, recent ones kept
+        reader.read(files[1], 0, 8)
+        assert first.dropped == len(first.map)
+        with pytest.raises(merging.D2ExportError, match="ends inside a tensor"):
+            reader.read(files[1], (base / files[1]).stat().st_size - 4, 8)
+
+
 def test_input_hashes_are_those_of_the_files(tmp_path, monkeypatch):
     base, adapter = _model(tmp_path)
     monkeypatch.setattr(merging, "COPY_CHUNK", 100)

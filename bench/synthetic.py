@@ -170,19 +170,23 @@ class Measured:
     returncode: int
     killed_at_cap: bool = False
     stderr_tail: str = ""
+    cpu_s: float = 0.0  # user + system CPU time of the whole process, all threads
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def measure(command: list[str], *, cap_bytes: int | None = None, env: dict | None = None,
-            stdout: Path | None = None) -> Measured:
+            stdout: Path | None = None, cold: bool = False) -> Measured:
     """Run ``command`` under GNU time: wall time and peak RSS of the whole process (``wait4``'s
     ``ru_maxrss``; ``time`` itself is tiny, so nothing large is inherited through ``exec``). With
     ``cap_bytes`` the process is killed as soon as its RSS passes the cap (polled every 50 ms).
-    ``stdout``: a file that receives the command's output (else it is dropped)."""
+    ``stdout``: a file that receives the command's output (else it is dropped). ``cold``: the page
+    cache is emptied first (:func:`drop_page_cache`), so every input byte comes from the disk."""
     os.sync()  # the kernel's writeback of files written just before would land inside the timing
-    full = ["/usr/bin/time", "-f", "__TIME__ %e %M", *command]
+    if cold:
+        drop_page_cache()
+    full = ["/usr/bin/time", "-f", "__TIME__ %e %M %U %S", *command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     with open(stdout, "w") if stdout is not None else contextlib.nullcontext(subprocess.DEVNULL) as sink:
         proc = subprocess.Popen(full, stdout=sink, stderr=subprocess.PIPE, text=True, env=env)
@@ -190,12 +194,23 @@ def measure(command: list[str], *, cap_bytes: int | None = None, env: dict | Non
         if cap_bytes is not None:
             threading.Thread(target=_watch, args=(proc.pid, cap_bytes, killed), daemon=True).start()
         _, stderr = proc.communicate()
-    match = re.search(r"__TIME__ ([\d.]+) (\d+)", stderr)
+    match = re.search(r"__TIME__ ([\d.]+) (\d+) ([\d.]+) ([\d.]+)", stderr)
     if not match:
         raise SystemExit(f"could not measure {' '.join(command)}:\n{stderr[-2000:]}")
     tail = "\n".join(line for line in stderr.splitlines() if "__TIME__" not in line)[-1500:]
     # GNU time exits with the command's status; a killed command shows as "terminated by signal".
-    return Measured(command, float(match.group(1)), int(match.group(2)) * 1024, proc.returncode, killed.is_set(), tail)
+    return Measured(command, float(match.group(1)), int(match.group(2)) * 1024, proc.returncode, killed.is_set(), tail,
+                    float(match.group(3)) + float(match.group(4)))
+
+
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache (Linux, as root): a cold start, the usual case for a 7B base
+    on a machine with less free memory than the model, and the same for every command timed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        raise SystemExit(f"cannot empty the page cache ({exc.strerror or exc}): --cold needs root on Linux") from None
 
 
 def _watch(time_pid: int, cap: int, killed: threading.Event) -> None:

@@ -8,6 +8,7 @@ huggingface_hub's ``ModelCard`` parses and writes the front matter, as the Hub d
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,13 +19,16 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def with_base_card(ours: str, report: dict) -> str:
-    """``ours`` (d2export's card text) with the base card's front matter merged into its own."""
+    """``ours`` (d2export's card text, front matter and body) with the base card's front matter
+    merged into its own."""
+    readme = Path(report["base"]["path"]) / CARD_NAME
+    if not readme.is_file():
+        return _own_card(ours, report)
     from huggingface_hub import ModelCard, ModelCardData
 
     card = ModelCard(ours, ignore_metadata_errors=True)
-    data = _base_metadata(Path(report["base"]["path"]) / CARD_NAME)
-    library = data.get("library_name") or ("sentence-transformers" if report.get("sentence_transformers")
-                                           else card.data.to_dict().get("library_name", "transformers"))
+    data = _base_metadata(readme)
+    library = data.get("library_name") or _library(report)
     tags = data.get("tags") or []
     tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
     data.update(library_name=library, tags=list(dict.fromkeys([*tags, *OUR_TAGS])))
@@ -36,9 +40,22 @@ def with_base_card(ours: str, report: dict) -> str:
     return str(card)
 
 
+def _own_card(ours: str, report: dict) -> str:
+    """The card when the base has none: d2export's own front matter, written here. Nothing is merged,
+    so huggingface_hub's ModelCard (an import that costs a small merge a tenth of its time) is not
+    needed; every value is a JSON string, which YAML reads as that string."""
+    body = ours.split("---\n", 2)[2] if ours.startswith("---\n") else ours
+    base_id = base_model_id(report)
+    lines = ["---", *([f"base_model: {json.dumps(base_id)}"] if base_id else []),
+             f"library_name: {json.dumps(_library(report))}", "tags:", *(f"- {json.dumps(t)}" for t in OUR_TAGS), "---"]
+    return "\n".join(lines) + "\n" + body
+
+
+def _library(report: dict) -> str:
+    return "sentence-transformers" if report.get("sentence_transformers") else "transformers"
+
+
 def _base_metadata(readme: Path) -> dict:
-    if not readme.is_file():
-        return {}
     from huggingface_hub import ModelCard
 
     try:

@@ -246,8 +246,8 @@ class _Reader:
     and changing them under a running merge is the one thing this does not report.
     """
 
-    AHEAD = 64 * 2**20  # bytes asked for beyond the piece being handed out
-    BEHIND = 64 * 2**20  # bytes kept mapped behind it: more than the queues hold in flight
+    AHEAD = 32 * 2**20  # bytes asked for beyond the piece being handed out
+    BEHIND = 32 * 2**20  # bytes kept mapped behind it: more than the queues hold in flight
 
     def __init__(self, folder: Path, hashing: ReadHashes | None):
         self._folder, self._hashing = folder, hashing

@@ -23,6 +23,7 @@ import build  # fixtures/build.py
 import huggingface_hub.constants
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from support import check_refused, cli, read_all, write_adapter
 
 REPO = "org/tiny-llama"
@@ -99,6 +100,7 @@ def test_revision_picks_its_snapshot_not_main(hub, cache, tmp_path):
     assert base["config_sha256"] == hashlib.sha256((snapshot(cache, OLD) / "config.json").read_bytes()).hexdigest()
     card = (tmp_path / "by-revision" / "README.md").read_text()
     assert f"`{REPO}` (snapshot `{OLD}`)" in card
+    assert ModelCard(card).data.to_dict()["base_model"] == REPO
 
 
 def merge_into(hub: Path, base: Path, out: Path) -> Path:

@@ -13,6 +13,7 @@ import warnings
 import build
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from reference import correctly_rounded, expected_weight, load_raw
 from support import load_model, model_output, read_all, tokens
 
@@ -145,7 +146,8 @@ def test_report_and_side_files(merge_result):
     assert module["rank"] == 4 and module["tau"] == 0.5
     assert module["coefficients"] == {"pos": 2.0, "neg": -1.0}
     assert module["delta_fro_norm"] > 0 and module["rescale_range"][0] > 0
-    assert (result.out / "README.md").read_text().startswith("---")
+    card = ModelCard.load(result.out / "README.md").data.to_dict()  # the base has no card: ours alone
+    assert card["library_name"] == "transformers" and card["tags"] == ["d2export", "merged-adapter"]
     assert (result.out / "generation_config.json").is_file()
     umask = os.umask(0o022)
     os.umask(umask)

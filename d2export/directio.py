@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -94,6 +93,8 @@ class OutputFile:
                     raise
                 # accepted at open, refused at write (an alignment this device does not take):
                 # the rest of the file goes through the page cache
+                import fcntl  # O_DIRECT is Linux's, and so is this branch; fcntl is not on Windows
+
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
         self._offset += self._fill

@@ -280,8 +280,12 @@ class _Mapped:
     """One base file mapped read-only, with how far ahead pages were asked for and behind dropped."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as handle:
-            self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(path, "rb") as handle:
+                self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # a filesystem that cannot map files
+            reason = getattr(exc, "strerror", None) or exc
+            raise D2ExportError(f"{path}: cannot map it for reading ({reason})") from None
         self.asked = self.dropped = 0
 
     def advise(self, offset: int, size: int, ahead: int, behind: int) -> None:

@@ -1,11 +1,11 @@
 """The merge's two arithmetic paths, side by side on one core: float64 products (the default) and
 float32 products with the proven bound and float64 recomputation (d2export.blocks), per element of
-a 4096 x 4096 bf16 weight with a rank-16 D2-LoRA-shaped update, with and without row rescaling,
+a 4096 x 4096 bf16 weight with a D2-LoRA-shaped update (two terms of rank ``--rank``), with and without row rescaling,
 for several block heights. Both give identical bytes (checked here too); the question is which is
 faster on this machine. CPU time of this process (not wall time, which other work on a shared
 machine inflates), alternating paths, best of ``--repeats``.
 
-    python bench/merge_paths.py [--repeats 5]
+    python bench/merge_paths.py [--repeats 5] [--rank 16]
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows", default="16,32,64,128")
+    parser.add_argument("--rank", type=int, default=16, help="rank of each of the two terms (stacked: twice that)")
     args = parser.parse_args(argv)
     tune_malloc()  # as the d2export command does
     rng = np.random.default_rng(0)
     out = inp = 4096
     weight = (rng.standard_normal((out, inp)) * 0.02).astype(bfloat16)
-    terms = tuple(LowRankTerm(name, c, (rng.standard_normal((out, 16)) * 0.01).astype(np.float32),
-                              rng.uniform(-inp**-0.5, inp**-0.5, (16, inp)).astype(np.float32))
+    r = args.rank
+    terms = tuple(LowRankTerm(name, c, (rng.standard_normal((out, r)) * 0.01).astype(np.float32),
+                              rng.uniform(-inp**-0.5, inp**-0.5, (r, inp)).astype(np.float32))
                   for name, c in (("pos", 2.0), ("neg", -1.0)))
     best: dict[tuple, float] = {}
     recomputed: dict[str, int] = {}
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     with threadpool_limits(limits=1, user_api="blas"):
         for _ in range(args.repeats):
             for rescale in (Rescale.NONE, Rescale.ORIGINAL_NORM):
-                update = ModuleUpdate("m", LayerKind.LINEAR, terms, rescale=rescale, rank=16)
+                update = ModuleUpdate("m", LayerKind.LINEAR, terms, rescale=rescale, rank=r)
                 for fast in (False, True):
                     blocks.FLOAT32_PRODUCTS = fast
                     factors = blocks.prepare_factors(update, weight.dtype, bfloat16)

@@ -147,7 +147,10 @@ def merge_rows(w0: np.ndarray, update: ModuleUpdate, factors: Factors, first: in
     stored dtype), in cache-sized blocks: the merged rows in ``out_dtype`` and their stats."""
     out = np.empty(w0.shape, out_dtype)
     totals = StatsSum()
-    step = row_block(w0.shape[1], 8)
+    # BLAS packs the whole [K, in] factor A on every product: blocks of at least K rows pack at most
+    # one element per merged element (at stacked rank 128, 32-row blocks spent more on packing than
+    # the 1 MiB blocks gain by staying in cache; bench/merge_paths.py --rank 64)
+    step = max(row_block(w0.shape[1], 8), factors.A.shape[0])
     for start in range(0, w0.shape[0], step):
         part = slice(start, min(start + step, w0.shape[0]))
         block = merge_block(w0[part], update, factors, slice(first + part.start, first + part.stop), out_dtype, name)

@@ -169,13 +169,16 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
         return PeftModel.from_pretrained(adapted_base(base, spec, dtype), spec.path).eval()
 
 
-def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None) -> nn.Module:
+def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None, values=None) -> nn.Module:
     """d2export's merge of ``plan`` (a :class:`~d2export.plan.MergePlan`) in the base model, each
     merged tensor computed when the forward reaches it (streamed) or set up front (resident): the
-    model the folder should load as, without reading the folder."""
+    model the folder should load as, without reading the folder. ``values``: a function giving a
+    planned tensor's merged value instead of computing it (verify passes the folder's own tensors
+    once the weight check found every one equal to the correctly rounded value)."""
     from ..merging import produce
     from ..plan import Action
 
+    value = values if values is not None else (lambda t: produce(plan, t)[0])
     model = shaped_base(plan.base.path, dtype, plan.config_updates, resident_bytes=resident_bytes)
     keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -194,8 +197,8 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None)
         module_path, _, param = key.rpartition(".")
         module = model.get_submodule(module_path)
         if is_streamed(module):
-            override_weights(module, {param: lambda t=t: to_torch(produce(plan, t)[0])})
+            override_weights(module, {param: lambda t=t: to_torch(value(t))})
         else:
-            state[key] = to_torch(produce(plan, t)[0]).to(dtype)
+            state[key] = to_torch(value(t)).to(dtype)
     model.load_state_dict(state, strict=False)
     return model.eval()

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import gc
 import math
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..arrays import is_float
 from ..basesource import BaseSource
 from ..errors import D2ExportError
 from ..job import Job, prepare
+from ..names import find_name
 from ..options import MergeOptions, VerifyOptions, with_settings
 from ..plan import build_plan
 from ..progress import Progress, silent
@@ -43,6 +46,7 @@ from .outputs import (
     judge_fidelity,
     judge_loading,
     judge_references,
+    one_thread,
     run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
@@ -167,12 +171,13 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
                                   f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
                                   "right-padded")
     ladder = _Ladder(job, report, config, batches, options)
-    for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
-        say(f"outputs in {dtype}")
-        report.outputs += ladder.checks(dtype, say)
-    if job.spec.method in PEFT_METHODS and options.peft_reference:
-        say("PEFT reference in float32")
-        report.outputs += ladder.peft_checks()
+    with one_thread():
+        for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
+            say(f"outputs in {dtype}")
+            report.outputs += ladder.checks(dtype, say)
+        if job.spec.method in PEFT_METHODS and options.peft_reference:
+            say("PEFT reference in float32")
+            report.outputs += ladder.peft_checks()
 
 
 class _Ladder:
@@ -192,6 +197,8 @@ class _Ladder:
     def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
         """One model's run, kept for other comparisons; the model itself is dropped at once.
         ``probe``: on the first calibration batch only, without the continuation."""
+        if probe and (name, dtype, False) in self.runs:  # the full run's first batch is that probe
+            return ModelRun(self.runs[name, dtype, False].outputs[:1])
         if (name, dtype, probe) not in self.runs:
             torch_dtype, job = TORCH_DTYPES[dtype], self.job
             sequences = None
@@ -201,19 +208,35 @@ class _Ladder:
                     sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
                     self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
             elif name == ROUNDED:
-                model = merged_model(_rounded_plan(job, self.report.merged_dtype), torch_dtype,
-                                     resident_bytes=self.resident)
+                model = self._rounded(torch_dtype)
             elif name == FOLDER:
                 model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
             else:
                 model = peft_model(job.base.path, job.spec, torch_dtype)
             if name != UNMERGED and not probe:
                 sequences = self._sequences(dtype)
-            self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches, sequences,
-                                                      GENERATION_STEPS)
+            # BLAS held to one thread while the in-memory merge computes tensors during the forward:
+            # numpy's idle BLAS threads spin on the cores torch's own threads need
+            with threadpool_limits(limits=1, user_api="blas") if name == ROUNDED else nullcontext():
+                self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches,
+                                                          sequences, GENERATION_STEPS)
             del model
             gc.collect()
         return self.runs[name, dtype, probe]
+
+    def _rounded(self, dtype: torch.dtype):
+        """The correctly rounded merge. When the weight check found every tensor of the folder equal
+        to its correctly rounded value, those tensors *are* that merge's: the model is assembled
+        from the base with the folder's tensors read in (d2export's own assembly, not transformers'
+        loading of the folder), instead of computing every merged tensor a second time."""
+        weights = self.report.weights
+        plan = _rounded_plan(self.job, self.report.merged_dtype)
+        if weights is None or not weights.all_exact:
+            return merged_model(plan, dtype, resident_bytes=self.resident)
+        folder = ModelFolder.open(self.report.merged, "merged model")
+        prefix = plan.arch.base_model_prefix
+        return merged_model(plan, dtype, resident_bytes=self.resident,
+                            values=lambda t: folder.read(find_name(t.name, folder.tensors, prefix)))
 
     def _sequences(self, dtype: str) -> torch.Tensor | None:
         continuation = self.continuation.get(dtype)

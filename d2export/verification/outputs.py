@@ -207,9 +207,8 @@ def one_thread():
     """torch on one thread for the duration. A streamed forward is a long chain of small
     operations (each weight read and converted, thin low-rank products, one token per prompt in a
     greedy step); split over threads, every one of them waits for the slowest thread, and when
-    other processes share the cores that wait is a scheduler time slice. Measured on the 320M
-    model (docs/design.md §6): two threads ran the batches about 1.8x faster on idle cores, and
-    the whole check about 7x slower on cores shared with another job."""
+    other processes share the cores that wait is a scheduler time slice (docs/design.md §6, *Cost*:
+    a little faster on idle cores, many times slower on busy ones)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from support import tamper_tensor
 
 from d2export import merging, verify
@@ -112,3 +114,22 @@ def test_one_thread_restores_the_thread_count():
     with one_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == threads
+
+
+def test_the_weight_check_beside_the_outputs_reports_what_it_reports_alone(merged, tmp_path):
+    """With output checks, the weight check runs in the background: its report, and the note on a
+    tensor the merge does not produce, are those of the weight check run alone; an extra tensor
+    makes the folder not exact, so the correctly rounded merge is computed, not read."""
+    folder, out = merged("lora-llama")
+    extra = shutil.copytree(out, tmp_path / "extra")
+    (file,) = extra.glob("*.safetensors")
+    with safe_open(file, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**tensors, "stray.weight": torch.zeros(3)}, file, metadata=metadata)
+    alone = verify(extra, folder / "adapter", base=folder / "base", outputs=False)
+    beside = verify(extra, folder / "adapter", base=folder / "base")
+    assert beside.weights.to_dict() == alone.weights.to_dict()
+    assert beside.weights.extra == ["stray.weight"] and not beside.weights.all_exact
+    note = "tensors in the folder that the merge does not produce: stray.weight"
+    assert note in alone.notes and note in beside.notes
+    assert beside.passed, beside.failures  # an extra tensor is noted, not failed

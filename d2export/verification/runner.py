@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +53,7 @@ from .outputs import (
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
-from .weights import check_weights
+from .weights import WeightReport, check_weights
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
 # Output checks run in float32 unless asked: the folder's weights load exactly, so the rounding
@@ -96,7 +98,9 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
     def say(stage: str) -> None:
         progress(stage, 0, 0)
 
-    with ModelFolder.open(merged, "merged model") as folder:
+    # The weight check runs beside the output checks, which run torch on one thread
+    # (outputs.one_thread): it takes the other core instead of waiting its turn.
+    with ModelFolder.open(merged, "merged model") as folder, ThreadPoolExecutor(1, "weights") as beside:
         merged_dtype = folder.main_float_dtype()
         if merged_dtype not in TORCH_DTYPES:
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
@@ -104,24 +108,39 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
                               merged_dtype, options.thresholds, base_source=job.source)
         report.notes += _base_mismatch(merged, job.source)
-        if options.weights:
-            report.weights = check_weights(job.plan, folder, max_units=options.thresholds.max_units,
-                                           progress=lambda name: say(f"weights {name}"))
-            if report.weights.extra:
-                extra = ", ".join(report.weights.extra)
-                report.notes.append(f"tensors in the folder that the merge does not produce: {extra}")
+        pending: Future | None = None
+        if options.weights and options.outputs:
+            say("weights, beside the outputs")
+            pending = beside.submit(check_weights, job.plan, folder, max_units=options.thresholds.max_units, workers=1)
+        elif options.weights:
+            _set_weights(report, check_weights(job.plan, folder, max_units=options.thresholds.max_units,
+                                               progress=lambda name: say(f"weights {name}")))
+
+        def weights() -> WeightReport | None:
+            """The weight report, once the check is done (waited for where a rung needs it)."""
+            if pending is not None and report.weights is None:
+                _set_weights(report, pending.result())
+            return report.weights
+
         config = folder.config
-    if options.outputs or options.task_data is not None:
-        tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
-        if options.outputs:
-            _check_outputs(report, job, config, tokenizer, options, say)
-        if options.task_data is not None:
-            data = load_task(options.task_data)
-            for dtype in TASK_DTYPES:
-                say(f"task accuracy in {dtype}")
-                report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        if options.outputs or options.task_data is not None:
+            tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
+            if options.outputs:
+                _check_outputs(report, job, config, tokenizer, options, say, weights)
+            if options.task_data is not None:
+                data = load_task(options.task_data)
+                for dtype in TASK_DTYPES:
+                    say(f"task accuracy in {dtype}")
+                    report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        weights()
     report.rounding_note()
     return report
+
+
+def _set_weights(report: VerifyReport, weights: WeightReport) -> None:
+    report.weights = weights
+    if weights.extra:
+        report.notes.append(f"tensors in the folder that the merge does not produce: {', '.join(weights.extra)}")
 
 
 def _base_mismatch(merged: Path, source: BaseSource | None) -> list[str]:
@@ -157,7 +176,8 @@ def _tokenizer(merged: Path, base: Path):
     raise D2ExportError(f"no tokenizer in {merged} or {base}: text calibration and task data need one")
 
 
-def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say) -> None:
+def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say,
+                   weights: Callable[[], WeightReport | None]) -> None:
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
         report.calibration = f"{options.calibration} ({len(batches)} batches)"
@@ -170,7 +190,7 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
             report.calibration = (f"random tokens, seed {options.seed}, lengths "
                                   f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
                                   "right-padded")
-    ladder = _Ladder(job, report, config, batches, options)
+    ladder = _Ladder(job, report, config, batches, options, weights)
     with one_thread():
         for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
             say(f"outputs in {dtype}")
@@ -183,8 +203,9 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
 class _Ladder:
     """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared."""
 
-    def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions):
-        self.job, self.report, self.batches, self.options = job, report, batches, options
+    def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions,
+                 weights: Callable[[], WeightReport | None]):
+        self.job, self.report, self.batches, self.options, self.weights = job, report, batches, options, weights
         kind = head_kind(config)
         # question answering's start/end logits are distributions over positions, not over their last axis
         self.distributions = kind not in ("encoder", "question-answering")
@@ -229,7 +250,7 @@ class _Ladder:
         to its correctly rounded value, those tensors *are* that merge's: the model is assembled
         from the base with the folder's tensors read in (d2export's own assembly, not transformers'
         loading of the folder), instead of computing every merged tensor a second time."""
-        weights = self.report.weights
+        weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
         if weights is None or not weights.all_exact:
             return merged_model(plan, dtype, resident_bytes=self.resident)
@@ -256,7 +277,8 @@ class _Ladder:
         report, thresholds = self.report, self.options.thresholds
         self.run(UNMERGED, dtype)
         fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
-        exact = report.weights is not None and report.weights.all_exact
+        weights = self.weights()
+        exact = weights is not None and weights.all_exact
         # When every tensor of the folder is the correctly rounded value, the folder *is* the
         # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
         # head, an ignored tensor or a wrong dtype changes every output), and the folder's own

@@ -133,16 +133,17 @@ class WeightReport:
 
 def check_weights(
     plan: MergePlan, merged: ModelFolder, *, max_units: float | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, workers: int | None = None,
 ) -> WeightReport:
     """Check every tensor of ``merged`` against ``plan`` (built for the same adapter and base).
-    ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`."""
+    ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`; ``workers``: tensors checked at
+    once (default: one per core)."""
     report = WeightReport()
     found: set[str] = set()
     # Tensors are checked on every core, one tensor per worker, as the merge spreads its row blocks:
     # each BLAS call held to one thread, since idle BLAS threads spin and slow the workers. A .bin
     # folder keeps one file mapped at a time, so it is read by one worker.
-    workers = WORKERS if merged.is_safetensors and plan.base.is_safetensors else 1
+    workers = (workers or WORKERS) if merged.is_safetensors and plan.base.is_safetensors else 1
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, "weights") as pool:
         checks = pool.map(functools.partial(_check_tensor, plan, merged, max_units), plan.tensors)
         for t, (check, name) in zip(plan.tensors, checks, strict=True):

@@ -18,8 +18,10 @@ from d2export.arrays import bfloat16, finfo, float16, float32, float64
 from d2export.job import prepare
 from d2export.names import find_name
 from d2export.reading import ModelFolder
+from d2export.runtime import streaming
 from d2export.runtime.calibration import config_batches
-from d2export.runtime.models import merged_model, model_output
+from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
+from d2export.runtime.streaming import offload_hooks
 from d2export.verification import weights
 from d2export.verification.outputs import one_thread
 from d2export.verification.weights import check_weights, spacing
@@ -133,3 +135,21 @@ def test_the_weight_check_beside_the_outputs_reports_what_it_reports_alone(merge
     note = "tensors in the folder that the merge does not produce: stray.weight"
     assert note in alone.notes and note in beside.notes
     assert beside.passed, beside.failures  # an extra tensor is noted, not failed
+
+
+def test_streamed_16_bit_weights_in_reused_buffers_compute_what_whole_ones_do(merged):
+    """A bf16 folder run in float32 with its blocks streamed: read into reused buffers, the unmerged
+    model and the folder give the outputs they give loaded whole, pass after pass."""
+    folder, out = merged("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batches = config_batches(job.base.config)
+        for make in (lambda r: load_model(out, torch.float32, resident_bytes=r),
+                     lambda r: unmerged_model(job.base.path, job.spec, torch.float32, resident_bytes=r)):
+            whole, streamed = make(None), make(1)
+            reused = [h.weights_map for m in streamed.modules() for h in offload_hooks(m)
+                      if isinstance(h.weights_map, streaming._Reused)]
+            assert reused
+            for _ in range(2):  # the second pass runs on the buffers the first one left
+                for batch in batches:
+                    assert torch.equal(model_output(whole, batch), model_output(streamed, batch))
+            assert any(isinstance(k, tuple) and k[0] == "raw" for k in reused[0].pool)

@@ -17,7 +17,7 @@ from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
 from .layers import inject_adapter
-from .streaming import is_streamed, keep_spill_folder, override_weights, streaming_kwargs
+from .streaming import is_streamed, keep_spill_folder, override_weights, reuse_buffers, streaming_kwargs
 
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> nn.Module:
     streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides)
-    return keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
+    model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
+    return reuse_buffers(model) if streaming and dtype == torch.float32 else model
 
 
 @torch.no_grad()

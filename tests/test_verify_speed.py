@@ -153,3 +153,20 @@ def test_streamed_16_bit_weights_in_reused_buffers_compute_what_whole_ones_do(me
                 for batch in batches:
                     assert torch.equal(model_output(whole, batch), model_output(streamed, batch))
             assert any(isinstance(k, tuple) and k[0] == "raw" for k in reused[0].pool)
+
+
+def test_a_reused_buffer_still_held_is_not_handed_out_again(merged):
+    """While a tensor from the pool is held (a module's parameter, or anything else), the same weight
+    asked for again comes in a fresh buffer; once released, the pooled one is used again."""
+    _, out = merged("d2lora-llama-bf16")
+    model = load_model(out, torch.float32, resident_bytes=1)
+    weights_map = next(h.weights_map for m in model.modules() for h in offload_hooks(m)
+                       if isinstance(h.weights_map, streaming._Reused) and h.weights_map._source("weight"))
+    key = "weight"
+    first = weights_map[key]
+    held = torch.nn.Parameter(first, requires_grad=False)  # what accelerate makes of it
+    second = weights_map[key]
+    assert second.data_ptr() != held.data_ptr() and torch.equal(second, held)
+    del first, held, second
+    third = weights_map[key]
+    assert third.data_ptr() == weights_map[key].data_ptr()  # nothing else holds it: reused

@@ -10,6 +10,8 @@ matmuls, as during training. fixtures/build.py trains the D2-LoRA fixtures with 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,7 +172,10 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        with materialized(module):  # the layer reads the base weight (its shape, D2-LoRA's norms)
+        # Only D2-LoRA's original row norms read the base weight's values; its shape and dtype are
+        # there on a streamed module too, so the others do not load it.
+        loaded = materialized(module) if update.rescale is Rescale.ORIGINAL_NORM else nullcontext()
+        with loaded:
             layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
             layer.to(module.weight.dtype)
         set_module(model, path, layer)

@@ -17,7 +17,7 @@ from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
 from .layers import inject_adapter
-from .streaming import is_streamed, keep_spill_folder, override_weights, streaming_kwargs
+from .streaming import is_streamed, keep_spill_folder, override_weights, reuse_buffers, streaming_kwargs
 
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> nn.Module:
     streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides)
-    return keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
+    model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
+    return reuse_buffers(model) if streaming and dtype == torch.float32 else model
 
 
 @torch.no_grad()
@@ -169,13 +170,16 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
         return PeftModel.from_pretrained(adapted_base(base, spec, dtype), spec.path).eval()
 
 
-def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None) -> nn.Module:
+def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None, values=None) -> nn.Module:
     """d2export's merge of ``plan`` (a :class:`~d2export.plan.MergePlan`) in the base model, each
     merged tensor computed when the forward reaches it (streamed) or set up front (resident): the
-    model the folder should load as, without reading the folder."""
+    model the folder should load as, without reading the folder. ``values``: a function giving a
+    planned tensor's merged value instead of computing it (verify passes the folder's own tensors
+    once the weight check found every one equal to the correctly rounded value)."""
     from ..merging import produce
     from ..plan import Action
 
+    value = values if values is not None else (lambda t: produce(plan, t)[0])
     model = shaped_base(plan.base.path, dtype, plan.config_updates, resident_bytes=resident_bytes)
     keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -194,8 +198,8 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None)
         module_path, _, param = key.rpartition(".")
         module = model.get_submodule(module_path)
         if is_streamed(module):
-            override_weights(module, {param: lambda t=t: to_torch(produce(plan, t)[0])})
+            override_weights(module, {param: lambda t=t: to_torch(value(t))})
         else:
-            state[key] = to_torch(produce(plan, t)[0]).to(dtype)
+            state[key] = to_torch(value(t)).to(dtype)
     model.load_state_dict(state, strict=False)
     return model.eval()

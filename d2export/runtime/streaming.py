@@ -16,6 +16,7 @@ things are added here:
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import weakref
@@ -58,6 +59,91 @@ class _Overlay(Mapping):
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+class _Reused(Mapping):
+    """An offload hook's weights map that reads 16-bit safetensors tensors and converts them to
+    float32 in buffers reused from block to block. accelerate's loader reads and converts each tensor
+    into fresh memory, used for one forward and freed: a page fault per page of every weight at every
+    pass, with large blocks mapped apart (cli.process.tune_malloc). A buffer handed to a module is
+    reused only when nothing but the pool holds it (the forward that used it done, accelerate having
+    set the parameter back to meta); else a fresh one is made. Anything else (a float32 file, a spill
+    folder, a loader of another form) goes through accelerate's own loader."""
+
+    def __init__(self, inner: Mapping, pool: dict):
+        self.inner, self.pool = inner, pool
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        source = self._source(key)
+        stored = None if source is None else self._stored(*source)
+        if stored is None:
+            return self.inner[key]
+        file, offset, dtype, shape = stored
+        # the file's bytes into a reused buffer of the stored dtype (safetensors' own reader would
+        # make a fresh one), then converted into a reused float32 buffer
+        raw = self._buffer(("raw", math.prod(shape) * dtype.itemsize), torch.uint8)
+        with open(file, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(memoryview(raw.numpy())) != raw.numel():
+                raise OSError(f"{file}: file ends inside a tensor")
+        return self._buffer((key, shape), torch.float32, shared=True).copy_(raw.view(dtype).view(shape))
+
+    def _buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
+        """The pool's buffer for ``slot`` (its size in bytes or its shape), a fresh one when another
+        tensor still holds it (``shared``: handed out to a module; others are used here only)."""
+        held = self.pool.get(slot)
+        if held is None or (shared and _use_count(held[0]) > held[1]):
+            size = slot[1] if isinstance(slot[1], tuple) else (slot[1],)
+            buffer = torch.empty(size, dtype=dtype)
+            held = self.pool[slot] = (buffer, _use_count(buffer))
+        return held[0]
+
+    def _stored(self, file: str, name: str) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, byte offset, dtype, shape) of a 16-bit tensor; None for another dtype."""
+        from ..reading import _header
+
+        headers = self.pool.setdefault("headers", {})
+        if file not in headers:
+            headers[file] = _header(Path(file))
+        header, start = headers[file]
+        entry = header.get(name)
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(entry.get("dtype")) if entry else None
+        if dtype is None:
+            return None
+        return file, start + entry["data_offsets"][0], dtype, tuple(entry["shape"])
+
+    def _source(self, key: str) -> tuple[str, str] | None:
+        """(file, tensor name) of a tensor accelerate's loader reads from safetensors as float32."""
+        loader, prefix = getattr(self.inner, "dataset", None), getattr(self.inner, "prefix", None)
+        if loader is None or prefix is None or getattr(loader, "device", None) not in (None, "cpu"):
+            return None
+        full = prefix + key
+        info = getattr(loader, "index", {}).get(full)
+        if full in getattr(loader, "state_dict", {}) or not isinstance(info, dict) or info.get("dtype") != "float32":
+            return None
+        file = info.get("safetensors_file")
+        return None if file is None else (file, info.get("weight_name", full))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s memory (compared with its count when it was made)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+def reuse_buffers(model: nn.Module) -> nn.Module:
+    """Read ``model``'s streamed 16-bit weights into reused float32 buffers (:class:`_Reused`)."""
+    pool: dict = {}
+    for module in model.modules():
+        for hook in offload_hooks(module):
+            if not getattr(hook, "tied_params_names", None):  # accelerate tracks tied weights by address
+                hook.weights_map = _Reused(hook.weights_map, pool)
+    return model
 
 
 def override_weights(module: nn.Module, values: dict[str, Callable[[], torch.Tensor]]) -> None:
@@ -148,4 +234,4 @@ def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
 
 
 __all__ = ["DEFAULT_RESIDENT_BYTES", "hoist", "is_streamed", "materialized", "override_weights",
-           "streaming_kwargs"]
+           "reuse_buffers", "streaming_kwargs"]

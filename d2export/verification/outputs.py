@@ -18,6 +18,7 @@ writing the output dtype costs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -199,6 +200,21 @@ def greedy_continuation(model: nn.Module, prompts: torch.Tensor, steps: int) -> 
         if step + 1 < steps:
             out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
     return ids
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread for the duration. A streamed forward is a long chain of small
+    operations (each weight read and converted, thin low-rank products, one token per prompt in a
+    greedy step); split over threads, every one of them waits for the slowest thread, and when
+    other processes share the cores that wait is a scheduler time slice (docs/design.md §6, *Cost*:
+    a little faster on idle cores, many times slower on busy ones)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..arrays import is_float
 from ..basesource import BaseSource
 from ..errors import D2ExportError
 from ..job import Job, prepare
+from ..names import find_name
 from ..options import MergeOptions, VerifyOptions, with_settings
 from ..plan import build_plan
 from ..progress import Progress, silent
@@ -43,11 +48,12 @@ from .outputs import (
     judge_fidelity,
     judge_loading,
     judge_references,
+    one_thread,
     run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
-from .weights import check_weights
+from .weights import WeightReport, check_weights
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
 # Output checks run in float32 unless asked: the folder's weights load exactly, so the rounding
@@ -92,7 +98,9 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
     def say(stage: str) -> None:
         progress(stage, 0, 0)
 
-    with ModelFolder.open(merged, "merged model") as folder:
+    # The weight check runs beside the output checks, which run torch on one thread
+    # (outputs.one_thread): it takes the other core instead of waiting its turn.
+    with ModelFolder.open(merged, "merged model") as folder, ThreadPoolExecutor(1, "weights") as beside:
         merged_dtype = folder.main_float_dtype()
         if merged_dtype not in TORCH_DTYPES:
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
@@ -100,24 +108,39 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
                               merged_dtype, options.thresholds, base_source=job.source)
         report.notes += _base_mismatch(merged, job.source)
-        if options.weights:
-            report.weights = check_weights(job.plan, folder, max_units=options.thresholds.max_units,
-                                           progress=lambda name: say(f"weights {name}"))
-            if report.weights.extra:
-                extra = ", ".join(report.weights.extra)
-                report.notes.append(f"tensors in the folder that the merge does not produce: {extra}")
+        pending: Future | None = None
+        if options.weights and options.outputs:
+            say("weights, beside the outputs")
+            pending = beside.submit(check_weights, job.plan, folder, max_units=options.thresholds.max_units, workers=1)
+        elif options.weights:
+            _set_weights(report, check_weights(job.plan, folder, max_units=options.thresholds.max_units,
+                                               progress=lambda name: say(f"weights {name}")))
+
+        def weights() -> WeightReport | None:
+            """The weight report, once the check is done (waited for where a rung needs it)."""
+            if pending is not None and report.weights is None:
+                _set_weights(report, pending.result())
+            return report.weights
+
         config = folder.config
-    if options.outputs or options.task_data is not None:
-        tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
-        if options.outputs:
-            _check_outputs(report, job, config, tokenizer, options, say)
-        if options.task_data is not None:
-            data = load_task(options.task_data)
-            for dtype in TASK_DTYPES:
-                say(f"task accuracy in {dtype}")
-                report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        if options.outputs or options.task_data is not None:
+            tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
+            if options.outputs:
+                _check_outputs(report, job, config, tokenizer, options, say, weights)
+            if options.task_data is not None:
+                data = load_task(options.task_data)
+                for dtype in TASK_DTYPES:
+                    say(f"task accuracy in {dtype}")
+                    report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        weights()
     report.rounding_note()
     return report
+
+
+def _set_weights(report: VerifyReport, weights: WeightReport) -> None:
+    report.weights = weights
+    if weights.extra:
+        report.notes.append(f"tensors in the folder that the merge does not produce: {', '.join(weights.extra)}")
 
 
 def _base_mismatch(merged: Path, source: BaseSource | None) -> list[str]:
@@ -153,7 +176,8 @@ def _tokenizer(merged: Path, base: Path):
     raise D2ExportError(f"no tokenizer in {merged} or {base}: text calibration and task data need one")
 
 
-def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say) -> None:
+def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say,
+                   weights: Callable[[], WeightReport | None]) -> None:
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
         report.calibration = f"{options.calibration} ({len(batches)} batches)"
@@ -166,20 +190,22 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
             report.calibration = (f"random tokens, seed {options.seed}, lengths "
                                   f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
                                   "right-padded")
-    ladder = _Ladder(job, report, config, batches, options)
-    for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
-        say(f"outputs in {dtype}")
-        report.outputs += ladder.checks(dtype, say)
-    if job.spec.method in PEFT_METHODS and options.peft_reference:
-        say("PEFT reference in float32")
-        report.outputs += ladder.peft_checks()
+    ladder = _Ladder(job, report, config, batches, options, weights)
+    with one_thread():
+        for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
+            say(f"outputs in {dtype}")
+            report.outputs += ladder.checks(dtype, say)
+        if job.spec.method in PEFT_METHODS and options.peft_reference:
+            say("PEFT reference in float32")
+            report.outputs += ladder.peft_checks()
 
 
 class _Ladder:
     """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared."""
 
-    def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions):
-        self.job, self.report, self.batches, self.options = job, report, batches, options
+    def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions,
+                 weights: Callable[[], WeightReport | None]):
+        self.job, self.report, self.batches, self.options, self.weights = job, report, batches, options, weights
         kind = head_kind(config)
         # question answering's start/end logits are distributions over positions, not over their last axis
         self.distributions = kind not in ("encoder", "question-answering")
@@ -192,6 +218,8 @@ class _Ladder:
     def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
         """One model's run, kept for other comparisons; the model itself is dropped at once.
         ``probe``: on the first calibration batch only, without the continuation."""
+        if probe and (name, dtype, False) in self.runs:  # the full run's first batch is that probe
+            return ModelRun(self.runs[name, dtype, False].outputs[:1])
         if (name, dtype, probe) not in self.runs:
             torch_dtype, job = TORCH_DTYPES[dtype], self.job
             sequences = None
@@ -201,19 +229,35 @@ class _Ladder:
                     sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
                     self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
             elif name == ROUNDED:
-                model = merged_model(_rounded_plan(job, self.report.merged_dtype), torch_dtype,
-                                     resident_bytes=self.resident)
+                model = self._rounded(torch_dtype)
             elif name == FOLDER:
                 model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
             else:
                 model = peft_model(job.base.path, job.spec, torch_dtype)
             if name != UNMERGED and not probe:
                 sequences = self._sequences(dtype)
-            self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches, sequences,
-                                                      GENERATION_STEPS)
+            # BLAS held to one thread while the in-memory merge computes tensors during the forward:
+            # numpy's idle BLAS threads spin on the cores torch's own threads need
+            with threadpool_limits(limits=1, user_api="blas") if name == ROUNDED else nullcontext():
+                self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches,
+                                                          sequences, GENERATION_STEPS)
             del model
             gc.collect()
         return self.runs[name, dtype, probe]
+
+    def _rounded(self, dtype: torch.dtype):
+        """The correctly rounded merge. When the weight check found every tensor of the folder equal
+        to its correctly rounded value, those tensors *are* that merge's: the model is assembled
+        from the base with the folder's tensors read in (d2export's own assembly, not transformers'
+        loading of the folder), instead of computing every merged tensor a second time."""
+        weights = self.weights()
+        plan = _rounded_plan(self.job, self.report.merged_dtype)
+        if weights is None or not weights.all_exact:
+            return merged_model(plan, dtype, resident_bytes=self.resident)
+        folder = ModelFolder.open(self.report.merged, "merged model")
+        prefix = plan.arch.base_model_prefix
+        return merged_model(plan, dtype, resident_bytes=self.resident,
+                            values=lambda t: folder.read(find_name(t.name, folder.tensors, prefix)))
 
     def _sequences(self, dtype: str) -> torch.Tensor | None:
         continuation = self.continuation.get(dtype)
@@ -233,7 +277,8 @@ class _Ladder:
         report, thresholds = self.report, self.options.thresholds
         self.run(UNMERGED, dtype)
         fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
-        exact = report.weights is not None and report.weights.all_exact
+        weights = self.weights()
+        exact = weights is not None and weights.all_exact
         # When every tensor of the folder is the correctly rounded value, the folder *is* the
         # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
         # head, an ignored tensor or a wrong dtype changes every output), and the folder's own

@@ -18,12 +18,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..algebra import merged_bias_exact, merged_rows, round_to_dtype
 from ..arrays import bfloat16, dtype_name, finfo, float16, float32, float64, is_float
+from ..merging import WORKERS
 from ..names import find_name
 from ..plan import Action, MergePlan, TensorPlan
 from ..reading import ModelFolder
@@ -44,8 +47,13 @@ DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
 def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The gap between adjacent ``dtype`` values at ``|magnitude|`` (float64), subnormals included."""
     info = finfo(dtype)
-    _, exponent = np.frexp(np.maximum(np.abs(magnitude), float(info.smallest_normal)))  # x = m 2^e, m in [0.5, 1)
-    return np.ldexp(float(info.eps) / 2, exponent)
+    # eps times the power of two at or below |x| (its float64 bits with the mantissa cleared): the
+    # same power of two as frexp and ldexp give, in two passes instead of their many
+    magnitude = np.asarray(magnitude, dtype=float64)
+    floor = np.maximum(np.abs(magnitude).reshape(-1), float(info.smallest_normal))  # 1-d: a 0-d result is a scalar
+    np.bitwise_and(floor.view(np.uint64), np.uint64(0x7FF0000000000000), out=floor.view(np.uint64))
+    floor *= float(info.eps)
+    return floor.reshape(magnitude.shape)
 
 
 @dataclass
@@ -125,42 +133,53 @@ class WeightReport:
 
 def check_weights(
     plan: MergePlan, merged: ModelFolder, *, max_units: float | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, workers: int | None = None,
 ) -> WeightReport:
     """Check every tensor of ``merged`` against ``plan`` (built for the same adapter and base).
-    ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`."""
+    ``max_units`` overrides the per-dtype :data:`DEFAULT_MAX_UNITS`; ``workers``: tensors checked at
+    once (default: one per core)."""
     report = WeightReport()
     found: set[str] = set()
-    for t in plan.tensors:
-        if progress:
-            progress(t.name)
-        # the folder may be saved with or without the base-model prefix (BertModel vs BertFor...)
-        name = find_name(t.name, merged.tensors, plan.arch.base_model_prefix)
-        if name is None:
-            report.tensors.append(TensorCheck(t.name, t.action.value, "-", problem="missing from the merged folder"))
-            continue
-        found.add(name)
-        info = merged.tensors[name]
-        check = TensorCheck(t.name, t.action.value, dtype_name(info.dtype), elements=math.prod(info.shape))
-        report.tensors.append(check)
-        if info.shape != t.shape:
-            check.problem = f"shape {info.shape}, expected {t.shape}"
-            continue
-        if t.action in (Action.COPY, Action.UNSELECTED) and _same_bytes(plan.base, t.source, merged, name):
-            check.identical = True  # compared as bytes, in chunks: neither tensor is loaded
-            continue
-        stored = merged.read(name)
-        if is_float(stored.dtype) and not np.isfinite(stored).all():
-            check.problem = "holds non-finite values"
-            continue
-        if t.action in (Action.COPY, Action.UNSELECTED):
-            _check_copy(plan, t, stored, check)
-        else:
-            check.max_units_allowed = max_units if max_units is not None else DEFAULT_MAX_UNITS.get(stored.dtype, 2.0)
-            _check_adapted(plan, t, stored, check)
-        del stored
+    # Tensors are checked on every core, one tensor per worker, as the merge spreads its row blocks:
+    # each BLAS call held to one thread, since idle BLAS threads spin and slow the workers. A .bin
+    # folder keeps one file mapped at a time, so it is read by one worker.
+    workers = (workers or WORKERS) if merged.is_safetensors and plan.base.is_safetensors else 1
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, "weights") as pool:
+        checks = pool.map(functools.partial(_check_tensor, plan, merged, max_units), plan.tensors)
+        for t, (check, name) in zip(plan.tensors, checks, strict=True):
+            if progress:
+                progress(t.name)
+            report.tensors.append(check)
+            if name is not None:
+                found.add(name)
     report.extra = sorted(set(merged.tensors) - found)
     return report
+
+
+def _check_tensor(plan: MergePlan, merged: ModelFolder, max_units: float | None,
+                  t: TensorPlan) -> tuple[TensorCheck, str | None]:
+    """One planned tensor against the folder; the folder's name for it (None when missing)."""
+    # the folder may be saved with or without the base-model prefix (BertModel vs BertFor...)
+    name = find_name(t.name, merged.tensors, plan.arch.base_model_prefix)
+    if name is None:
+        return TensorCheck(t.name, t.action.value, "-", problem="missing from the merged folder"), None
+    info = merged.tensors[name]
+    check = TensorCheck(t.name, t.action.value, dtype_name(info.dtype), elements=math.prod(info.shape))
+    if info.shape != t.shape:
+        check.problem = f"shape {info.shape}, expected {t.shape}"
+        return check, name
+    if t.action in (Action.COPY, Action.UNSELECTED) and _same_bytes(plan.base, t.source, merged, name):
+        check.identical = True  # compared as bytes, in chunks: neither tensor is loaded
+        return check, name
+    stored = merged.read(name)
+    if is_float(stored.dtype) and not np.isfinite(stored).all():
+        check.problem = "holds non-finite values"
+    elif t.action in (Action.COPY, Action.UNSELECTED):
+        _check_copy(plan, t, stored, check)
+    else:
+        check.max_units_allowed = max_units if max_units is not None else DEFAULT_MAX_UNITS.get(stored.dtype, 2.0)
+        _check_adapted(plan, t, stored, check)
+    return check, name
 
 
 def _same_bytes(a: ModelFolder, a_name: str, b: ModelFolder, b_name: str) -> bool:

@@ -1,0 +1,172 @@
+"""What makes ``verify`` cheaper must not change what it says: the weight check on every core gives
+the report one worker gives, the correctly rounded merge assembled from an exact folder's tensors is
+the model the merge computes, and the faults still fail."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from support import tamper_tensor
+
+from d2export import merging, verify
+from d2export.arrays import bfloat16, finfo, float16, float32, float64
+from d2export.job import prepare
+from d2export.names import find_name
+from d2export.reading import ModelFolder
+from d2export.runtime import streaming
+from d2export.runtime.calibration import config_batches
+from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
+from d2export.runtime.streaming import offload_hooks
+from d2export.verification import weights
+from d2export.verification.outputs import one_thread
+from d2export.verification.weights import check_weights, spacing
+
+
+@pytest.mark.parametrize("dtype", [bfloat16, float16, float32, float64])
+def test_spacing_is_the_power_of_two_frexp_gives(dtype):
+    """Spacing from the exponent bits equals the frexp/ldexp formula, over the whole range (zeros,
+    subnormals of the dtype, huge values, negative values, a 0-d array)."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(20_000) * 10.0 ** rng.integers(-50, 38, 20_000)
+    values = np.concatenate([values, [0.0, -0.0, 1.0, -2.0, 0.75, 1e-300, 5e-324, 3.3e38]])
+    info = finfo(dtype)
+    _, exponent = np.frexp(np.maximum(np.abs(values), float(info.smallest_normal)))
+    assert np.array_equal(spacing(values, dtype), np.ldexp(float(info.eps) / 2, exponent))
+    assert spacing(np.float64(3.0), dtype).shape == ()
+
+
+def test_weight_check_on_every_core_reports_what_one_worker_does(merged, tmp_path, monkeypatch):
+    """The same figures, tensor by tensor and in plan order, on an exact folder and on one with an
+    element moved by 8 units (which both fail, at the same element)."""
+    folder, out = merged("d2lora-llama-bf16")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tamper_tensor(bad, name, lambda t: t.view(torch.int16)[5, 7].add_(8))
+    assert weights.WORKERS > 1 or merging.WORKERS == 1
+    with prepare(folder / "adapter", folder / "base") as job:
+        for path, exact in ((out, True), (bad, False)):
+            with ModelFolder.open(path, "merged") as stored:
+                both = check_weights(job.plan, stored).to_dict()
+                with monkeypatch.context() as patch:
+                    patch.setattr(weights, "WORKERS", 1)
+                    one = check_weights(job.plan, stored).to_dict()
+            assert both == one
+            assert both["summary"]["failed"] == (0 if exact else 1)
+            if not exact:
+                (failure,) = [t for t in both["tensors"] if not t["passed"]]
+                assert failure["name"] == name and failure["worst"] == [5, 7] and failure["max_units"] > 3
+
+
+@pytest.mark.parametrize("resident", [None, 1])
+def test_the_merge_assembled_from_an_exact_folder_is_the_computed_merge(merged, resident):
+    """The base with the folder's tensors read in gives bit-identical outputs to the base with every
+    merged tensor computed again, whole or streamed."""
+    folder, out = merged("dora-llama")
+    with prepare(folder / "adapter", folder / "base") as job, ModelFolder.open(out, "merged") as stored:
+        prefix = job.plan.arch.base_model_prefix
+        batch = config_batches(job.base.config)[-1]
+        computed = model_output(merged_model(job.plan, torch.float32, resident_bytes=resident), batch)
+        read = merged_model(job.plan, torch.float32, resident_bytes=resident,
+                            values=lambda t: stored.read(find_name(t.name, stored.tensors, prefix)))
+        assert torch.equal(model_output(read, batch), computed)
+
+
+def test_an_exact_folder_is_verified_without_merging_twice(merged, monkeypatch):
+    """Every tensor is the correctly rounded value, so the loading probe's reference is assembled
+    from the folder's tensors: the merge's own ``produce`` never runs, and the verdict stands."""
+    folder, out = merged("lora-llama")
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a merged tensor was computed again")
+
+    monkeypatch.setattr(merging, "produce", refuse)
+    report = verify(out, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    assert report.weights.all_exact
+    loading = next(o for o in report.outputs if o.rung == "loading")
+    assert loading.passed and loading.comparison.max_abs == 0.0
+
+
+def test_a_tampered_folder_still_gets_the_computed_merge(merged, tmp_path, monkeypatch):
+    """One element off: the folder is not the correctly rounded merge, so the reference is computed
+    (never read from the folder it judges), and the weight check fails the element."""
+    folder, out = merged("d2lora-llama-bf16")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    tamper_tensor(bad, "model.layers.1.mlp.up_proj.weight", lambda t: t.view(torch.int16)[5, 7].add_(8))
+    computed = []
+    produce = merging.produce
+
+    def counted(plan, t, *args):
+        computed.append(t.name)
+        return produce(plan, t, *args)
+
+    monkeypatch.setattr(merging, "produce", counted)
+    report = verify(bad, folder / "adapter", base=folder / "base")
+    assert not report.passed and not report.weights.all_exact
+    assert "model.layers.1.mlp.up_proj.weight" in computed
+
+
+def test_one_thread_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+
+
+def test_the_weight_check_beside_the_outputs_reports_what_it_reports_alone(merged, tmp_path):
+    """With output checks, the weight check runs in the background: its report, and the note on a
+    tensor the merge does not produce, are those of the weight check run alone; an extra tensor
+    makes the folder not exact, so the correctly rounded merge is computed, not read."""
+    folder, out = merged("lora-llama")
+    extra = shutil.copytree(out, tmp_path / "extra")
+    (file,) = extra.glob("*.safetensors")
+    with safe_open(file, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**tensors, "stray.weight": torch.zeros(3)}, file, metadata=metadata)
+    alone = verify(extra, folder / "adapter", base=folder / "base", outputs=False)
+    beside = verify(extra, folder / "adapter", base=folder / "base")
+    assert beside.weights.to_dict() == alone.weights.to_dict()
+    assert beside.weights.extra == ["stray.weight"] and not beside.weights.all_exact
+    note = "tensors in the folder that the merge does not produce: stray.weight"
+    assert note in alone.notes and note in beside.notes
+    assert beside.passed, beside.failures  # an extra tensor is noted, not failed
+
+
+def test_streamed_16_bit_weights_in_reused_buffers_compute_what_whole_ones_do(merged):
+    """A bf16 folder run in float32 with its blocks streamed: read into reused buffers, the unmerged
+    model and the folder give the outputs they give loaded whole, pass after pass."""
+    folder, out = merged("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batches = config_batches(job.base.config)
+        for make in (lambda r: load_model(out, torch.float32, resident_bytes=r),
+                     lambda r: unmerged_model(job.base.path, job.spec, torch.float32, resident_bytes=r)):
+            whole, streamed = make(None), make(1)
+            reused = [h.weights_map for m in streamed.modules() for h in offload_hooks(m)
+                      if isinstance(h.weights_map, streaming._Reused)]
+            assert reused
+            for _ in range(2):  # the second pass runs on the buffers the first one left
+                for batch in batches:
+                    assert torch.equal(model_output(whole, batch), model_output(streamed, batch))
+            assert any(isinstance(k, tuple) and k[0] == "raw" for k in reused[0].pool)
+
+
+def test_a_reused_buffer_still_held_is_not_handed_out_again(merged):
+    """While a tensor from the pool is held (a module's parameter, or anything else), the same weight
+    asked for again comes in a fresh buffer; once released, the pooled one is used again."""
+    _, out = merged("d2lora-llama-bf16")
+    model = load_model(out, torch.float32, resident_bytes=1)
+    weights_map = next(h.weights_map for m in model.modules() for h in offload_hooks(m)
+                       if isinstance(h.weights_map, streaming._Reused) and h.weights_map._source("weight"))
+    key = "weight"
+    first = weights_map[key]
+    held = torch.nn.Parameter(first, requires_grad=False)  # what accelerate makes of it
+    second = weights_map[key]
+    assert second.data_ptr() != held.data_ptr() and torch.equal(second, held)
+    del first, held, second
+    third = weights_map[key]
+    assert third.data_ptr() == weights_map[key].data_ptr()  # nothing else holds it: reused

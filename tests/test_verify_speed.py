@@ -5,6 +5,7 @@ the model the merge computes, and the faults still fail."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +171,28 @@ def test_a_reused_buffer_still_held_is_not_handed_out_again(merged):
     del first, held, second
     third = weights_map[key]
     assert third.data_ptr() == weights_map[key].data_ptr()  # nothing else holds it: reused
+
+
+def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, monkeypatch):
+    """Ctrl-C or bad input during the output checks is not held up until every tensor is checked."""
+    from d2export.verification import runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    started = []
+    check_tensor = weights._check_tensor
+
+    def slow(*args):
+        started.append(args[-1].name)
+        time.sleep(0.05)
+        return check_tensor(*args)
+
+    def interrupted(*args):
+        time.sleep(0.2)  # a few tensors into the weight check
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "_check_tensor", slow)
+    monkeypatch.setattr(runner, "_check_outputs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify(out, folder / "adapter", base=folder / "base")
+    with prepare(folder / "adapter", folder / "base") as job:
+        assert 0 < len(started) < len(job.plan.tensors) / 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -109,9 +110,16 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
                               merged_dtype, options.thresholds, base_source=job.source)
         report.notes += _base_mismatch(merged, job.source)
         pending: Future | None = None
+        stop = threading.Event()  # set when the output checks end in an error: the check beside stops too
+
+        def halt(name: str) -> None:
+            if stop.is_set():
+                raise _Stopped
+
         if options.weights and options.outputs:
             say("weights, beside the outputs")
-            pending = beside.submit(check_weights, job.plan, folder, max_units=options.thresholds.max_units, workers=1)
+            pending = beside.submit(check_weights, job.plan, folder, max_units=options.thresholds.max_units,
+                                    progress=halt, workers=1)
         elif options.weights:
             _set_weights(report, check_weights(job.plan, folder, max_units=options.thresholds.max_units,
                                                progress=lambda name: say(f"weights {name}")))
@@ -123,18 +131,26 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             return report.weights
 
         config = folder.config
-        if options.outputs or options.task_data is not None:
-            tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
-            if options.outputs:
-                _check_outputs(report, job, config, tokenizer, options, say, weights)
-            if options.task_data is not None:
-                data = load_task(options.task_data)
-                for dtype in TASK_DTYPES:
-                    say(f"task accuracy in {dtype}")
-                    report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        try:
+            if options.outputs or options.task_data is not None:
+                tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
+                if options.outputs:
+                    _check_outputs(report, job, config, tokenizer, options, say, weights)
+                if options.task_data is not None:
+                    data = load_task(options.task_data)
+                    for dtype in TASK_DTYPES:
+                        say(f"task accuracy in {dtype}")
+                        report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+        except BaseException:  # bad input or Ctrl-C: leaving waits for the check beside, so stop it first
+            stop.set()
+            raise
         weights()
     report.rounding_note()
     return report
+
+
+class _Stopped(Exception):
+    """Raised inside the weight check beside the outputs once they have failed."""
 
 
 def _set_weights(report: VerifyReport, weights: WeightReport) -> None:

@@ -144,14 +144,18 @@ def check_weights(
     # each BLAS call held to one thread, since idle BLAS threads spin and slow the workers. A .bin
     # folder keeps one file mapped at a time, so it is read by one worker.
     workers = (workers or WORKERS) if merged.is_safetensors and plan.base.is_safetensors else 1
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, "weights") as pool:
-        checks = pool.map(functools.partial(_check_tensor, plan, merged, max_units), plan.tensors)
-        for t, (check, name) in zip(plan.tensors, checks, strict=True):
-            if progress:
-                progress(t.name)
-            report.tensors.append(check)
-            if name is not None:
-                found.add(name)
+    with threadpool_limits(limits=1, user_api="blas"):
+        pool = ThreadPoolExecutor(workers, "weights")
+        try:
+            checks = pool.map(functools.partial(_check_tensor, plan, merged, max_units), plan.tensors)
+            for t, (check, name) in zip(plan.tensors, checks, strict=True):
+                if progress:
+                    progress(t.name)
+                report.tensors.append(check)
+                if name is not None:
+                    found.add(name)
+        finally:  # an error (or a progress callback that stops it) leaves the tensors not yet begun
+            pool.shutdown(wait=True, cancel_futures=True)
     report.extra = sorted(set(merged.tensors) - found)
     return report
 

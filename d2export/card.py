@@ -42,7 +42,7 @@ def with_base_card(ours: str, report: dict) -> str:
 
 def _own_card(ours: str, report: dict) -> str:
     """The card when the base has none: d2export's own front matter, written here. Nothing is merged,
-    so huggingface_hub's ModelCard (an import that costs a small merge a tenth of its time) is not
+    so huggingface_hub's ModelCard (an import that weighs on a small merge) is not
     needed; every value is a JSON string, which YAML reads as that string."""
     body = ours.split("---\n", 2)[2] if ours.startswith("---\n") else ours
     base_id = base_model_id(report)

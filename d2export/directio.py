@@ -1,13 +1,12 @@
 """A file written front to back around the page cache (``O_DIRECT``) where the filesystem allows.
 
 Why by hand: neither Python's ``open`` nor safetensors writes around the page cache, and the cache is
-what a merge pays for. A buffered write of a 7B model's 13.5 GB costs the process 8-15 s of kernel
-time on this project's two-core machines (pages allocated, copied and reclaimed under memory
-pressure, as much CPU as the merge's products), a direct write about half a second
-(bench/README.md, "direct writes"). Direct writes need page-aligned memory, offsets and lengths,
-so bytes are staged in one page-aligned buffer and the last partial page is padded, then cut off
-with ``ftruncate``. Where ``O_DIRECT`` is refused (tmpfs, some network filesystems: ``EINVAL``),
-the same calls write through the page cache.
+what a merge pays for: a buffered write costs the kernel about ten times the CPU of a direct one
+(pages allocated, copied and reclaimed under memory pressure; at 7B as much CPU as the merge's
+products; bench/README.md, design choices: ``io_paths.py``). Direct writes need page-aligned
+memory, offsets and lengths, so bytes are staged in one page-aligned buffer and the last partial
+page is padded, then cut off with ``ftruncate``. Where ``O_DIRECT`` is refused (tmpfs, some
+network filesystems: ``EINVAL``), the same calls write through the page cache.
 """
 
 from __future__ import annotations

@@ -236,8 +236,8 @@ class _Reader:
     """Hands out byte ranges of the base's files as views of a read-only mapping, and each piece to
     the input hashes on the way.
 
-    Mapped, not read: a read copies every byte from the page cache into the process, and at 7B
-    that copy was a quarter of the merge's CPU time (bench/README.md, "reading and writing"). The
+    Mapped, not read: a read copies every byte from the page cache into the process, at several
+    times the CPU cost of mapping it (bench/README.md, design choices: ``io_paths.py``). The
     pages ahead are asked for (``MADV_WILLNEED``: the kernel reads them from disk while the current
     tensor is merged), and pages well behind are dropped from the process (``MADV_DONTNEED``: they
     stay in the page cache, and a view still in use reads them back), so the mapped bytes count

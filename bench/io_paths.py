@@ -4,8 +4,8 @@ time (user + kernel, the process's own), side by side in one run.
 Writes: Python's buffered ``write`` of 8 MiB pieces (what ``ShardWriter`` did) against
 ``directio.OutputFile`` (O_DIRECT through a page-aligned buffer, what it does now). Reads, each
 followed by one pass over the bytes as the merge makes (it hashes and converts them): ``preadv``
-into owned 2 MiB arrays (what the merge's reader did) against views of a read-only mapping with
-``MADV_WILLNEED`` ahead (``merging._Reader``, now). With ``--cold`` (root) the page cache is emptied
+into owned 2 MiB arrays (what the merge's reader did) against views of a read-only mapping whose
+pages behind are dropped (``merging._Reader``, now). With ``--cold`` (root) the page cache is emptied
 before every step, as for a 7B base on a machine that cannot keep it cached.
 
     python bench/io_paths.py [--size-gb 4] [--cold] [--repeats 2]
@@ -105,14 +105,13 @@ def _read_copies(path: Path) -> None:
 
 
 def _read_mapped(path: Path) -> None:
+    """As ``merging._Reader``: views of a read-only mapping, pages 32 MB behind dropped."""
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     window = 32 * 2**20
     for offset in range(0, len(mapped), READ_PIECE):
-        if offset % window == 0:
-            mapped.madvise(mmap.MADV_WILLNEED, offset, min(2 * window, len(mapped) - offset))
-            if offset >= 2 * window:
-                mapped.madvise(mmap.MADV_DONTNEED, offset - 2 * window, window)
+        if offset % window == 0 and offset >= 2 * window:
+            mapped.madvise(mmap.MADV_DONTNEED, offset - 2 * window, window)
         np.frombuffer(mapped, np.uint8, min(READ_PIECE, len(mapped) - offset), offset).view(np.uint64).sum()
     mapped.close()
 

@@ -237,17 +237,17 @@ class _Reader:
     the input hashes on the way.
 
     Mapped, not read: a read copies every byte from the page cache into the process, at several
-    times the CPU cost of mapping it (bench/README.md, design choices: ``io_paths.py``). The
-    pages ahead are asked for (``MADV_WILLNEED``: the kernel reads them from disk while the current
-    tensor is merged), and pages well behind are dropped from the process (``MADV_DONTNEED``: they
-    stay in the page cache, and a view still in use reads them back), so the mapped bytes count
-    towards RSS only for a window, not for the whole file. A base file truncated while the merge
-    reads it ends the process with SIGBUS rather than an error message: inputs are only ever read,
-    and changing them under a running merge is the one thing this does not report.
+    times the CPU cost of mapping it (bench/README.md, design choices: ``io_paths.py``). Pages
+    well behind the piece handed out are dropped from the process (``MADV_DONTNEED``: they stay in
+    the page cache, and a view still in use reads them back), so the mapped bytes count towards
+    RSS only for a window, not for the whole file. Nothing is asked for ahead: the kernel's own
+    readahead on sequential faults keeps up, and ``MADV_WILLNEED`` windows measured slower on a
+    cold cache (more kernel time, no less waiting). A base file truncated while the merge reads it
+    ends the process with SIGBUS rather than an error message: inputs are only ever read, and
+    changing them under a running merge is the one thing this does not report.
     """
 
-    AHEAD = 32 * 2**20  # bytes asked for beyond the piece being handed out
-    BEHIND = 32 * 2**20  # bytes kept mapped behind it: more than the queues hold in flight
+    BEHIND = 32 * 2**20  # bytes kept mapped behind the piece handed out: more than the queues hold in flight
 
     def __init__(self, folder: Path, hashing: ReadHashes | None):
         self._folder, self._hashing = folder, hashing
@@ -261,7 +261,7 @@ class _Reader:
             mapped = self._maps[file] = _Mapped(self._folder / file)
         if offset + size > len(mapped.map):
             raise D2ExportError(f"{self._folder / file}: file ends inside a tensor")
-        mapped.advise(offset, size, self.AHEAD, self.BEHIND)
+        mapped.release_behind(offset, self.BEHIND)
         data = np.frombuffer(mapped.map, np.uint8, size, offset)
         if self._hashing is not None:
             self._hashing.update(self._folder / file, offset, data)
@@ -277,7 +277,7 @@ class _Reader:
 
 
 class _Mapped:
-    """One base file mapped read-only, with how far ahead pages were asked for and behind dropped."""
+    """One base file mapped read-only, and how far its pages were dropped from the process."""
 
     def __init__(self, path: Path):
         try:
@@ -286,18 +286,12 @@ class _Mapped:
         except (OSError, ValueError) as exc:  # a filesystem that cannot map files
             reason = getattr(exc, "strerror", None) or exc
             raise D2ExportError(f"{path}: cannot map it for reading ({reason})") from None
-        self.asked = self.dropped = 0
+        self.dropped = 0
 
-    def advise(self, offset: int, size: int, ahead: int, behind: int) -> None:
-        if not hasattr(self.map, "madvise"):
-            return
-        page = mmap.PAGESIZE
-        if offset + size > self.asked - ahead // 2:  # ask again once half the window is used
-            start = max(self.asked, offset) // page * page
-            self.asked = min(len(self.map), offset + size + ahead)
-            self.map.madvise(mmap.MADV_WILLNEED, start, self.asked - start)
-        if offset - behind >= self.dropped + behind:
-            end = (offset - behind) // page * page
+    def release_behind(self, offset: int, behind: int) -> None:
+        """Drop the pages more than ``behind`` bytes before ``offset``, in steps of ``behind``."""
+        if hasattr(self.map, "madvise") and offset - behind >= self.dropped + behind:
+            end = (offset - behind) // mmap.PAGESIZE * mmap.PAGESIZE
             self.map.madvise(mmap.MADV_DONTNEED, self.dropped, end - self.dropped)
             self.dropped = end
 

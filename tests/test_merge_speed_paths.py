@@ -204,7 +204,6 @@ def test_pages_dropped_behind_while_views_are_in_flight_change_nothing(tmp_path,
     base, adapter = _model(tmp_path)
     reference = merge(adapter, base=base, out=tmp_path / "one", hash_inputs=False)
     monkeypatch.setattr(merging, "TASK_BYTES", 200)
-    monkeypatch.setattr(merging._Reader, "AHEAD", 4096)
     monkeypatch.setattr(merging._Reader, "BEHIND", 4096)  # dropped while queued pieces still use them
     before = _files(base)
     result = merge(adapter, base=base, out=tmp_path / "two")
@@ -217,7 +216,7 @@ def test_reader_maps_a_window_and_drops_a_finished_file(tmp_path):
     files = sorted(p.name for p in base.glob("*.safetensors"))
     data = (base / files[0]).read_bytes()
     with merging._Reader(base, None) as reader:
-        reader.AHEAD = reader.BEHIND = 8192
+        reader.BEHIND = 8192
         for offset in range(0, len(data) - 1000, 1000):
             assert reader.read(files[0], offset, 1000).tobytes() == data[offset:offset + 1000]
         first = reader._maps[files[0]]

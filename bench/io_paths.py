@@ -14,7 +14,6 @@ before every step, as for a 7B base on a machine that cannot keep it cached.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import shutil
 import statistics
@@ -26,6 +25,7 @@ import numpy as np
 from synthetic import MB, drop_page_cache, print_table, write_results
 
 from d2export.directio import OutputFile
+from d2export.merging import _Reader
 
 PIECE = 8 * 2**20
 READ_PIECE = 2 * 2**20
@@ -105,15 +105,11 @@ def _read_copies(path: Path) -> None:
 
 
 def _read_mapped(path: Path) -> None:
-    """As ``merging._Reader``: views of a read-only mapping, pages 32 MB behind dropped."""
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    window = 32 * 2**20
-    for offset in range(0, len(mapped), READ_PIECE):
-        if offset % window == 0 and offset >= 2 * window:
-            mapped.madvise(mmap.MADV_DONTNEED, offset - 2 * window, window)
-        np.frombuffer(mapped, np.uint8, min(READ_PIECE, len(mapped) - offset), offset).view(np.uint64).sum()
-    mapped.close()
+    """The merge's own reader (``merging._Reader``), piece by piece."""
+    size = path.stat().st_size
+    with _Reader(path.parent, None) as reader:
+        for offset in range(0, size, READ_PIECE):
+            reader.read(path.name, offset, min(READ_PIECE, size - offset)).view(np.uint64).sum()
 
 
 if __name__ == "__main__":

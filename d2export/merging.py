@@ -290,15 +290,16 @@ class _Mapped:
 
     def release_behind(self, offset: int, behind: int) -> None:
         """Drop the pages more than ``behind`` bytes before ``offset``, in steps of ``behind``."""
-        if hasattr(self.map, "madvise") and offset - behind >= self.dropped + behind:
-            end = (offset - behind) // mmap.PAGESIZE * mmap.PAGESIZE
-            self.map.madvise(mmap.MADV_DONTNEED, self.dropped, end - self.dropped)
-            self.dropped = end
+        if offset - behind >= self.dropped + behind:
+            self._drop_to((offset - behind) // mmap.PAGESIZE * mmap.PAGESIZE)
 
     def drop(self) -> None:
-        if hasattr(self.map, "madvise") and self.dropped < len(self.map):
-            self.map.madvise(mmap.MADV_DONTNEED, self.dropped, len(self.map) - self.dropped)
-            self.dropped = len(self.map)
+        self._drop_to(len(self.map))
+
+    def _drop_to(self, end: int) -> None:
+        if hasattr(self.map, "madvise") and self.dropped < end:
+            self.map.madvise(mmap.MADV_DONTNEED, self.dropped, end - self.dropped)
+            self.dropped = end
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # a view still exists (an error stopped the merge): it goes with them

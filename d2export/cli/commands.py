@@ -3,6 +3,8 @@ renders the result. Validation lives in the options objects, the work in the lib
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -37,6 +39,40 @@ ResidentOption = Annotated[str, typer.Option(help=help_of(VerifyOptions, "reside
 ForceOption = Annotated[bool, typer.Option(help=help_of(MergeOptions, "force"))]
 TrainerCheckpointOption = Annotated[str | None, typer.Option(
     "--checkpoint", help="In a trainer run folder: latest, best (trainer_state.json) or a step number.")]
+
+
+# The output-check flags merge --verify and verify share, declared once: each command's signature
+# gets them from ``shared_verify_flags``, and its body receives them as one dict.
+VERIFY_FLAGS = {"calibration": (CalibrationOption, None), "task_data": (TaskDataOption, None),
+                "atol": (AtolOption, None), "min_top1": (MinTop1Option, None), "max_units": (MaxUnitsOption, None),
+                "dtypes": (DtypesOption, None), "resident": (ResidentOption, "256MiB")}
+
+
+def shared_verify_flags(command):
+    """``command`` with :data:`VERIFY_FLAGS` added to its signature (typer reads ``__signature__``);
+    it is called with them gathered in its ``verify_flags`` parameter."""
+    signature = inspect.signature(command, eval_str=True)  # typer evaluates none of a __signature__
+    own = [p for p in signature.parameters.values() if p.name != "verify_flags"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in VERIFY_FLAGS.items()]
+
+    @functools.wraps(command)
+    def with_flags(**kwargs):
+        flags = {name: kwargs.pop(name) for name in VERIFY_FLAGS}
+        return command(**kwargs, verify_flags=flags)
+
+    with_flags.__signature__ = signature.replace(parameters=own + added)
+    with_flags.__annotations__ = {p.name: p.annotation for p in own + added}
+    del with_flags.__wrapped__  # else inspect.signature follows it back to the command's own
+    return with_flags
+
+
+def _verify_options(flags: dict, gap: dict | None = None, **settings) -> VerifyOptions:
+    """VerifyOptions from :data:`VERIFY_FLAGS` (the thresholds among them gathered, with ``gap``)
+    and other settings."""
+    flags = dict(flags)
+    thresholds = Thresholds(**{k: flags.pop(k) for k in ("atol", "min_top1", "max_units")}, **(gap or {}))
+    return VerifyOptions(**flags, **settings, thresholds=thresholds)
 
 
 def _adapter_folder(path: Path, checkpoint: str | None) -> Path:
@@ -85,6 +121,7 @@ def inspect_cmd(checkpoint: CheckpointArg, base: BaseOption = None, revision: Re
 
 
 @app.command("merge")
+@shared_verify_flags
 def merge_cmd(
     checkpoint: CheckpointArg,
     base: BaseOption = None,
@@ -100,17 +137,11 @@ def merge_cmd(
                        ] = False,
     as_json: JsonOption = False,
     verify: Annotated[bool, typer.Option("--verify", help="Verify the merged folder (exit 1 if it fails).")] = False,
-    calibration: CalibrationOption = None,
-    task_data: TaskDataOption = None,
-    atol: AtolOption = None,
-    min_top1: MinTop1Option = None,
-    max_units: MaxUnitsOption = None,
-    dtypes: DtypesOption = None,
-    resident: ResidentOption = "256MiB",
     onnx: Annotated[bool, typer.Option("--onnx", help="Then export ONNX to <out>-onnx and validate it.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read, match and check everything; write nothing.")
                        ] = False,
     quiet: QuietOption = False,
+    verify_flags: dict | None = None,
 ) -> None:
     """Merge an adapter into its base model and write a Hugging Face model folder."""
     from ..merging import merge
@@ -119,9 +150,7 @@ def merge_cmd(
     with reported():  # every option is checked before anything is read or written
         options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
                                hash_inputs=not no_hash, revision=revision)
-        verify_options = VerifyOptions(calibration=calibration, task_data=task_data, dtypes=dtypes, resident=resident,
-                                       thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units)
-                                       ) if verify else None
+        verify_options = _verify_options(verify_flags) if verify else None
         if dry_run:
             _dry_run(checkpoint, base, out_dir, options)
             return
@@ -184,35 +213,28 @@ def _verify(merged: Path, adapter: Path | None, base: Path | None, options: Veri
 
 
 @app.command("verify")
+@shared_verify_flags
 def verify_cmd(
     merged: Annotated[Path, typer.Argument(help="Merged model folder (by d2export or another tool).")],
     adapter: AdapterOption,
     base: BaseOption = None,
     revision: RevisionOption = None,
     trainer_checkpoint: TrainerCheckpointOption = None,
-    calibration: CalibrationOption = None,
-    task_data: TaskDataOption = None,
-    atol: AtolOption = None,
-    min_top1: MinTop1Option = None,
-    max_units: MaxUnitsOption = None,
     max_task_gap: Annotated[float | None, typer.Option(help=help_of(Thresholds, "max_task_gap_pp"))] = None,
     weights_only: Annotated[bool, typer.Option("--weights-only", help="Skip the output and task checks.")] = False,
     no_peft: Annotated[bool, typer.Option("--no-peft", help="Skip PEFT's unmerged model as a reference.")] = False,
     seed: Annotated[int, typer.Option(help=help_of(VerifyOptions, "seed"))] = 0,
-    dtypes: DtypesOption = None,
-    resident: ResidentOption = "256MiB",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
+    verify_flags: dict | None = None,
 ) -> None:
     """Check a merged folder against the adapter: weights, outputs (and a task, with --task-data).
     Exit 1 if a check fails."""
     adapter = _adapter_folder(adapter, trainer_checkpoint)
     with reported():
         gap = {} if max_task_gap is None else {"max_task_gap_pp": max_task_gap}
-        options = VerifyOptions(outputs=not weights_only, calibration=calibration, task_data=task_data,
-                                peft_reference=not no_peft, seed=seed, dtypes=dtypes, resident=resident,
-                                revision=revision,
-                                thresholds=Thresholds(atol=atol, min_top1=min_top1, max_units=max_units, **gap))
+        options = _verify_options(verify_flags, outputs=not weights_only, peft_reference=not no_peft, seed=seed,
+                                  revision=revision, gap=gap)
     report = _verify(merged, adapter, base, options, quiet)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -196,3 +196,62 @@ def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, mon
         verify(out, folder / "adapter", base=folder / "base")
     with prepare(folder / "adapter", folder / "base") as job:
         assert 0 < len(started) < len(job.plan.tensors) / 2
+
+
+def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch):
+    """Two models at once, each on its own thread, the folder following the unmerged model's greedy
+    continuation; garbage collection is back to normal afterwards."""
+    import gc
+    import threading
+
+    from d2export.verification import outputs, runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    threads: dict[str, set[str]] = {"greedy": set(), "followed": set()}
+    greedy, followed = outputs.greedy_continuation, outputs.followed_tokens
+
+    def generating(*args):
+        threads["greedy"].add(threading.current_thread().name)
+        return greedy(*args)
+
+    def following(*args):
+        threads["followed"].add(threading.current_thread().name)
+        return followed(*args)
+
+    monkeypatch.setattr(runner, "greedy_continuation", generating)
+    monkeypatch.setattr(runner, "followed_tokens", following)
+    report = verify(out, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    fidelity = next(o for o in report.outputs if o.rung == "fidelity")
+    assert fidelity.generation is not None and fidelity.generation.steps == runner.GENERATION_STEPS
+    assert len(threads["greedy"]) == 1 and threads["followed"] and not threads["greedy"] & threads["followed"]
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("fails", ["unmerged model", "merged folder"])
+def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch, fails):
+    """Bad input met by one model's run is what verify raises, not the other's being stopped, and
+    it does not wait for the other run to finish its batches."""
+    from d2export.errors import D2ExportError
+    from d2export.verification import runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    batches = []
+    outputs = runner.batch_outputs
+
+    def counted(model, batches_, halt):
+        def slow_halt():
+            time.sleep(0.3)
+            halt()
+            batches.append(1)
+        return outputs(model, batches_, slow_halt)
+
+    def broken(*_args, **_kwargs):
+        time.sleep(0.1)
+        raise D2ExportError(f"{fails}: cannot load")
+
+    monkeypatch.setattr(runner, "batch_outputs", counted)
+    monkeypatch.setattr(runner, "unmerged_model" if fails == "unmerged model" else "load_model", broken)
+    with pytest.raises(D2ExportError, match=f"{fails}: cannot load"):
+        verify(out, folder / "adapter", base=folder / "base")
+    assert len(batches) < 3  # the other model stopped before its last batch

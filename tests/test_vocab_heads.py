@@ -344,3 +344,29 @@ def test_bfloat16_output(case, tmp_path, name):
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == NEW_VOCAB and config["dtype"] == "bfloat16"
     assert read_all(out)["lm_head.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("name", "streams"), [("trainable-untied", True), ("save-untied", True),
+                                               ("trainable-tied", False), ("lora-resized-embedding", False)])
+def test_embeddings_and_heads_streamed_compute_what_resident_ones_do(case, tmp_path, name, streams):
+    """With a resident budget of one byte the embedding and head stream too, except a tied pair and
+    a vocabulary resized after loading (``streams``: whether the unmerged model's embedding does).
+    The unmerged model, with the adapter's replaced rows and modules, gives the outputs it gives
+    loaded whole, and so does the merged folder."""
+    from d2export.job import prepare
+    from d2export.runtime.calibration import config_batches
+    from d2export.runtime.models import load_model, model_output, unmerged_model
+    from d2export.runtime.streaming import is_streamed
+
+    c = case(name)
+    out = _merge_verified(c, tmp_path / "out")
+    with prepare(c.adapter, c.base) as job:
+        batch = config_batches(job.base.config)[-1]
+        unmerged = [unmerged_model(job.base.path, job.spec, torch.float32, resident_bytes=r) for r in (None, 1)]
+        folder = [load_model(out, torch.float32, resident_bytes=r) for r in (None, 1)]
+    embeddings = unmerged[1].get_input_embeddings()
+    assert is_streamed(getattr(embeddings, "base", embeddings)) == streams  # under the adapter's layer, if any
+    for whole, streamed in (unmerged, folder):
+        assert not any(is_streamed(m) for m in whole.modules())
+        assert any(is_streamed(m) for m in streamed.modules())
+        assert torch.equal(model_output(whole, batch), model_output(streamed, batch))

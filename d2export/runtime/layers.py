@@ -153,7 +153,13 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         module_path, _, param = name.rpartition(".")
         path, module = _resolve_module(model, module_path)
         if is_streamed(module):  # its tensors are read at each forward: replace what is read
-            override_weights(module, {param: lambda value=value: to_torch(value)})
+            if getattr(value, "needs_base", False):  # trainable tokens: the base's rows, some replaced
+                with materialized(module):
+                    rows = getattr(module, param).detach().clone()
+                rows[torch.as_tensor(value.indices)] = to_torch(value.values).to(rows.dtype)
+                override_weights(module, {param: lambda rows=rows: rows})
+            else:
+                override_weights(module, {param: lambda value=value: to_torch(value)})
             continue
         old = getattr(module, param)
         if getattr(value, "needs_base", False):  # trainable tokens over the base's own weight: its rows replaced

@@ -4,6 +4,7 @@ memory, and running any of them on a calibration batch."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -55,10 +56,11 @@ def head_kind(config: dict) -> str:
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
-               **config_overrides) -> nn.Module:
+               stream_leaves: bool = True, **config_overrides) -> nn.Module:
     """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode.
     ``resident_bytes``: stream the weights beyond that many bytes from the folder's files, layer by
-    layer (:mod:`.streaming`); None: load them all."""
+    layer (:mod:`.streaming`); None: load them all. ``stream_leaves`` False: embeddings and heads
+    stay in memory whatever their size."""
     import transformers
     from transformers.utils import logging as transformers_logging
 
@@ -68,15 +70,26 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides)
+            model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides, stream_leaves)
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
     return model.eval()
 
 
-def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> nn.Module:
-    streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides)
+def import_model_code(folder: Path) -> None:
+    """Import the transformers code that loading ``folder``'s model runs, without loading it."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    auto = getattr(transformers, AUTO_CLASSES.get(head_kind(read_config(folder)), "AutoModel"))
+    with contextlib.suppress(KeyError, ValueError, AttributeError):  # loading says what is wrong
+        auto._model_mapping[type(config)]
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict,
+                     stream_leaves: bool) -> nn.Module:
+    streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides, stream_leaves)
     model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
     return reuse_buffers(model) if streaming and dtype == torch.float32 else model
 
@@ -142,7 +155,8 @@ def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes
     vocab = changes.pop("vocab_size", None)
     if "id2label" in changes:  # JSON keys are strings; transformers' configs take ints
         changes["id2label"] = {int(k): v for k, v in changes["id2label"].items()}
-    model = load_model(base, dtype, resident_bytes=resident_bytes, **changes, **config_overrides)
+    model = load_model(base, dtype, resident_bytes=resident_bytes, stream_leaves=vocab is None, **changes,
+                       **config_overrides)
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
     return model

@@ -16,7 +16,6 @@ things are added here:
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import weakref
@@ -30,6 +29,7 @@ from torch import nn
 # Weights kept in memory while the rest streams: the embeddings and head of a 7B model fit, its
 # 32 decoder layers do not. A model smaller than this is simply loaded whole.
 DEFAULT_RESIDENT_BYTES = 256 * 2**20
+READ_CHUNK = 4 * 2**20  # bytes of a streamed 16-bit weight read and converted at a time
 
 
 def offload_hooks(module: nn.Module) -> list:
@@ -79,14 +79,21 @@ class _Reused(Mapping):
         if stored is None:
             return self.inner[key]
         file, offset, dtype, shape = stored
-        # the file's bytes into a reused buffer of the stored dtype (safetensors' own reader would
-        # make a fresh one), then converted into a reused float32 buffer
-        raw = self._buffer(("raw", math.prod(shape) * dtype.itemsize), torch.uint8)
-        with open(file, "rb") as handle:
+        # the file's bytes read a chunk at a time into one small reused buffer (safetensors' own
+        # reader would make a fresh tensor-sized one), each chunk converted into a reused float32
+        # buffer: a 7B model's embedding would otherwise keep a 262 MB staging buffer per model
+        out = self._buffer((key, shape), torch.float32, shared=True)
+        flat, raw = out.view(-1), self._buffer(("raw", READ_CHUNK), torch.uint8)
+        step = READ_CHUNK // dtype.itemsize
+        with open(file, "rb", buffering=0) as handle:
             handle.seek(offset)
-            if handle.readinto(memoryview(raw.numpy())) != raw.numel():
-                raise OSError(f"{file}: file ends inside a tensor")
-        return self._buffer((key, shape), torch.float32, shared=True).copy_(raw.view(dtype).view(shape))
+            for start in range(0, flat.numel(), step):
+                count = min(step, flat.numel() - start)
+                chunk = raw[:count * dtype.itemsize]
+                if handle.readinto(memoryview(chunk.numpy())) != chunk.numel():
+                    raise OSError(f"{file}: file ends inside a tensor")
+                flat[start:start + count].copy_(chunk.view(dtype))
+        return out
 
     def _buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
         """The pool's buffer for ``slot`` (its size in bytes or its shape), a fresh one when another
@@ -188,12 +195,17 @@ def hoist(wrapper: nn.Module, inner: nn.Module) -> None:
     wrapper.register_forward_hook(drop)
 
 
-def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict) -> dict:
+def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict,
+                     stream_leaves: bool = True) -> dict:
     """``from_pretrained`` arguments that stream the model's repeated blocks (decoder layers) when
-    it is larger than ``resident_bytes`` (None: never). Everything else (embeddings, head, final
-    norm) stays resident: accelerate cannot run a model whose every module is on disk, and those
-    are read at every step of generation anyway. The spill folder only receives tensors that are
-    not in safetensors files (a ``.bin`` base); it lives as long as the model."""
+    it is larger than ``resident_bytes`` (None: never), and then its largest embeddings and heads
+    too, while what stays in memory exceeds ``resident_bytes`` (a 7B model's embeddings and head are
+    1 GB in float32; a 320M model's fit the default budget and stay, saving a read and a conversion
+    per forward). Everything else (norms, small heads) stays resident: accelerate cannot run a model
+    whose every module is on disk. ``stream_leaves`` False keeps embeddings and heads resident (a
+    vocabulary resized after loading needs their values). An embedding or head tied to another
+    module stays resident: accelerate tracks tied weights by address. The spill folder only receives
+    tensors that are not in safetensors files (a ``.bin`` base); it lives as long as the model."""
     if resident_bytes is None:
         return {}
     from accelerate import init_empty_weights
@@ -202,27 +214,56 @@ def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
     config = AutoConfig.from_pretrained(folder, **overrides)
     with init_empty_weights():
         skeleton = cls.from_config(config, dtype=dtype)
+    # from_pretrained ties after loading, from_config does not; inside init_empty_weights, tying makes
+    # a new meta parameter instead of sharing one
+    skeleton.tie_weights()
     size = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     blocks = set(getattr(skeleton, "_no_split_modules", None) or ())
     if size <= resident_bytes or not blocks:
         return {}
-    device_map = _block_map(skeleton, blocks)
+    movable = _movable(skeleton) if stream_leaves else set()
+    device_map = _block_map(skeleton, blocks, movable)
+
+    def held(name: str) -> int:
+        module = skeleton.get_submodule(name) if name else skeleton
+        return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+
+    resident = sum(held(name) for name, place in device_map.items() if place == "cpu")
+    for name in sorted((n for n in device_map if n in movable), key=held, reverse=True):
+        if resident <= resident_bytes:
+            break
+        device_map[name] = "disk"
+        resident -= held(name)
     if "disk" not in device_map.values() or "cpu" not in device_map.values():
         return {}
     return {"device_map": device_map, "offload_folder": tempfile.mkdtemp(prefix="d2export-offload-")}
 
 
-def _block_map(module: nn.Module, blocks: set[str], prefix: str = "") -> dict[str, str]:
-    """Every module of a class in ``blocks`` on "disk", the rest on "cpu"; a module holding both
-    blocks and parameters of its own stays whole on "cpu" (accelerate places modules, not tensors)."""
+def _movable(model: nn.Module) -> set[str]:
+    """Names of the embeddings and linear layers whose weights no other module shares."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return {name for name, m in model.named_modules() if isinstance(m, nn.Embedding | nn.Linear)
+            and all(uses[id(p)] == 1 for p in m.parameters(recurse=False))}
+
+
+def _block_map(module: nn.Module, blocks: set[str], movable: set[str], prefix: str = "") -> dict[str, str]:
+    """Every module of a class in ``blocks`` on "disk", the rest on "cpu", with the ``movable``
+    modules outside blocks as entries of their own; a module holding both blocks (or movable
+    modules) and parameters of its own stays whole on "cpu" (accelerate places modules, not
+    tensors)."""
+    name = prefix.rstrip(".")
     if type(module).__name__ in blocks:
-        return {prefix.rstrip("."): "disk"}
+        return {name: "disk"}
     own = next(module.parameters(recurse=False), None) is not None
-    if own or not any(type(m).__name__ in blocks for m in module.modules()):
-        return {prefix.rstrip("."): "cpu"}
+    holds = any(type(m).__name__ in blocks for m in module.modules()) or any(
+        f"{prefix}{n}".rstrip(".") in movable for n, _ in module.named_modules())
+    if own or not holds:
+        return {name: "cpu"}
     device_map: dict[str, str] = {}
-    for name, child in module.named_children():
-        device_map.update(_block_map(child, blocks, f"{prefix}{name}."))
+    for child_name, child in module.named_children():
+        device_map.update(_block_map(child, blocks, movable, f"{prefix}{child_name}."))
     return device_map
 
 

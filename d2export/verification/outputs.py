@@ -188,18 +188,18 @@ class ModelRun:
 
 
 @torch.no_grad()
-def greedy_continuation(model: nn.Module, prompts: torch.Tensor, steps: int) -> torch.Tensor:
-    """``[P, L + steps]``: the prompts and ``steps`` greedy tokens after them. With the key/value
-    cache each step computes one token per prompt (a streamed model still reads every weight once
-    per step)."""
+def greedy_continuation(model: nn.Module, prompts: torch.Tensor, steps: int, halt=lambda: None) -> torch.Tensor:
+    """``[P, steps]``: the greedy tokens after the prompts. With the key/value cache each step
+    computes one token per prompt (a streamed model still reads every weight once per step).
+    ``halt`` is called between steps (it raises to stop the run)."""
     out = model(input_ids=prompts, use_cache=True)
-    ids = prompts
+    tokens = []
     for step in range(steps):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, token], dim=1)
+        halt()
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         if step + 1 < steps:
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-    return ids
+            out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, dim=1)
 
 
 @contextmanager
@@ -208,7 +208,8 @@ def one_thread():
     operations (each weight read and converted, thin low-rank products, one token per prompt in a
     greedy step); split over threads, every one of them waits for the slowest thread, and when
     other processes share the cores that wait is a scheduler time slice (docs/design.md §6, *Cost*:
-    a little faster on idle cores, many times slower on busy ones)."""
+    a little faster on idle cores, many times slower on busy ones). The ladder uses the cores by
+    running models side by side instead, each on its own thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -218,16 +219,22 @@ def one_thread():
 
 
 @torch.no_grad()
-def run_model(model: nn.Module, batches: list[Batch], sequences: torch.Tensor | None, steps: int) -> ModelRun:
-    """Outputs on ``batches``; with ``sequences`` (prompts and their continuation), the model's own
-    next-token choice at each continuation step, teacher-forced."""
-    outputs = [model_output(model, b) for b in batches]
-    followed = None
-    if sequences is not None:
-        logits = model(input_ids=sequences).logits
-        start = sequences.shape[1] - steps
-        followed = logits[:, start - 1:-1].argmax(-1)
-    return ModelRun(outputs, followed)
+def batch_outputs(model: nn.Module, batches: list[Batch], halt=lambda: None) -> list[torch.Tensor]:
+    """The model's outputs on ``batches``; ``halt`` is called between batches."""
+    outputs = []
+    for batch in batches:
+        halt()
+        outputs.append(model_output(model, batch))
+    return outputs
+
+
+@torch.no_grad()
+def followed_tokens(model: nn.Module, prompts: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """``[P, steps]``: the model's own next-token choice at each step of ``continuation`` (another
+    model's greedy tokens after ``prompts``), teacher-forced in one forward."""
+    sequences = torch.cat([prompts, continuation], dim=1)
+    logits = model(input_ids=sequences).logits
+    return logits[:, prompts.shape[1] - 1:-1].argmax(-1)
 
 
 def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], *, distributions: bool,

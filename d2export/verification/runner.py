@@ -7,8 +7,8 @@ import gc
 import math
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from ..runtime.models import (
     PEFT_METHODS,
     TORCH_DTYPES,
     head_kind,
+    import_model_code,
     load_model,
     merged_model,
     peft_model,
@@ -44,13 +45,14 @@ from .outputs import (
     UNMERGED,
     ModelRun,
     OutputCheck,
+    batch_outputs,
     compare_runs,
+    followed_tokens,
     greedy_continuation,
     judge_fidelity,
     judge_loading,
     judge_references,
     one_thread,
-    run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
@@ -99,9 +101,12 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
     def say(stage: str) -> None:
         progress(stage, 0, 0)
 
-    # The weight check runs beside the output checks, which run torch on one thread
-    # (outputs.one_thread): it takes the other core instead of waiting its turn.
-    with ModelFolder.open(merged, "merged model") as folder, ThreadPoolExecutor(1, "weights") as beside:
+    # The weight check runs beside the output checks (whose models run side by side, each on one
+    # thread): it takes a core instead of waiting its turn. numpy's BLAS is held to one thread
+    # throughout (the weight check, the in-memory merge): idle BLAS threads spin on the cores the
+    # other work needs.
+    with threadpool_limits(limits=1, user_api="blas"), ModelFolder.open(merged, "merged model") as folder, \
+            ThreadPoolExecutor(1, "weights") as beside:
         merged_dtype = folder.main_float_dtype()
         if merged_dtype not in TORCH_DTYPES:
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
@@ -135,7 +140,7 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             if options.outputs or options.task_data is not None:
                 tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
                 if options.outputs:
-                    _check_outputs(report, job, config, tokenizer, options, say, weights)
+                    _check_outputs(report, job, config, tokenizer, options, say, weights, stop)
                 if options.task_data is not None:
                     data = load_task(options.task_data)
                     for dtype in TASK_DTYPES:
@@ -193,7 +198,7 @@ def _tokenizer(merged: Path, base: Path):
 
 
 def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say,
-                   weights: Callable[[], WeightReport | None]) -> None:
+                   weights: Callable[[], WeightReport | None], stop: threading.Event) -> None:
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
         report.calibration = f"{options.calibration} ({len(batches)} batches)"
@@ -206,8 +211,8 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
             report.calibration = (f"random tokens, seed {options.seed}, lengths "
                                   f"{[b.input_ids.shape[1] for b in batches]}, batch {batches[0].input_ids.shape[0]}, "
                                   "right-padded")
-    ladder = _Ladder(job, report, config, batches, options, weights)
-    with one_thread():
+    ladder = _Ladder(job, report, config, batches, options, weights, stop)
+    with one_thread(), _frozen_imports(report.merged):
         for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
             say(f"outputs in {dtype}")
             report.outputs += ladder.checks(dtype, say)
@@ -216,11 +221,38 @@ def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, opti
             report.outputs += ladder.peft_checks()
 
 
+@contextmanager
+def _frozen_imports(folder: Path):
+    """Every object alive once the model code is imported (torch's, transformers') left out of
+    garbage collection for the duration: each model dropped between runs needs a full collection
+    (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
+    too, 0.2 s with both model threads stopped."""
+    try:
+        import_model_code(folder)
+        frozen = True
+    except Exception:  # loading the model says what is wrong, in its own words
+        frozen = False
+    if frozen:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
 class _Ladder:
-    """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared."""
+    """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared.
+
+    The unmerged model and the folder run side by side, each on its own thread with torch on one
+    thread (:func:`.outputs.one_thread`): a streamed forward is a chain of small operations that two
+    threads of one model spend waiting on each other, while two models keep both cores busy. The
+    folder follows the unmerged model's greedy continuation as soon as it is generated; the
+    correctly rounded merge runs once the weight check says how to build it. Models are loaded one
+    at a time (transformers' loading sets process-wide state, such as the default dtype)."""
 
     def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions,
-                 weights: Callable[[], WeightReport | None]):
+                 weights: Callable[[], WeightReport | None], stop: threading.Event):
         self.job, self.report, self.batches, self.options, self.weights = job, report, batches, options, weights
         kind = head_kind(config)
         # question answering's start/end logits are distributions over positions, not over their last axis
@@ -230,6 +262,12 @@ class _Ladder:
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
+        self.stop, self.loading = stop, threading.Lock()
+
+    def halt(self) -> None:
+        """Called between forwards: ends a run once another part of verify has failed."""
+        if self.stop.is_set():
+            raise _Stopped
 
     def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
         """One model's run, kept for other comparisons; the model itself is dropped at once.
@@ -237,29 +275,66 @@ class _Ladder:
         if probe and (name, dtype, False) in self.runs:  # the full run's first batch is that probe
             return ModelRun(self.runs[name, dtype, False].outputs[:1])
         if (name, dtype, probe) not in self.runs:
-            torch_dtype, job = TORCH_DTYPES[dtype], self.job
-            sequences = None
-            if name == UNMERGED:
-                model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
-                if self.prompts is not None:  # the continuation every other model follows
-                    sequences = greedy_continuation(model, self.prompts, GENERATION_STEPS)
-                    self.continuation[dtype] = sequences[:, -GENERATION_STEPS:]
-            elif name == ROUNDED:
-                model = self._rounded(torch_dtype)
-            elif name == FOLDER:
-                model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
-            else:
-                model = peft_model(job.base.path, job.spec, torch_dtype)
-            if name != UNMERGED and not probe:
-                sequences = self._sequences(dtype)
-            # BLAS held to one thread while the in-memory merge computes tensors during the forward:
-            # numpy's idle BLAS threads spin on the cores torch's own threads need
-            with threadpool_limits(limits=1, user_api="blas") if name == ROUNDED else nullcontext():
-                self.runs[name, dtype, probe] = run_model(model, self.batches[:1] if probe else self.batches,
-                                                          sequences, GENERATION_STEPS)
-            del model
-            gc.collect()
+            if name != UNMERGED and not probe and dtype not in self.continuation:
+                self.run(UNMERGED, dtype)  # the continuation it follows
+            self._run(name, dtype, probe, lambda: self.continuation.get(dtype))
         return self.runs[name, dtype, probe]
+
+    def side_by_side(self, dtype: str) -> None:
+        """The unmerged model and the folder on two threads, then the correctly rounded merge (its
+        probe when the weight check finds every tensor exact) on the first thread free."""
+        generated: Future = Future()
+        with ThreadPoolExecutor(2, "models") as pool:
+            try:
+                running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated),
+                           pool.submit(self._run, FOLDER, dtype, False, generated.result)]
+                weights = self.weights()
+                running.append(pool.submit(self._run, ROUNDED, dtype, weights is not None and weights.all_exact,
+                                           generated.result))
+                for future in as_completed(running):
+                    future.result()  # the first error, as it happened (the others then stop)
+            except BaseException:
+                self.stop.set()
+                if not generated.done():
+                    generated.set_exception(_Stopped())
+                raise
+
+    def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
+             generated: Future | None = None) -> None:
+        """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
+        greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
+        The unmerged model generates it first and hands it to ``generated``."""
+        torch_dtype, job = TORCH_DTYPES[dtype], self.job
+        try:
+            with self.loading:
+                self.halt()
+                if name == UNMERGED:
+                    model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
+                elif name == ROUNDED:
+                    model = self._rounded(torch_dtype)
+                elif name == FOLDER:
+                    model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
+                else:
+                    model = peft_model(job.base.path, job.spec, torch_dtype)
+            if name == UNMERGED:
+                tokens = None if self.prompts is None else greedy_continuation(
+                    model, self.prompts, GENERATION_STEPS, self.halt)
+                self.continuation[dtype] = tokens
+                if generated is not None:
+                    generated.set_result(tokens)
+        except BaseException as exc:
+            if generated is not None and not generated.done():
+                generated.set_exception(exc)
+            raise
+        outputs = batch_outputs(model, self.batches[:1] if probe else self.batches, self.halt)
+        followed = None
+        if name != UNMERGED and not probe:
+            tokens = continuation()
+            if tokens is not None:
+                followed = followed_tokens(model, self.prompts, tokens)
+        self.runs[name, dtype, probe] = ModelRun(outputs, followed)
+        del model
+        gc.collect()
 
     def _rounded(self, dtype: torch.dtype):
         """The correctly rounded merge. When the weight check found every tensor of the folder equal
@@ -275,10 +350,6 @@ class _Ladder:
         return merged_model(plan, dtype, resident_bytes=self.resident,
                             values=lambda t: folder.read(find_name(t.name, folder.tensors, prefix)))
 
-    def _sequences(self, dtype: str) -> torch.Tensor | None:
-        continuation = self.continuation.get(dtype)
-        return None if continuation is None else torch.cat([self.prompts, continuation], dim=1)
-
     def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
         ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
         if probe:
@@ -291,7 +362,7 @@ class _Ladder:
 
     def checks(self, dtype: str, say) -> list[OutputCheck]:
         report, thresholds = self.report, self.options.thresholds
-        self.run(UNMERGED, dtype)
+        self.side_by_side(dtype)
         fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
         weights = self.weights()
         exact = weights is not None and weights.all_exact

@@ -173,8 +173,8 @@ class VerifyOptions:
         "Dtypes to run the output checks in, e.g. bf16,fp32 (default: float32, which also shows a 16-bit "
         "folder's rounding).", default=None)
     resident: int | str | None = option(
-        "Weights kept in memory by the output checks, e.g. 256MiB; the rest is read from the files layer by "
-        "layer. 'all': load whole.", default="256MiB")
+        "Weights each model of the output checks keeps in memory, e.g. 256MiB; the rest is read from the files "
+        "layer by layer. 'all': load whole.", default="64MiB")
     revision: str | None = option(REVISION_HELP, default=None)
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ TrainerCheckpointOption = Annotated[str | None, typer.Option(
 # gets them from ``shared_verify_flags``, and its body receives them as one dict.
 VERIFY_FLAGS = {"calibration": (CalibrationOption, None), "task_data": (TaskDataOption, None),
                 "atol": (AtolOption, None), "min_top1": (MinTop1Option, None), "max_units": (MaxUnitsOption, None),
-                "dtypes": (DtypesOption, None), "resident": (ResidentOption, "256MiB")}
+                "dtypes": (DtypesOption, None), "resident": (ResidentOption, "64MiB")}
 
 
 def shared_verify_flags(command):

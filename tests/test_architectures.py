@@ -354,3 +354,28 @@ def test_adapted_tied_t5_embedding_or_head_is_refused(bases, tmp_path, tied):
     result = cli(["merge", str(adapter), "--base", str(base), "-o", str(tmp_path / "merged"), "--verify", "--quiet"])
     check_refused(result, [f"{tied}.weight", "no untied folder computes the adapted model"])
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("name", [a.name for a in ARCHS if a.family == "causal-lm"])
+def test_the_continuation_carried_by_the_batch_cache_is_greedy_decoding(bases, name):
+    """verify generates the greedy continuation from the calibration batch's own key/value cache,
+    cut to the prompts (or, where the cache cannot be cut, from the prompts again): for every
+    causal architecture that is each prompt's greedy decoding by full forwards, and a model
+    teacher-forced along it picks it at every step."""
+    from d2export.runtime.calibration import config_batches
+    from d2export.runtime.models import greedy_tokens, load_model
+    from d2export.verification.outputs import run_model
+    from d2export.verification.runner import GENERATION_STEPS, _generation_prompts
+
+    base = bases(name)
+    config = read_config(base)
+    model = load_model(base, torch.float32)
+    batches = config_batches(config)
+    prompts = _generation_prompts(batches, config)
+    published = []
+    run_model(model, batches, prompts=prompts, steps=GENERATION_STEPS, publish=published.append)
+    (tokens,) = published
+    for row, prompt in enumerate(prompts.tokens(batches)):
+        assert greedy_tokens(model, prompt, GENERATION_STEPS).tolist() == tokens[row].tolist()
+    follower = run_model(model, batches, prompts=prompts, steps=GENERATION_STEPS, follow=lambda: tokens)
+    assert torch.equal(follower.followed, tokens)

@@ -316,8 +316,10 @@ def test_generation_prompts_fit_a_short_position_table():
 
     batches = random_batches(100, lengths=(8, 24, 64))
     # the three longest rows (64, 56 and 48 real tokens), cut to one length; with the steps they fit the table
-    assert tuple(_generation_prompts(batches, {}).shape) == (3, 48)
-    assert _generation_prompts(batches, {"n_positions": 20}).shape[1] + GENERATION_STEPS == 20
+    prompts = _generation_prompts(batches, {})
+    assert prompts.batch == 2 and prompts.rows.tolist() == [0, 1, 2]
+    assert tuple(prompts.tokens(batches).shape) == (3, 48)
+    assert _generation_prompts(batches, {"n_positions": 20}).length + GENERATION_STEPS == 20
 
 
 # Encoder-decoders (teacher-forced) and vision models (random images) verify in

@@ -208,7 +208,7 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
 
     folder, out = merged("d2lora-llama-bf16")
     threads: dict[str, set[str]] = {"greedy": set(), "followed": set()}
-    greedy, followed = outputs.greedy_continuation, outputs.followed_tokens
+    greedy, followed = outputs._greedy, outputs._followed
 
     def generating(*args):
         threads["greedy"].add(threading.current_thread().name)
@@ -218,8 +218,8 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
         threads["followed"].add(threading.current_thread().name)
         return followed(*args)
 
-    monkeypatch.setattr(runner, "greedy_continuation", generating)
-    monkeypatch.setattr(runner, "followed_tokens", following)
+    monkeypatch.setattr(outputs, "_greedy", generating)
+    monkeypatch.setattr(outputs, "_followed", following)
     report = verify(out, folder / "adapter", base=folder / "base")
     assert report.passed, report.failures
     fidelity = next(o for o in report.outputs if o.rung == "fidelity")
@@ -236,22 +236,51 @@ def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch
     from d2export.verification import runner
 
     folder, out = merged("d2lora-llama-bf16")
-    batches = []
-    outputs = runner.batch_outputs
+    forwards = []
+    run_model = runner.run_model
 
-    def counted(model, batches_, halt):
+    def slowed(model, batches, **kwargs):
+        halt = kwargs["halt"]
+
         def slow_halt():
             time.sleep(0.3)
             halt()
-            batches.append(1)
-        return outputs(model, batches_, slow_halt)
+            forwards.append(1)
+        return run_model(model, batches, **{**kwargs, "halt": slow_halt})
 
     def broken(*_args, **_kwargs):
         time.sleep(0.1)
         raise D2ExportError(f"{fails}: cannot load")
 
-    monkeypatch.setattr(runner, "batch_outputs", counted)
+    monkeypatch.setattr(runner, "run_model", slowed)
     monkeypatch.setattr(runner, "unmerged_model" if fails == "unmerged model" else "load_model", broken)
     with pytest.raises(D2ExportError, match=f"{fails}: cannot load"):
         verify(out, folder / "adapter", base=folder / "base")
-    assert len(batches) < 3  # the other model stopped before its last batch
+    assert len(forwards) < 3  # the other model stopped: unstopped, it runs 3 batches (and 7 greedy steps)
+
+
+@pytest.mark.parametrize("cut", [True, False])
+def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
+    """The continuation generated from the calibration batch's own key/value cache is the greedy
+    decoding of each prompt by full forwards (no cache), and a model teacher-forced along it picks
+    it at every step; with a cache that cannot be cut (``cut`` False) the prompts run again, with
+    the same tokens."""
+    from d2export.runtime.models import greedy_tokens
+    from d2export.verification import outputs, runner
+
+    if not cut:
+        monkeypatch.setattr(outputs, "_prompt_cache", lambda cache, prompts: None)
+    folder = fixture("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batches = config_batches(job.base.config)
+        prompts = runner._generation_prompts(batches, job.base.config)
+        model = unmerged_model(job.base.path, job.spec, torch.float32)
+    published = []
+    run = outputs.run_model(model, batches, prompts=prompts, steps=8, publish=published.append)
+    (tokens,) = published
+    assert tokens.shape == (3, 8) and run.followed is None
+    assert [model_output(model, b).tolist() for b in batches] == [o.tolist() for o in run.outputs]
+    for row, prompt in enumerate(prompts.tokens(batches)):
+        assert greedy_tokens(model, prompt, 8).tolist() == tokens[row].tolist()
+    follower = outputs.run_model(model, batches, prompts=prompts, steps=8, follow=lambda: tokens)
+    assert torch.equal(follower.followed, tokens)

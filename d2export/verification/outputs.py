@@ -181,25 +181,100 @@ def _share(value: float | None) -> str:
 @dataclass
 class ModelRun:
     """What one model produced: its outputs on the calibration batches, and its predictions along the
-    unmerged model's greedy continuations ([prompts, steps], None without generation)."""
+    unmerged model's greedy continuation ([prompts, steps], None without generation)."""
 
     outputs: list[torch.Tensor]
     followed: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """The greedy continuation's prompts: rows of one calibration batch, cut to one length with
+    no padding inside, so they run as one batch."""
+
+    batch: int  # index of the calibration batch
+    rows: torch.Tensor  # row indices in it
+    length: int
+
+    def tokens(self, batches: list[Batch]) -> torch.Tensor:
+        return batches[self.batch].input_ids[self.rows, :self.length]
+
+
 @torch.no_grad()
-def greedy_continuation(model: nn.Module, prompts: torch.Tensor, steps: int, halt=lambda: None) -> torch.Tensor:
-    """``[P, steps]``: the greedy tokens after the prompts. With the key/value cache each step
-    computes one token per prompt (a streamed model still reads every weight once per step).
-    ``halt`` is called between steps (it raises to stop the run)."""
-    out = model(input_ids=prompts, use_cache=True)
-    tokens = []
-    for step in range(steps):
+def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prompts: Prompts | None = None,
+              steps: int = 0, publish=None, follow=None) -> ModelRun:
+    """The model's outputs on ``batches`` and, with ``prompts``, its part in the greedy check:
+
+    * ``publish`` (the unmerged model): it generates ``steps`` greedy tokens after the prompts and
+      hands them to ``publish`` as soon as they exist, before its other batches;
+    * ``follow`` (every other model): a function that returns those tokens (waiting for them); the
+      model's own next-token choice at each of them is recorded, teacher-forced.
+
+    The prompts are a prefix of some rows of one calibration batch, so that batch's forward is
+    their prompt forward too: its key/value cache, cut to the prompts' rows and length, carries the
+    continuation (a cache that cannot be cut, e.g. sliding-window layers, means one forward of the
+    prompts again). ``halt`` is called between forwards (it raises to stop the run)."""
+    outputs: list[torch.Tensor | None] = [None] * len(batches)
+    order = list(range(len(batches)))
+    if prompts is not None:  # the generator starts with the prompts' batch, a follower ends with it
+        order.remove(prompts.batch)
+        order = [prompts.batch, *order] if publish is not None else [*order, prompts.batch]
+    followed = None
+    for i in order:
         halt()
+        if prompts is None or i != prompts.batch:
+            outputs[i] = model_output(model, batches[i])
+            continue
+        out = model(**batches[i].model_inputs(), use_cache=True)
+        outputs[i] = out.logits
+        first = out.logits[prompts.rows, prompts.length - 1].argmax(-1, keepdim=True)  # [P, 1]
+        cache = _prompt_cache(out.past_key_values, prompts)
+        del out
+        if publish is not None:
+            publish(_greedy(model, prompts.tokens(batches), first, cache, steps, halt))
+        else:
+            followed = _followed(model, prompts.tokens(batches), first, cache, follow())
+    return ModelRun(outputs, followed)
+
+
+def _prompt_cache(cache, prompts: Prompts):
+    """The batch's key/value cache cut to the prompts' rows and length; None where it cannot be."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.crop(prompts.length)
+    cache.batch_select_indices(prompts.rows)
+    return cache
+
+
+def _greedy(model: nn.Module, prompts: torch.Tensor, first: torch.Tensor, cache, steps: int, halt) -> torch.Tensor:
+    """``[P, steps]``: greedy tokens after the prompts, ``first`` being the first of them. With the
+    key/value cache each step computes one token per prompt (a streamed model still reads every
+    weight once per step)."""
+    tokens = [first]
+    if cache is None:
+        cache = model(input_ids=prompts, use_cache=True).past_key_values
+    for _ in range(steps - 1):
+        halt()
+        out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-        if step + 1 < steps:
-            out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(tokens, dim=1)
+
+
+def _followed(model: nn.Module, prompts: torch.Tensor, first: torch.Tensor, cache,
+              continuation: torch.Tensor | None) -> torch.Tensor | None:
+    """``[P, steps]``: the model's own choice before each token of ``continuation``, teacher-forced
+    in one forward: ``first`` (from the prompts' own forward), then the choices after each of the
+    continuation's tokens but the last."""
+    if continuation is None:
+        return None
+    if cache is None:
+        logits = model(input_ids=torch.cat([prompts, continuation[:, :-1]], dim=1)).logits[:, prompts.shape[1]:]
+    else:
+        logits = model(input_ids=continuation[:, :-1], past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, logits.argmax(-1)], dim=1)
 
 
 @contextmanager
@@ -216,25 +291,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def batch_outputs(model: nn.Module, batches: list[Batch], halt=lambda: None) -> list[torch.Tensor]:
-    """The model's outputs on ``batches``; ``halt`` is called between batches."""
-    outputs = []
-    for batch in batches:
-        halt()
-        outputs.append(model_output(model, batch))
-    return outputs
-
-
-@torch.no_grad()
-def followed_tokens(model: nn.Module, prompts: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
-    """``[P, steps]``: the model's own next-token choice at each step of ``continuation`` (another
-    model's greedy tokens after ``prompts``), teacher-forced in one forward."""
-    sequences = torch.cat([prompts, continuation], dim=1)
-    logits = model(input_ids=sequences).logits
-    return logits[:, prompts.shape[1] - 1:-1].argmax(-1)
 
 
 def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], *, distributions: bool,

@@ -45,14 +45,13 @@ from .outputs import (
     UNMERGED,
     ModelRun,
     OutputCheck,
-    batch_outputs,
+    Prompts,
     compare_runs,
-    followed_tokens,
-    greedy_continuation,
     judge_fidelity,
     judge_loading,
     judge_references,
     one_thread,
+    run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .task import TaskResult, accuracy, load_task, predict, scoring
@@ -305,6 +304,12 @@ class _Ladder:
         greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
         The unmerged model generates it first and hands it to ``generated``."""
         torch_dtype, job = TORCH_DTYPES[dtype], self.job
+
+        def publish(tokens: torch.Tensor | None) -> None:
+            self.continuation[dtype] = tokens
+            if generated is not None:
+                generated.set_result(tokens)
+
         try:
             with self.loading:
                 self.halt()
@@ -316,23 +321,16 @@ class _Ladder:
                     model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
                 else:
                     model = peft_model(job.base.path, job.spec, torch_dtype)
-            if name == UNMERGED:
-                tokens = None if self.prompts is None else greedy_continuation(
-                    model, self.prompts, GENERATION_STEPS, self.halt)
-                self.continuation[dtype] = tokens
-                if generated is not None:
-                    generated.set_result(tokens)
+            if name == UNMERGED and self.prompts is None:
+                publish(None)
+            run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
+                            prompts=None if probe else self.prompts, steps=GENERATION_STEPS,
+                            publish=publish if name == UNMERGED else None, follow=continuation)
         except BaseException as exc:
             if generated is not None and not generated.done():
-                generated.set_exception(exc)
+                generated.set_exception(exc)  # what the models waiting for the continuation raise too
             raise
-        outputs = batch_outputs(model, self.batches[:1] if probe else self.batches, self.halt)
-        followed = None
-        if name != UNMERGED and not probe:
-            tokens = continuation()
-            if tokens is not None:
-                followed = followed_tokens(model, self.prompts, tokens)
-        self.runs[name, dtype, probe] = ModelRun(outputs, followed)
+        self.runs[name, dtype, probe] = run
         del model
         gc.collect()
 
@@ -428,18 +426,18 @@ def _rounded_plan(job: Job, dtype: str):
     return build_plan(job.spec, job.base, MergeOptions(dtype=dtype, compute_dtype="float64"))
 
 
-def _generation_prompts(batches: list[Batch], config: dict) -> torch.Tensor:
-    """``[P, L]``: the calibration rows with the most real tokens (in the longest batch), cut to one
-    length ``L`` so they run as one batch, and so that the prompt and the generated tokens fit the
-    model's position table (GPT-2-style learned positions end there)."""
-    first = max(batches, key=lambda b: int(b.attention_mask.sum(1).max()))
-    lengths = first.attention_mask.sum(1)
+def _generation_prompts(batches: list[Batch], config: dict) -> Prompts:
+    """The calibration rows with the most real tokens (in the longest batch), cut to one length so
+    they run as one batch, and so that the prompt and the generated tokens fit the model's position
+    table (GPT-2-style learned positions end there)."""
+    at = max(range(len(batches)), key=lambda i: int(batches[i].attention_mask.sum(1).max()))
+    lengths = batches[at].attention_mask.sum(1)
     longest = lengths.argsort(descending=True, stable=True)[:GENERATION_PROMPTS]
     length = int(lengths[longest].min())
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(limit, int):
         length = min(length, max(1, limit - GENERATION_STEPS))
-    return first.input_ids[longest, :length]
+    return Prompts(at, longest, length)
 
 
 def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str) -> TaskResult:

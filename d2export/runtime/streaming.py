@@ -93,14 +93,18 @@ class _Reused(Mapping):
         return out
 
     def _buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
-        """The pool's buffer for ``slot`` (its size in bytes or its shape), a fresh one when another
-        tensor still holds it (``shared``: handed out to a module; others are used here only)."""
-        held = self.pool.get(slot)
-        if held is None or (shared and _use_count(held[0]) > held[1]):
-            size = slot[1] if isinstance(slot[1], tuple) else (slot[1],)
-            buffer = torch.empty(size, dtype=dtype)
-            held = self.pool[slot] = (buffer, _use_count(buffer))
-        return held[0]
+        """A buffer of the pool's for ``slot`` (its size in bytes or its shape) that no other tensor
+        holds (``shared``: handed out to a module; others are used here only), a new one kept in the
+        pool when every one is held: a block loads all its weights at once (q, k, v and o share a
+        shape), so the pool holds as many buffers of a shape as one block uses, made once."""
+        buffers = self.pool.setdefault(slot, [])
+        for buffer, count in buffers:
+            if not shared or _use_count(buffer) <= count:
+                return buffer
+        size = slot[1] if isinstance(slot[1], tuple) else (slot[1],)
+        buffer = torch.empty(size, dtype=dtype)
+        buffers.append((buffer, _use_count(buffer)))
+        return buffer
 
     def _stored(self, file: str, name: str) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
         """(file, byte offset, dtype, shape) of a 16-bit tensor; None for another dtype."""

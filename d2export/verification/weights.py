@@ -46,14 +46,20 @@ DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
 
 def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The gap between adjacent ``dtype`` values at ``|magnitude|`` (float64), subnormals included."""
+    magnitude = np.asarray(magnitude, dtype=float64)
+    floor = np.abs(magnitude).reshape(-1)  # 1-d: a 0-d result is a scalar
+    return _spacing_of_magnitude(floor, dtype).reshape(magnitude.shape)
+
+
+def _spacing_of_magnitude(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """:func:`spacing` of a float64 array of magnitudes (``>= 0``), in place."""
     info = finfo(dtype)
     # eps times the power of two at or below |x| (its float64 bits with the mantissa cleared): the
     # same power of two as frexp and ldexp give, in two passes instead of their many
-    magnitude = np.asarray(magnitude, dtype=float64)
-    floor = np.maximum(np.abs(magnitude).reshape(-1), float(info.smallest_normal))  # 1-d: a 0-d result is a scalar
-    np.bitwise_and(floor.view(np.uint64), np.uint64(0x7FF0000000000000), out=floor.view(np.uint64))
-    floor *= float(info.eps)
-    return floor.reshape(magnitude.shape)
+    np.maximum(magnitude, float(info.smallest_normal), out=magnitude)
+    np.bitwise_and(magnitude.view(np.uint64), np.uint64(0x7FF0000000000000), out=magnitude.view(np.uint64))
+    magnitude *= float(info.eps)
+    return magnitude
 
 
 @dataclass
@@ -218,26 +224,42 @@ def _check_copy(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Tenso
 
 
 def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: TensorCheck) -> None:
-    """Merged, lora_bias and replaced tensors against their exact value, in blocks of rows."""
+    """Merged, lora_bias and replaced tensors against their exact value, in blocks of rows.
+
+    Every block's arithmetic runs in four float64 scratch arrays made once per tensor: the fresh
+    temporaries of plain numpy expressions are a page fault per page each (blocks of 1 MiB and
+    more are mapped apart while verify runs, ``cli.process.tune_malloc``), and the weight check
+    shares the cores with the output checks' models."""
     dtype = stored.dtype
     exact_count = 0
     worst_units, worst_at = -1.0, None
-    cost = _RoundingCost() if t.action is Action.MERGE else None
-    for rows, exact, operands, candidate, base, products in _blocks(plan, t, stored):
-        candidate = candidate.astype(float64)
-        err = np.abs(candidate - exact)
-        units = err / spacing(operands, dtype)
-        if products is not None and units.max() > 0.5:
+    cost = None
+    if t.action is Action.MERGE:
+        cost = _RoundingCost(dtype, base_in_dtype=plan.base.tensors[t.source].dtype == dtype)
+    scratch: list[np.ndarray] = []
+    for rows, exact, start, candidate, base, products in _blocks(plan, t, stored):
+        if not scratch or scratch[0].size < exact.size:
+            scratch = [np.empty(exact.size, float64) for _ in range(4)]
+        err, rounded, work, start_g = (s[:exact.size].reshape(exact.shape) for s in scratch)
+        if start is not None and start[1] is not None:  # the base rows rescaled by g
+            start = np.multiply(start[0], start[1], out=start_g)
+        elif start is not None:
+            start = start[0]
+        np.copyto(rounded, round_to_dtype(exact, dtype))  # the correctly rounded value, in float64
+        np.copyto(err, candidate)
+        exact_count += int(np.count_nonzero(err == rounded))
+        if cost is not None:
+            cost.add(exact, rounded, base, work)
+        np.subtract(err, exact, out=err)
+        np.abs(err, out=err)
+        units = _units(err, exact, start, dtype, out=rounded, work=work)
+        block_worst = float(units.max())
+        if products is not None and block_worst > 0.5:
             # not correctly rounded at the result's own scale: the products' scale may excuse it
             # (computed only then: it costs as much as the merge's product itself, in float64)
-            operands = np.maximum(operands, products())
-            units = err / spacing(operands, dtype)
-        rounded = round_to_dtype(exact, dtype).astype(float64)
-        exact_count += int(np.count_nonzero(candidate == rounded))
-        if cost is not None:
-            cost.add(exact, rounded, base, dtype)
+            units = err / spacing(np.maximum(_operands(exact, start), products()), dtype)
+            block_worst = float(units.max())
         check.max_abs = max(check.max_abs, float(err.max()))
-        block_worst = float(units.max())
         if block_worst > worst_units:
             worst_units = block_worst
             at = _argmax_index(units)
@@ -253,21 +275,38 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
 
 
+def _units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, dtype: np.dtype, *, out: np.ndarray,
+           work: np.ndarray) -> np.ndarray:
+    """``err`` in units of ``dtype`` at the operands' scale (:func:`_operands`), into ``out``."""
+    np.abs(exact, out=out)
+    if start is not None:
+        np.abs(start, out=work)
+        np.maximum(out, work, out=out)
+        np.subtract(exact, start, out=work)
+        np.abs(work, out=work)
+        np.maximum(out, work, out=out)
+    _spacing_of_magnitude(out, dtype)
+    return np.divide(err, out, out=out)
+
+
 class _RoundingCost:
-    def __init__(self):
+    def __init__(self, dtype: np.dtype, *, base_in_dtype: bool):
+        self.dtype, self.base_in_dtype = dtype, base_in_dtype  # a base in the output dtype is its own rounding
         self.changed = self.vanished = 0
         self.lost_sq = self.update_sq = 0.0
 
-    def add(self, exact: np.ndarray, rounded: np.ndarray, base: np.ndarray, dtype: np.dtype) -> None:
-        # a base already in the output dtype is its own rounding
-        base_rounded = base if base.dtype == dtype else round_to_dtype(base.astype(float64), dtype)
-        base = base.astype(float64)
-        change = exact - base
-        moved = change != 0
+    def add(self, exact: np.ndarray, rounded: np.ndarray, base: np.ndarray, work: np.ndarray) -> None:
+        """``rounded``: ``exact`` correctly rounded, in float64; ``base``: the base's values in
+        float64; ``work``: scratch of their shape."""
+        flat = work.reshape(-1)
+        np.subtract(exact, base, out=work)  # the update
+        self.update_sq += float(np.dot(flat, flat))
+        moved = work != 0
         self.changed += int(np.count_nonzero(moved))
-        self.vanished += int(np.count_nonzero(moved & (rounded == base_rounded.astype(float64))))
-        self.lost_sq += float(np.sum(np.square(rounded - exact)))
-        self.update_sq += float(np.sum(np.square(change)))
+        base_rounded = base if self.base_in_dtype else round_to_dtype(base, self.dtype).astype(float64)
+        self.vanished += int(np.count_nonzero(moved & (rounded == base_rounded)))
+        np.subtract(rounded, exact, out=work)
+        self.lost_sq += float(np.dot(flat, flat))
 
     def result(self) -> tuple[float, float]:
         return (self.vanished / self.changed if self.changed else 0.0,
@@ -275,25 +314,25 @@ class _RoundingCost:
 
 
 def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
-    """(rows, exact float64 value, operands' magnitude, stored values, base values, the magnitude of
-    the update's products or None) in canonical row blocks; the products' magnitude is a function,
-    called only where it can change the verdict."""
+    """(rows, exact float64 value, the start it was computed from as (values, row scale or None) or
+    None, stored values, base values in float64, the magnitude of the update's products or None) in
+    canonical row blocks; the products' magnitude is a function, called only where it can change
+    the verdict."""
     start = t.replacement if t.replacement is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
         exact = start.astype(float64)
-        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, np.abs(exact), stored, None, None
+        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, None, stored, None, None
         return
     assert t.update is not None
     if t.action is Action.BIAS:
         exact = merged_bias_exact(start, t.update)
-        yield slice(0, exact.shape[0]), exact, _operands(exact, start.astype(float64)), stored, start, None
+        yield slice(0, exact.shape[0]), exact, (start.astype(float64), None), stored, None, None
         return
     canonical = stored.T if t.transposed else stored
     for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
-        g = block.scale[:, None] if block.scale is not None else 1.0
-        products = functools.partial(_term_magnitude, t.update, block.rows, g)
-        operands = _operands(block.value, block.base * g)
-        yield block.rows, block.value, operands, canonical[block.rows], block.base, products
+        g = block.scale[:, None] if block.scale is not None else None
+        products = functools.partial(_term_magnitude, t.update, block.rows, 1.0 if g is None else g)
+        yield block.rows, block.value, (block.base, g), canonical[block.rows], block.base, products
 
 
 def _term_magnitude(update, rows: slice, g) -> np.ndarray:

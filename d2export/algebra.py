@@ -137,7 +137,8 @@ def merged_rows(
             f"[out={update.shape[0]}, in={update.shape[1]}]"
         )
     B, A = stacked_factors(update, compute_dtype)
-    step = row_block(n_in, compute_dtype.itemsize)
+    # at least as many rows as the stacked rank: BLAS repacks the [K, in] factor on every product
+    step = max(row_block(n_in, compute_dtype.itemsize), A.shape[0])
     # Two block buffers reused for every block: fresh ones are mapped and zeroed by the kernel each
     # time (glibc hands large blocks back on free), a page fault per page per block.
     w0_buffer = np.empty((min(step, n_out), n_in), compute_dtype)

@@ -401,7 +401,7 @@ class _Ladder:
         if self.resident is not None and size > self.resident:
             self.report.notes.append(
                 f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in float32, "
-                f"more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with resident)")
+                f"more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with --resident)")
             return []
         check = self.compare("references", PEFT, UNMERGED, "float32")
         check.generation = None

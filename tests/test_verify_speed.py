@@ -4,7 +4,9 @@ the model the merge computes, and the faults still fail."""
 
 from __future__ import annotations
 
+import gc
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -201,9 +203,6 @@ def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, mon
 def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch):
     """Two models at once, each on its own thread, the folder following the unmerged model's greedy
     continuation; garbage collection is back to normal afterwards."""
-    import gc
-    import threading
-
     from d2export.verification import outputs, runner
 
     folder, out = merged("d2lora-llama-bf16")
@@ -284,3 +283,26 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
         assert greedy_tokens(model, prompt, 8).tolist() == tokens[row].tolist()
     follower = outputs.run_model(model, batches, prompts=prompts, steps=8, follow=lambda: tokens)
     assert torch.equal(follower.followed, tokens)
+
+
+def test_a_streamed_model_checks_for_a_stop_at_every_block(merged, monkeypatch):
+    """A 7B forward takes many seconds: a streamed model's runs look for the stop before each block
+    (every decoder layer), not only between forwards."""
+    from d2export.verification import runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    calls = []
+    halt = runner._Ladder.halt
+
+    def counted(self):
+        calls.append(threading.current_thread().name)
+        return halt(self)
+
+    monkeypatch.setattr(runner._Ladder, "halt", counted)
+    report = verify(out, folder / "adapter", base=folder / "base", resident=1)
+    assert report.passed, report.failures
+    with prepare(folder / "adapter", folder / "base") as job:
+        layers = job.base.config["num_hidden_layers"]
+    # the unmerged model alone: three batches and seven greedy steps, each through every layer
+    forwards = len(config_batches(job.base.config)) + runner.GENERATION_STEPS - 1
+    assert len(calls) >= forwards * layers

@@ -37,6 +37,7 @@ from ..runtime.models import (
     peft_usable,
     unmerged_model,
 )
+from ..runtime.streaming import is_streamed
 from .outputs import (
     FLOOR_CEILING_UNITS,
     FOLDER,
@@ -321,6 +322,9 @@ class _Ladder:
                     model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
                 else:
                     model = peft_model(job.base.path, job.spec, torch_dtype)
+            for module in model.modules():  # a 7B forward takes many seconds: stop between blocks
+                if is_streamed(module):
+                    module.register_forward_pre_hook(lambda *_: self.halt())
             if name == UNMERGED and self.prompts is None:
                 publish(None)
             run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,

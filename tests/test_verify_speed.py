@@ -306,3 +306,29 @@ def test_a_streamed_model_checks_for_a_stop_at_every_block(merged, monkeypatch):
     # the unmerged model alone: three batches and seven greedy steps, each through every layer
     forwards = len(config_batches(job.base.config)) + runner.GENERATION_STEPS - 1
     assert len(calls) >= forwards * layers
+
+
+def test_a_folder_that_cannot_load_fails_without_waiting_for_the_weight_check(merged, monkeypatch):
+    """The correctly rounded merge waits for the weight check's verdict, but a model run that fails
+    meanwhile ends verify at once (at 7B the weight check takes minutes)."""
+    from d2export.errors import D2ExportError
+    from d2export.verification import runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    started = []
+    check_tensor = weights._check_tensor
+
+    def slow(*args):
+        started.append(args[-1].name)
+        time.sleep(0.5)
+        return check_tensor(*args)
+
+    def broken(*_args, **_kwargs):
+        raise D2ExportError("merged folder: cannot load")
+
+    monkeypatch.setattr(weights, "_check_tensor", slow)
+    monkeypatch.setattr(runner, "load_model", broken)
+    with pytest.raises(D2ExportError, match="merged folder: cannot load"):
+        verify(out, folder / "adapter", base=folder / "base")
+    with prepare(folder / "adapter", folder / "base") as job:
+        assert len(started) < len(job.plan.tensors) / 2

@@ -129,10 +129,11 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
             _set_weights(report, check_weights(job.plan, folder, max_units=options.thresholds.max_units,
                                                progress=lambda name: say(f"weights {name}")))
 
-        def weights() -> WeightReport | None:
-            """The weight report, once the check is done (waited for where a rung needs it)."""
+        def weights(timeout: float | None = None) -> WeightReport | None:
+            """The weight report, once the check is done (waited for where a rung needs it; at most
+            ``timeout`` seconds, then TimeoutError)."""
             if pending is not None and report.weights is None:
-                _set_weights(report, pending.result())
+                _set_weights(report, pending.result(timeout))
             return report.weights
 
         config = folder.config
@@ -198,7 +199,7 @@ def _tokenizer(merged: Path, base: Path):
 
 
 def _check_outputs(report: VerifyReport, job: Job, config: dict, tokenizer, options: VerifyOptions, say,
-                   weights: Callable[[], WeightReport | None], stop: threading.Event) -> None:
+                   weights: Callable[..., WeightReport | None], stop: threading.Event) -> None:
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
         report.calibration = f"{options.calibration} ({len(batches)} batches)"
@@ -252,7 +253,7 @@ class _Ladder:
     at a time (transformers' loading sets process-wide state, such as the default dtype)."""
 
     def __init__(self, job: Job, report: VerifyReport, config: dict, batches: list[Batch], options: VerifyOptions,
-                 weights: Callable[[], WeightReport | None], stop: threading.Event):
+                 weights: Callable[..., WeightReport | None], stop: threading.Event):
         self.job, self.report, self.batches, self.options, self.weights = job, report, batches, options, weights
         kind = head_kind(config)
         # question answering's start/end logits are distributions over positions, not over their last axis
@@ -288,7 +289,7 @@ class _Ladder:
             try:
                 running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated),
                            pool.submit(self._run, FOLDER, dtype, False, generated.result)]
-                weights = self.weights()
+                weights = self._weights_unless_failed(running)
                 running.append(pool.submit(self._run, ROUNDED, dtype, weights is not None and weights.all_exact,
                                            generated.result))
                 for future in as_completed(running):
@@ -298,6 +299,18 @@ class _Ladder:
                 if not generated.done():
                     generated.set_exception(_Stopped())
                 raise
+
+    def _weights_unless_failed(self, running: list[Future]) -> WeightReport | None:
+        """The weight report once the check is done, or the error of a model run that ends first
+        (at 7B the weight check takes minutes; a folder transformers cannot load fails at once)."""
+        while True:
+            for future in running:
+                if future.done() and future.exception() is not None:
+                    future.result()
+            try:
+                return self.weights(0.2)
+            except TimeoutError:
+                continue
 
     def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
              generated: Future | None = None) -> None:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+COMPARE_ELEMENTS = 2**21  # output values compared at a time (16 MB in float64)
+
 
 @dataclass
 class OutputComparison:
@@ -40,32 +42,40 @@ class OutputComparison:
 
     def add(self, reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one batch. ``reference``/``candidate``: ``[B, T, D]`` with ``mask`` ``[B, T]``
-        (1 = compare), or ``[B, D]`` (one vector per sequence, e.g. a classifier's logits)."""
-        ref, cand = reference.detach().double(), candidate.detach().double()
-        if ref.shape != cand.shape:
-            raise ValueError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(cand.shape)}")
-        per_position = (ref - cand).abs().nan_to_num(nan=float("inf")).amax(-1)  # [B, T] or [B]
-        if ref.dim() == 3 and mask is not None:
-            keep = mask.bool()
-            per_position = per_position.masked_fill(~keep, -1.0)
-            ref, cand = ref[keep], cand[keep]  # [N, D]
-        else:
-            ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
-        diff = (ref - cand).abs()
+        (1 = compare), or ``[B, D]`` (one vector per sequence, e.g. a classifier's logits). Worked
+        through in float64 a few positions at a time: a whole batch of a 32K vocabulary in float64,
+        with its differences and log-probabilities, is several hundred MB at once."""
+        if reference.shape != candidate.shape:
+            raise ValueError(f"output shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+        width = reference.shape[-1]
+        shape = reference.shape[:-1]  # [B, T] or [B]: one vector per position
+        ref_all, cand_all = reference.detach().reshape(-1, width), candidate.detach().reshape(-1, width)
+        keep = mask.bool().reshape(-1) if reference.dim() == 3 and mask is not None else None
+        per_position = torch.empty(ref_all.shape[0], dtype=torch.float64)  # -1 where not compared
+        step = max(1, COMPARE_ELEMENTS // max(1, width))
+        for start in range(0, ref_all.shape[0], step):
+            part = slice(start, start + step)
+            ref, cand = ref_all[part].double(), cand_all[part].double()
+            per = (ref - cand).abs().nan_to_num(nan=float("inf")).amax(-1)
+            if keep is not None:
+                per = per.masked_fill(~keep[part], -1.0)
+                ref, cand = ref[keep[part]], cand[keep[part]]
+            per_position[part] = per
+            diff = (ref - cand).abs()
+            self.sum_abs += float(diff.nan_to_num(posinf=0.0).sum())
+            self.values += diff.numel()
+            self.scale = max(self.scale, float(ref.abs().max()) if ref.numel() else 0.0)
+            self.positions += ref.shape[0]
+            if self.distributions:
+                self.top1_agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+                log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
+                self.sum_kl += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
         batch_worst = float(per_position.max()) if per_position.numel() else 0.0
         if batch_worst > self.max_abs or self.worst is None:
-            at = torch.unravel_index(per_position.argmax(), per_position.shape)
+            at = torch.unravel_index(per_position.argmax(), shape) if per_position.numel() else ()
             self.worst = [self.batches, *(int(i) for i in at)]
         self.max_abs = max(self.max_abs, batch_worst)
         self.batches += 1
-        self.sum_abs += float(diff.nan_to_num(posinf=0.0).sum())
-        self.values += diff.numel()
-        self.scale = max(self.scale, float(ref.abs().max()) if ref.numel() else 0.0)
-        self.positions += ref.shape[0]
-        if self.distributions:
-            self.top1_agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-            log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
-            self.sum_kl += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
 
     def where(self) -> str:
         if self.worst is None:

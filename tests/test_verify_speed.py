@@ -286,8 +286,8 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
 
 
 def test_a_streamed_model_checks_for_a_stop_at_every_block(merged, monkeypatch):
-    """A 7B forward takes many seconds: a streamed model's runs look for the stop before each block
-    (every decoder layer), not only between forwards."""
+    """A 7B forward takes many seconds: a streamed model's runs look for the stop whenever a block
+    (every decoder layer) loads its weights, not only between forwards."""
     from d2export.verification import runner
 
     folder, out = merged("d2lora-llama-bf16")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -71,6 +72,9 @@ class _Reused(Mapping):
         self.inner, self.pool = inner, pool
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        check = getattr(_ON_LOAD, "check", None)
+        if check is not None:
+            check()
         source = self._source(key)
         stored = None if source is None else self._stored(*source)
         if stored is None:
@@ -137,6 +141,20 @@ class _Reused(Mapping):
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+_ON_LOAD = threading.local()
+
+
+@contextmanager
+def checked_on_load(check: Callable[[], None]):
+    """Call ``check`` (it raises to stop) each time this thread's streamed models load a weight:
+    a forward of a large model takes many seconds, and a stop is then seen at the next block."""
+    _ON_LOAD.check = check
+    try:
+        yield
+    finally:
+        _ON_LOAD.check = None
 
 
 def _use_count(tensor: torch.Tensor) -> int:
@@ -275,5 +293,5 @@ def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
     return model
 
 
-__all__ = ["hoist", "is_streamed", "materialized", "override_weights",
+__all__ = ["checked_on_load", "hoist", "is_streamed", "materialized", "override_weights",
            "reuse_buffers", "streaming_kwargs"]

@@ -37,7 +37,7 @@ from ..runtime.models import (
     peft_usable,
     unmerged_model,
 )
-from ..runtime.streaming import is_streamed
+from ..runtime.streaming import checked_on_load
 from .outputs import (
     FLOOR_CEILING_UNITS,
     FOLDER,
@@ -335,14 +335,12 @@ class _Ladder:
                     model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
                 else:
                     model = peft_model(job.base.path, job.spec, torch_dtype)
-            for module in model.modules():  # a 7B forward takes many seconds: stop between blocks
-                if is_streamed(module):
-                    module.register_forward_pre_hook(lambda *_: self.halt())
             if name == UNMERGED and self.prompts is None:
                 publish(None)
-            run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
-                            prompts=None if probe else self.prompts, steps=GENERATION_STEPS,
-                            publish=publish if name == UNMERGED else None, follow=continuation)
+            with checked_on_load(self.halt):  # a 7B forward takes many seconds: stop between blocks
+                run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
+                                prompts=None if probe else self.prompts, steps=GENERATION_STEPS,
+                                publish=publish if name == UNMERGED else None, follow=continuation)
         except BaseException as exc:
             if generated is not None and not generated.done():
                 generated.set_exception(exc)  # what the models waiting for the continuation raise too

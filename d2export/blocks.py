@@ -148,8 +148,8 @@ def merge_rows(w0: np.ndarray, update: ModuleUpdate, factors: Factors, first: in
     out = np.empty(w0.shape, out_dtype)
     totals = StatsSum()
     # BLAS packs the whole [K, in] factor A on every product: blocks of at least K rows pack at most
-    # one element per merged element (at stacked rank 128, 32-row blocks spent more on packing than
-    # the 1 MiB blocks gain by staying in cache; bench/merge_paths.py --rank 64)
+    # one element per merged element (at high rank, short blocks spent more on packing than cache-
+    # sized blocks gain; bench/README.md, merge_paths.py --rank 64)
     step = max(row_block(w0.shape[1], 8), factors.A.shape[0])
     for start in range(0, w0.shape[0], step):
         part = slice(start, min(start + step, w0.shape[0]))

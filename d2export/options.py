@@ -37,6 +37,11 @@ def help_of(options: type, name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(options) if f.name == name)
 
 
+def default_of(options: type, name: str) -> Any:
+    """The default of one option (the CLI's flag default)."""
+    return next(f.default for f in dataclasses.fields(options) if f.name == name)
+
+
 def with_settings(cls: type[_O], options: _O | None, settings: dict[str, Any]) -> _O:
     """``options`` (default: ``cls()``) with ``settings`` (keyword arguments of an API call) applied."""
     base = options if options is not None else cls()

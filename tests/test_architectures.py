@@ -364,14 +364,14 @@ def test_the_continuation_carried_by_the_batch_cache_is_greedy_decoding(bases, n
     teacher-forced along it picks it at every step."""
     from d2export.runtime.calibration import config_batches
     from d2export.runtime.models import greedy_tokens, load_model
+    from d2export.verification.ladder import GENERATION_STEPS, generation_prompts
     from d2export.verification.outputs import run_model
-    from d2export.verification.runner import GENERATION_STEPS, _generation_prompts
 
     base = bases(name)
     config = read_config(base)
     model = load_model(base, torch.float32)
     batches = config_batches(config)
-    prompts = _generation_prompts(batches, config)
+    prompts = generation_prompts(batches, config)
     published = []
     run_model(model, batches, prompts=prompts, steps=GENERATION_STEPS, publish=published.append)
     (tokens,) = published

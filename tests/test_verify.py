@@ -312,14 +312,14 @@ def test_adapter_from_bare_encoder_onto_classifier_base(fixture, tmp_path):
 
 
 def test_generation_prompts_fit_a_short_position_table():
-    from d2export.verification.runner import GENERATION_STEPS, _generation_prompts
+    from d2export.verification.ladder import GENERATION_STEPS, generation_prompts
 
     batches = random_batches(100, lengths=(8, 24, 64))
     # the three longest rows (64, 56 and 48 real tokens), cut to one length; with the steps they fit the table
-    prompts = _generation_prompts(batches, {})
+    prompts = generation_prompts(batches, {})
     assert prompts.batch == 2 and prompts.rows.tolist() == [0, 1, 2]
     assert tuple(prompts.tokens(batches).shape) == (3, 48)
-    assert _generation_prompts(batches, {"n_positions": 20}).length + GENERATION_STEPS == 20
+    assert generation_prompts(batches, {"n_positions": 20}).length + GENERATION_STEPS == 20
 
 
 # Encoder-decoders (teacher-forced) and vision models (random images) verify in
@@ -330,11 +330,11 @@ def test_rounding_floor_passes_a_correct_merge_the_fixed_limits_fail(merged, tmp
     """With fixed limits tighter than the rounding floor of this model (near-tied logits do that
     at real sizes), a correctly rounded merge still passes: it is exactly as far from the unmerged
     model as the correctly rounded merge is. A wrong folder fails still."""
-    import d2export.verification.runner as runner_module
+    import d2export.verification.ladder as ladder_module
 
     folder, out = merged("d2lora-llama-bf16")
-    monkeypatch.setattr(runner_module, "MIN_TOP1", {"float32": 1.0, "bfloat16": 1.0, "float16": 1.0})
-    monkeypatch.setattr(runner_module, "output_rtol", lambda run, merged_dtype: 1e-9)
+    monkeypatch.setattr(ladder_module, "MIN_TOP1", {"float32": 1.0, "bfloat16": 1.0, "float16": 1.0})
+    monkeypatch.setattr(ladder_module, "output_rtol", lambda run, merged_dtype: 1e-9)
     report = verify(out, folder / "adapter", weights=False)
     assert report.passed, report.failures
     folder_checks = [o for o in report.outputs if o.rung == "fidelity"]

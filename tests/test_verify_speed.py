@@ -175,24 +175,31 @@ def test_a_reused_buffer_still_held_is_not_handed_out_again(merged):
     assert third.data_ptr() == weights_map[key].data_ptr()  # nothing else holds it: reused
 
 
-def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, monkeypatch):
-    """Ctrl-C or bad input during the output checks is not held up until every tensor is checked."""
-    from d2export.verification import runner
-
-    folder, out = merged("d2lora-llama-bf16")
+def _slow_weight_check(monkeypatch, seconds: float) -> list[str]:
+    """Each tensor of the weight check takes ``seconds`` longer; the names of those begun."""
     started = []
     check_tensor = weights._check_tensor
 
     def slow(*args):
         started.append(args[-1].name)
-        time.sleep(0.05)
+        time.sleep(seconds)
         return check_tensor(*args)
+
+    monkeypatch.setattr(weights, "_check_tensor", slow)
+    return started
+
+
+def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, monkeypatch):
+    """Ctrl-C or bad input during the output checks is not held up until every tensor is checked."""
+    from d2export.verification import runner
+
+    folder, out = merged("d2lora-llama-bf16")
+    started = _slow_weight_check(monkeypatch, 0.05)
 
     def interrupted(*args):
         time.sleep(0.2)  # a few tensors into the weight check
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "_check_tensor", slow)
     monkeypatch.setattr(runner, "_check_outputs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         verify(out, folder / "adapter", base=folder / "base")
@@ -203,7 +210,7 @@ def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, mon
 def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch):
     """Two models at once, each on its own thread, the folder following the unmerged model's greedy
     continuation; garbage collection is back to normal afterwards."""
-    from d2export.verification import outputs, runner
+    from d2export.verification import ladder, outputs
 
     folder, out = merged("d2lora-llama-bf16")
     threads: dict[str, set[str]] = {"greedy": set(), "followed": set()}
@@ -222,7 +229,7 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
     report = verify(out, folder / "adapter", base=folder / "base")
     assert report.passed, report.failures
     fidelity = next(o for o in report.outputs if o.rung == "fidelity")
-    assert fidelity.generation is not None and fidelity.generation.steps == runner.GENERATION_STEPS
+    assert fidelity.generation is not None and fidelity.generation.steps == ladder.GENERATION_STEPS
     assert len(threads["greedy"]) == 1 and threads["followed"] and not threads["greedy"] & threads["followed"]
     assert gc.get_freeze_count() == 0
 
@@ -232,11 +239,11 @@ def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch
     """Bad input met by one model's run is what verify raises, not the other's being stopped, and
     it does not wait for the other run to finish its batches."""
     from d2export.errors import D2ExportError
-    from d2export.verification import runner
+    from d2export.verification import ladder
 
     folder, out = merged("d2lora-llama-bf16")
     forwards = []
-    run_model = runner.run_model
+    run_model = ladder.run_model
 
     def slowed(model, batches, **kwargs):
         halt = kwargs["halt"]
@@ -251,8 +258,8 @@ def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch
         time.sleep(0.1)
         raise D2ExportError(f"{fails}: cannot load")
 
-    monkeypatch.setattr(runner, "run_model", slowed)
-    monkeypatch.setattr(runner, "unmerged_model" if fails == "unmerged model" else "load_model", broken)
+    monkeypatch.setattr(ladder, "run_model", slowed)
+    monkeypatch.setattr(ladder, "unmerged_model" if fails == "unmerged model" else "load_model", broken)
     with pytest.raises(D2ExportError, match=f"{fails}: cannot load"):
         verify(out, folder / "adapter", base=folder / "base")
     assert len(forwards) < 3  # the other model stopped: unstopped, it runs 3 batches (and 7 greedy steps)
@@ -265,14 +272,14 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
     it at every step; with a cache that cannot be cut (``cut`` False) the prompts run again, with
     the same tokens."""
     from d2export.runtime.models import greedy_tokens
-    from d2export.verification import outputs, runner
+    from d2export.verification import ladder, outputs
 
     if not cut:
         monkeypatch.setattr(outputs, "_prompt_cache", lambda cache, prompts: None)
     folder = fixture("d2lora-llama-bf16")
     with prepare(folder / "adapter", folder / "base") as job:
         batches = config_batches(job.base.config)
-        prompts = runner._generation_prompts(batches, job.base.config)
+        prompts = ladder.generation_prompts(batches, job.base.config)
         model = unmerged_model(job.base.path, job.spec, torch.float32)
     published = []
     run = outputs.run_model(model, batches, prompts=prompts, steps=8, publish=published.append)
@@ -288,23 +295,23 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
 def test_a_streamed_model_checks_for_a_stop_at_every_block(merged, monkeypatch):
     """A 7B forward takes many seconds: a streamed model's runs look for the stop whenever a block
     (every decoder layer) loads its weights, not only between forwards."""
-    from d2export.verification import runner
+    from d2export.verification import ladder
 
     folder, out = merged("d2lora-llama-bf16")
     calls = []
-    halt = runner._Ladder.halt
+    halt = ladder.Ladder.halt
 
     def counted(self):
         calls.append(threading.current_thread().name)
         return halt(self)
 
-    monkeypatch.setattr(runner._Ladder, "halt", counted)
+    monkeypatch.setattr(ladder.Ladder, "halt", counted)
     report = verify(out, folder / "adapter", base=folder / "base", resident=1)
     assert report.passed, report.failures
     with prepare(folder / "adapter", folder / "base") as job:
         layers = job.base.config["num_hidden_layers"]
     # the unmerged model alone: three batches and seven greedy steps, each through every layer
-    forwards = len(config_batches(job.base.config)) + runner.GENERATION_STEPS - 1
+    forwards = len(config_batches(job.base.config)) + ladder.GENERATION_STEPS - 1
     assert len(calls) >= forwards * layers
 
 
@@ -312,22 +319,15 @@ def test_a_folder_that_cannot_load_fails_without_waiting_for_the_weight_check(me
     """The correctly rounded merge waits for the weight check's verdict, but a model run that fails
     meanwhile ends verify at once (at 7B the weight check takes minutes)."""
     from d2export.errors import D2ExportError
-    from d2export.verification import runner
+    from d2export.verification import ladder
 
     folder, out = merged("d2lora-llama-bf16")
-    started = []
-    check_tensor = weights._check_tensor
-
-    def slow(*args):
-        started.append(args[-1].name)
-        time.sleep(0.5)
-        return check_tensor(*args)
+    started = _slow_weight_check(monkeypatch, 0.5)
 
     def broken(*_args, **_kwargs):
         raise D2ExportError("merged folder: cannot load")
 
-    monkeypatch.setattr(weights, "_check_tensor", slow)
-    monkeypatch.setattr(runner, "load_model", broken)
+    monkeypatch.setattr(ladder, "load_model", broken)
     with pytest.raises(D2ExportError, match="merged folder: cannot load"):
         verify(out, folder / "adapter", base=folder / "base")
     with prepare(folder / "adapter", folder / "base") as job:

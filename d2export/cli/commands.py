@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import D2ExportError
-from ..options import BenchOptions, MergeOptions, OnnxOptions, Thresholds, VerifyOptions, help_of
+from ..options import BenchOptions, MergeOptions, OnnxOptions, Thresholds, VerifyOptions, default_of, help_of
 from . import render
 from .process import err, message, out, reported, settings
 from .progress import progress_display
@@ -45,7 +45,7 @@ TrainerCheckpointOption = Annotated[str | None, typer.Option(
 # gets them from ``shared_verify_flags``, and its body receives them as one dict.
 VERIFY_FLAGS = {"calibration": (CalibrationOption, None), "task_data": (TaskDataOption, None),
                 "atol": (AtolOption, None), "min_top1": (MinTop1Option, None), "max_units": (MaxUnitsOption, None),
-                "dtypes": (DtypesOption, None), "resident": (ResidentOption, "64MiB")}
+                "dtypes": (DtypesOption, None), "resident": (ResidentOption, default_of(VerifyOptions, "resident"))}
 
 
 def shared_verify_flags(command):

@@ -130,6 +130,14 @@ class AdapterLayer(nn.Module):
         return y
 
 
+def _with_rows(weight: torch.Tensor, tokens) -> torch.Tensor:
+    """A copy of ``weight`` with the rows of a trainable-tokens adapter (``tokens.indices``,
+    ``tokens.values``) set."""
+    rows = weight.detach().clone()
+    rows[torch.as_tensor(tokens.indices)] = to_torch(tokens.values).to(rows.dtype)
+    return rows
+
+
 def _resolve_module(model: nn.Module, path: str) -> tuple[str, nn.Module]:
     for candidate in name_variants(path, getattr(model, "base_model_prefix", "") or ""):
         try:
@@ -155,16 +163,14 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if is_streamed(module):  # its tensors are read at each forward: replace what is read
             if getattr(value, "needs_base", False):  # trainable tokens: the base's rows, some replaced
                 with materialized(module):
-                    rows = getattr(module, param).detach().clone()
-                rows[torch.as_tensor(value.indices)] = to_torch(value.values).to(rows.dtype)
+                    rows = _with_rows(getattr(module, param), value)
                 override_weights(module, {param: lambda rows=rows: rows})
             else:
                 override_weights(module, {param: lambda value=value: to_torch(value)})
             continue
         old = getattr(module, param)
         if getattr(value, "needs_base", False):  # trainable tokens over the base's own weight: its rows replaced
-            new = nn.Parameter(old.detach().clone(), requires_grad=False)
-            new.data[torch.as_tensor(value.indices)] = to_torch(value.values).to(old.dtype)
+            new = nn.Parameter(_with_rows(old, value), requires_grad=False)
             # PEFT ties a layer sharing the embedding's weight (a tied lm_head) to the embedding's token
             # adapter: it takes the same rows unless the adapter gives it its own
             for shared, p in model.named_parameters(remove_duplicate=False):

@@ -65,7 +65,7 @@ class _Reused(Mapping):
     into fresh memory, used for one forward and freed: a page fault per page of every weight at every
     pass, with large blocks mapped apart (cli.process.tune_malloc). A buffer handed to a module is
     reused only when nothing but the pool holds it (the forward that used it done, accelerate having
-    set the parameter back to meta); else a fresh one is made. Anything else (a float32 file, a spill
+    set the parameter back to meta); else another is made and kept in the pool. Anything else (a float32 file, a spill
     folder, a loader of another form) goes through accelerate's own loader."""
 
     def __init__(self, inner: Mapping, pool: dict):
@@ -82,7 +82,7 @@ class _Reused(Mapping):
         file, offset, dtype, shape = stored
         # the file's bytes read a chunk at a time into one small reused buffer (safetensors' own
         # reader would make a fresh tensor-sized one), each chunk converted into a reused float32
-        # buffer: a 7B model's embedding would otherwise keep a 262 MB staging buffer per model
+        # buffer: a staging buffer the size of the largest tensor (an embedding) would stay per model
         out = self._buffer((key, shape), torch.float32, shared=True)
         flat, raw = out.view(-1), self._buffer(("raw", READ_CHUNK), torch.uint8)
         step = READ_CHUNK // dtype.itemsize
@@ -218,9 +218,9 @@ def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
                      stream_leaves: bool = True) -> dict:
     """``from_pretrained`` arguments that stream the model's repeated blocks (decoder layers) when
     it is larger than ``resident_bytes`` (None: never), and then its largest embeddings and heads
-    too, largest first, while what stays in memory exceeds ``resident_bytes`` (streaming them
-    measured no slower at 320M, through the chunked conversion of :class:`_Reused`, and a 7B model's
-    are 1 GB in float32 each). Everything else (norms, small heads) stays resident: accelerate cannot run a model
+    too, largest first, while what stays in memory exceeds ``resident_bytes`` (through the chunked
+    conversion of :class:`_Reused` that costs no measurable time; docs/design.md §6, *Bounded
+    memory*). Everything else (norms, small heads) stays resident: accelerate cannot run a model
     whose every module is on disk. ``stream_leaves`` False keeps embeddings and heads resident (a
     vocabulary resized after loading needs their values). An embedding or head tied to another
     module stays resident: accelerate tracks tied weights by address. The spill folder only receives

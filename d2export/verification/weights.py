@@ -237,14 +237,12 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     if t.action is Action.MERGE:
         cost = _RoundingCost(dtype, base_in_dtype=plan.base.tensors[t.source].dtype == dtype)
     scratch: list[np.ndarray] = []
-    for rows, exact, start, candidate, base, products in _blocks(plan, t, stored):
+    for rows, exact, start, scale, candidate, base, products in _blocks(plan, t, stored):
         if not scratch or scratch[0].size < exact.size:
             scratch = [np.empty(exact.size, float64) for _ in range(4)]
         err, rounded, work, start_g = (s[:exact.size].reshape(exact.shape) for s in scratch)
-        if start is not None and start[1] is not None:  # the base rows rescaled by g
-            start = np.multiply(start[0], start[1], out=start_g)
-        elif start is not None:
-            start = start[0]
+        if scale is not None:  # the base rows rescaled by g
+            start = np.multiply(start, scale, out=start_g)
         np.copyto(rounded, round_to_dtype(exact, dtype))  # the correctly rounded value, in float64
         np.copyto(err, candidate)
         exact_count += int(np.count_nonzero(err == rounded))
@@ -314,25 +312,25 @@ class _RoundingCost:
 
 
 def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
-    """(rows, exact float64 value, the start it was computed from as (values, row scale or None) or
-    None, stored values, base values in float64, the magnitude of the update's products or None) in
+    """(rows, exact float64 value, the values it was computed from or None, their row scale or None,
+    stored values, base values in float64, the magnitude of the update's products or None) in
     canonical row blocks; the products' magnitude is a function, called only where it can change
     the verdict."""
     start = t.replacement if t.replacement is not None else plan.base.read(t.source)
     if t.action is Action.REPLACE:
         exact = start.astype(float64)
-        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, None, stored, None, None
+        yield slice(0, exact.shape[0] if exact.ndim else 1), exact, None, None, stored, None, None
         return
     assert t.update is not None
     if t.action is Action.BIAS:
         exact = merged_bias_exact(start, t.update)
-        yield slice(0, exact.shape[0]), exact, (start.astype(float64), None), stored, None, None
+        yield slice(0, exact.shape[0]), exact, start.astype(float64), None, stored, None, None
         return
     canonical = stored.T if t.transposed else stored
     for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
         g = block.scale[:, None] if block.scale is not None else None
         products = functools.partial(_term_magnitude, t.update, block.rows, 1.0 if g is None else g)
-        yield block.rows, block.value, (block.base, g), canonical[block.rows], block.base, products
+        yield block.rows, block.value, block.base, g, canonical[block.rows], block.base, products
 
 
 def _term_magnitude(update, rows: slice, g) -> np.ndarray:

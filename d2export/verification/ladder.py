@@ -1,0 +1,300 @@
+"""The reference ladder's model runs (:mod:`.outputs` has the rungs): the unmerged model, the
+folder, the correctly rounded merge and PEFT's model, loaded one at a time and run two at once."""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..arrays import is_float
+from ..job import Job
+from ..names import find_name
+from ..options import MergeOptions, VerifyOptions
+from ..plan import build_plan
+from ..reading import ModelFolder
+from ..runtime.calibration import Batch
+from ..runtime.models import (
+    TORCH_DTYPES,
+    head_kind,
+    import_model_code,
+    load_model,
+    merged_model,
+    peft_model,
+    peft_usable,
+    unmerged_model,
+)
+from ..runtime.streaming import checked_on_load
+from .outputs import (
+    FLOOR_CEILING_UNITS,
+    FOLDER,
+    PEFT,
+    ROUNDED,
+    UNMERGED,
+    ModelRun,
+    OutputCheck,
+    Prompts,
+    compare_runs,
+    judge_fidelity,
+    judge_loading,
+    judge_references,
+    run_model,
+)
+from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
+from .weights import WeightReport
+
+GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
+
+
+class Stopped(Exception):
+    """Raised inside a run (the weight check, a model's) once another part of verify has failed."""
+
+
+def stop_check(stop: threading.Event) -> Callable[..., None]:
+    """A function that raises :class:`Stopped` once ``stop`` is set (whatever it is called with)."""
+    def check(*_args) -> None:
+        if stop.is_set():
+            raise Stopped
+    return check
+
+
+@contextmanager
+def frozen_imports(folder: Path):
+    """Every object alive once the model code is imported (torch's, transformers') left out of
+    garbage collection for the duration: each model dropped between runs needs a full collection
+    (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
+    too, with both model threads stopped (docs/design.md §6, *Cost*)."""
+    try:
+        import_model_code(folder)
+        frozen = True
+    except Exception:  # loading the model says what is wrong, in its own words
+        frozen = False
+    if frozen:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
+class Ladder:
+    """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared.
+
+    The unmerged model and the folder run side by side, each on its own thread with torch on one
+    thread (:func:`.outputs.one_thread`): a streamed forward is a chain of small operations that two
+    threads of one model spend waiting on each other, while two models keep both cores busy. The
+    folder follows the unmerged model's greedy continuation as soon as it is generated; the
+    correctly rounded merge runs once the weight check says how to build it. Models are loaded one
+    at a time (transformers' loading sets process-wide state, such as the default dtype)."""
+
+    def __init__(self, job: Job, report: VerifyReport, folder: ModelFolder, batches: list[Batch],
+                 options: VerifyOptions, weights: Callable[..., WeightReport | None], stop: threading.Event):
+        """``folder``: the merged folder, open; ``weights``: the weight report once the check is done
+        (at most ``timeout`` seconds, then TimeoutError); ``stop``: set when any part of verify fails."""
+        self.job, self.report, self.folder, self.batches = job, report, folder, batches
+        self.options, self.weights = options, weights
+        config = folder.config
+        kind = head_kind(config)
+        # question answering's start/end logits are distributions over positions, not over their last axis
+        self.distributions = kind not in ("encoder", "question-answering")
+        self.prompts = generation_prompts(batches, config) if kind == "causal-lm" else None
+        self.resident = options.resident
+        self.output = "hidden states" if kind == "encoder" else "logits"
+        self.runs: dict[tuple[str, str, bool], ModelRun] = {}
+        self.continuation: dict[str, torch.Tensor | None] = {}
+        self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
+
+    def halt(self) -> None:
+        """Called between forwards and blocks: ends a run once another part of verify has failed."""
+        self._check()
+
+    def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
+        """One model's run, kept for other comparisons; the model itself is dropped at once.
+        ``probe``: on the first calibration batch only, without the continuation."""
+        if probe and (name, dtype, False) in self.runs:  # the full run's first batch is that probe
+            return ModelRun(self.runs[name, dtype, False].outputs[:1])
+        if (name, dtype, probe) not in self.runs:
+            if name != UNMERGED and not probe and dtype not in self.continuation:
+                self.run(UNMERGED, dtype)  # the continuation it follows
+            self._run(name, dtype, probe, lambda: self.continuation.get(dtype))
+        return self.runs[name, dtype, probe]
+
+    def side_by_side(self, dtype: str) -> None:
+        """The unmerged model and the folder on two threads, then the correctly rounded merge (its
+        probe when the weight check finds every tensor exact) on the first thread free."""
+        generated: Future = Future()
+        with ThreadPoolExecutor(2, "models") as pool:
+            try:
+                running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated),
+                           pool.submit(self._run, FOLDER, dtype, False, generated.result)]
+                weights = self._weights_unless_failed(running)
+                running.append(pool.submit(self._run, ROUNDED, dtype, weights is not None and weights.all_exact,
+                                           generated.result))
+                for future in as_completed(running):
+                    future.result()  # the first error, as it happened (the others then stop)
+            except BaseException:
+                self.stop.set()
+                if not generated.done():
+                    generated.set_exception(Stopped())
+                raise
+
+    def _weights_unless_failed(self, running: list[Future]) -> WeightReport | None:
+        """The weight report once the check is done, or the error of a model run that ends first
+        (at 7B the weight check takes minutes; a folder transformers cannot load fails at once)."""
+        while True:
+            for future in running:
+                if future.done() and future.exception() is not None:
+                    future.result()
+            try:
+                return self.weights(0.2)
+            except TimeoutError:
+                continue
+
+    def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
+             generated: Future | None = None) -> None:
+        """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
+        greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
+        The unmerged model generates it first and hands it to ``generated``."""
+        torch_dtype, job = TORCH_DTYPES[dtype], self.job
+
+        def publish(tokens: torch.Tensor | None) -> None:
+            self.continuation[dtype] = tokens
+            if generated is not None:
+                generated.set_result(tokens)
+
+        try:
+            with self.loading:
+                self.halt()
+                if name == UNMERGED:
+                    model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
+                elif name == ROUNDED:
+                    model = self._rounded(torch_dtype)
+                elif name == FOLDER:
+                    model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
+                else:
+                    model = peft_model(job.base.path, job.spec, torch_dtype)
+            if name == UNMERGED and self.prompts is None:
+                publish(None)
+            with checked_on_load(self.halt):  # a large model's forward is long: stop between blocks
+                run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
+                                prompts=None if probe else self.prompts, steps=GENERATION_STEPS,
+                                publish=publish if name == UNMERGED else None, follow=continuation)
+        except BaseException as exc:
+            if generated is not None and not generated.done():
+                generated.set_exception(exc)  # what the models waiting for the continuation raise too
+            raise
+        self.runs[name, dtype, probe] = run
+        del model
+        gc.collect()
+
+    def _rounded(self, dtype: torch.dtype):
+        """The correctly rounded merge. When the weight check found every tensor of the folder equal
+        to its correctly rounded value, those tensors *are* that merge's: the model is assembled
+        from the base with the folder's tensors read in (d2export's own assembly, not transformers'
+        loading of the folder), instead of computing every merged tensor a second time."""
+        weights = self.weights()
+        plan = _rounded_plan(self.job, self.report.merged_dtype)
+        if weights is None or not weights.all_exact:
+            return merged_model(plan, dtype, resident_bytes=self.resident)
+        folder, prefix = self.folder, plan.arch.base_model_prefix
+        return merged_model(plan, dtype, resident_bytes=self.resident,
+                            values=lambda t: folder.read(find_name(t.name, folder.tensors, prefix)))
+
+    def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
+        ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
+        if probe:
+            ref = ModelRun(ref.outputs[:1])
+        comparison, generation = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
+                                              distributions=self.distributions,
+                                              continuation=None if probe else self.continuation.get(dtype))
+        return OutputCheck(rung, candidate, reference, dtype, self.output, comparison,
+                           generation if reference == UNMERGED else None)
+
+    def checks(self, dtype: str, say) -> list[OutputCheck]:
+        report, thresholds = self.report, self.options.thresholds
+        self.side_by_side(dtype)
+        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
+        weights = self.weights()
+        exact = weights is not None and weights.all_exact
+        # When every tensor of the folder is the correctly rounded value, the folder *is* the
+        # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
+        # head, an ignored tensor or a wrong dtype changes every output), and the folder's own
+        # figures are then the floor, so the merge is not run over every input a second time.
+        loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact)
+        judge_loading(loading, exact)
+        if exact and loading.passed:
+            cost = replace(fidelity, rung="rounding cost", candidate=ROUNDED)
+        else:
+            cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
+        cost.rule = "figures only: what writing the folder's dtype costs"
+        explicit = thresholds.atol is not None or thresholds.min_top1 is not None
+        scale = fidelity.comparison.scale
+        fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
+        min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
+        unit = ULP.get(report.merged_dtype)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit,
+                       ceiling=None if unit is None else FLOOR_CEILING_UNITS * unit * scale)
+        c = fidelity.comparison
+        if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
+            report.notes.append(
+                f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
+                f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
+                f"{_share(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
+        for key in [k for k in self.runs if k[1] == dtype and k[0] != UNMERGED]:
+            del self.runs[key]  # the unmerged run stays for the PEFT comparison in float32
+        return [fidelity, loading, cost]
+
+    def peft_checks(self) -> list[OutputCheck]:
+        """PEFT's unmerged model against ours in float32, where the model fits in memory whole."""
+        size = _float32_bytes(self.job.base)
+        if not peft_usable(self.job.spec):
+            self.report.notes.append("PEFT reference not run: peft is not installed or cannot load this adapter")
+            return []
+        if self.resident is not None and size > self.resident:
+            self.report.notes.append(
+                f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in float32, "
+                f"more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with --resident)")
+            return []
+        check = self.compare("references", PEFT, UNMERGED, "float32")
+        check.generation = None
+        judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
+        return [check]
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _float32_bytes(folder: ModelFolder) -> int:
+    return 4 * sum(math.prod(info.shape) for info in folder.tensors.values() if is_float(info.dtype))
+
+
+def _rounded_plan(job: Job, dtype: str):
+    """The plan of the correctly rounded merge into ``dtype`` (the folder's): the job's own when it
+    writes that dtype already."""
+    floats = {str(t.out_dtype) for t in job.plan.tensors if t.update is not None or t.replacement is not None}
+    if floats <= {dtype}:
+        return job.plan
+    return build_plan(job.spec, job.base, MergeOptions(dtype=dtype, compute_dtype="float64"))
+
+
+def generation_prompts(batches: list[Batch], config: dict) -> Prompts:
+    """The calibration rows with the most real tokens (in the longest batch), cut to one length so
+    they run as one batch, and so that the prompt and the generated tokens fit the model's position
+    table (GPT-2-style learned positions end there)."""
+    at = max(range(len(batches)), key=lambda i: int(batches[i].attention_mask.sum(1).max()))
+    lengths = batches[at].attention_mask.sum(1)
+    longest = lengths.argsort(descending=True, stable=True)[:GENERATION_PROMPTS]
+    length = int(lengths[longest].min())
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int):
+        length = min(length, max(1, limit - GENERATION_STEPS))
+    return Prompts(at, longest, length)

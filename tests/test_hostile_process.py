@@ -270,3 +270,26 @@ def test_warnings_during_a_merge_stay_off_the_terminal(fixture, tmp_path, monkey
     proc = subprocess.run([sys.executable, "-c", NOISY, "--debug", *c.argv("--force")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "noise from a library" in proc.stderr, proc.stderr  # --debug shows them
+
+
+EXIT = """
+import atexit, sys, tempfile
+from pathlib import Path
+import torch  # once torch is imported, the command exits without tearing the interpreter down
+from d2export.cli import _exit
+
+spill = Path(tempfile.mkdtemp())
+atexit.register(lambda: (spill / "cleaned").write_text("yes"))
+sys.stdout.write(str(spill))  # buffered, no newline: must still reach the pipe
+sys.stderr.write("last words")
+_exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_the_quick_exit_keeps_the_exit_code_runs_atexit_and_flushes(code):
+    result = subprocess.run([sys.executable, "-c", EXIT, str(code)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert result.stderr == "last words"
+    assert (Path(result.stdout) / "cleaned").read_text() == "yes"
+    shutil.rmtree(result.stdout)

@@ -276,9 +276,10 @@ def test_verify_takes_the_trainer_checkpoint_too(fixture, tmp_path):
 def test_verbose_shows_the_libraries_log_and_the_default_does_not(merged):
     folder, out = merged("lora-llama")
     command = [sys.executable, "-m", "d2export", "verify", str(out), "--adapter", str(folder / "adapter"),
-               "--base", str(folder / "base"), "-q", "--no-peft"]
+               "--base", str(folder / "base"), "-q", "--no-peft", "--resident", "1KiB"]  # streamed: accelerate logs
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
     quiet = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     loud = subprocess.run([*command[:3], "-v", *command[3:]], capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "loading configuration file" in loud.stderr and "loading configuration file" not in quiet.stderr
+    assert "meta device" in loud.stderr and "meta device" not in quiet.stderr

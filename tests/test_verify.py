@@ -255,6 +255,27 @@ def test_padded_positions_are_not_compared():
     assert result.max_abs == 0.5 and result.worst == [1, 2, 1] and result.where() == "batch 1 row 2 position 1"
 
 
+def test_figures_do_not_depend_on_how_many_positions_are_compared_at_once(monkeypatch):
+    from d2export.runtime import comparison
+
+    batch = random_batches(51, lengths=(7,), batch_size=3)[0]
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(3, 7, 10, generator=generator)
+    candidate = reference + 0.01 * torch.randn(3, 7, 10, generator=generator)
+    candidate[0, 2, 4] = float("nan")  # a real position
+    figures = []
+    for elements in (comparison.COMPARE_ELEMENTS, 10, 25):  # all at once, one position, two and a half
+        monkeypatch.setattr(comparison, "COMPARE_ELEMENTS", elements)
+        result = OutputComparison()
+        result.add(reference, candidate, batch.attention_mask)
+        figures.append(result.to_dict())
+    assert figures[0]["max_abs"] == float("inf") and figures[0]["worst"] == [0, 0, 2]
+    for other in figures[1:]:
+        assert other.keys() == figures[0].keys()
+        for key, value in other.items():
+            assert value == pytest.approx(figures[0][key], rel=1e-12, nan_ok=True), key
+
+
 def test_spacing_matches_nextafter():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.tensor([1.0, 0.75, 3e-3, -2.5, 1e3], dtype=dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -100,9 +101,14 @@ def main(
 ) -> None:
     settings["debug"] = debug
     settings["verbose"] = verbose or debug
+    # read when transformers is first imported, which the commands do later (and only if needed)
     if settings["verbose"]:
-        # read when transformers is first imported, which the commands do later (and only if needed)
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # accelerate logs through the standard library, with no handler of its own: Python's last
+        # resort prints its warnings (a streamed model's "parameters on the meta device") to stderr
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
 @app.command("inspect")
@@ -197,7 +203,13 @@ def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options:
 
 def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,
             job=None, written: str = ""):
-    from ..verification import verify
+    import gc
+
+    gc.disable()  # torch's and transformers' imports: see verification.ladder.frozen_imports
+    try:
+        from ..verification import verify
+    finally:
+        gc.enable()
     from .process import tune_malloc
 
     tune_malloc(streaming=True)

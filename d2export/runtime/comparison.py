@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-COMPARE_ELEMENTS = 2**21  # output values compared at a time (16 MB in float64)
+# Output values compared at a time: 512 KB per float64 temporary, so that each stays in the cache
+# and below the size from which verify's heap maps blocks afresh (cli.process.tune_malloc), where
+# every temporary of every chunk would be page-faulted anew.
+COMPARE_ELEMENTS = 2**16
 
 
 @dataclass
@@ -56,12 +59,13 @@ class OutputComparison:
         for start in range(0, ref_all.shape[0], step):
             part = slice(start, start + step)
             ref, cand = ref_all[part].double(), cand_all[part].double()
-            per = (ref - cand).abs().nan_to_num(nan=float("inf")).amax(-1)
-            if keep is not None:
-                per = per.masked_fill(~keep[part], -1.0)
-                ref, cand = ref[keep[part]], cand[keep[part]]
-            per_position[part] = per
             diff = (ref - cand).abs()
+            per = diff.nan_to_num(nan=float("inf")).amax(-1)
+            if keep is not None:
+                kept = keep[part]
+                per = per.masked_fill(~kept, -1.0)
+                ref, cand, diff = ref[kept], cand[kept], diff[kept]
+            per_position[part] = per
             self.sum_abs += float(diff.nan_to_num(posinf=0.0).sum())
             self.values += diff.numel()
             self.scale = max(self.scale, float(ref.abs().max()) if ref.numel() else 0.0)

@@ -67,22 +67,37 @@ def stop_check(stop: threading.Event) -> Callable[..., None]:
 
 @contextmanager
 def frozen_imports(folder: Path):
-    """Every object alive once the model code is imported (torch's, transformers') left out of
+    """The model code imported, and every object alive then (torch's, transformers') left out of
     garbage collection for the duration: each model dropped between runs needs a full collection
     (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
-    too, with both model threads stopped (docs/design.md §6, *Cost*)."""
-    try:
-        import_model_code(folder)
-        frozen = True
-    except Exception:  # loading the model says what is wrong, in its own words
-        frozen = False
-    if frozen:
-        gc.freeze()
+    too, with both model threads stopped. The imports themselves run with collection paused: every
+    object they create lives as long as the process, so each collection they trigger only walks the
+    growing heap for nothing (docs/design.md §6, *Cost*)."""
+    with uncollected():
+        try:
+            import_model_code(folder)
+            frozen = True
+        except Exception:  # loading the model says what is wrong, in its own words
+            frozen = False
+        if frozen:
+            gc.freeze()
     try:
         yield
     finally:
         if frozen:
             gc.unfreeze()
+
+
+@contextmanager
+def uncollected():
+    """Garbage collection paused for the duration (for imports: see :func:`frozen_imports`)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Ladder:

@@ -213,13 +213,16 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
     The prompts are a prefix of some rows of one calibration batch, so that batch's forward is
     their prompt forward too: its key/value cache, cut to the prompts' rows and length, carries the
     continuation (a cache that cannot be cut, e.g. sliding-window layers, means one forward of the
-    prompts again). ``halt`` is called between forwards (it raises to stop the run)."""
+    prompts again). Every model runs that batch first; a follower keeps the cut cache through its
+    other batches and follows last, by when the generator has usually published its tokens (it
+    generates while the follower runs those batches, instead of the follower waiting for it).
+    ``halt`` is called between forwards (it raises to stop the run)."""
     outputs: list[torch.Tensor | None] = [None] * len(batches)
     order = list(range(len(batches)))
-    if prompts is not None:  # the generator starts with the prompts' batch, a follower ends with it
+    if prompts is not None:
         order.remove(prompts.batch)
-        order = [prompts.batch, *order] if publish is not None else [*order, prompts.batch]
-    followed = None
+        order.insert(0, prompts.batch)
+    followed = prompted = None
     for i in order:
         halt()
         if prompts is None or i != prompts.batch:
@@ -233,7 +236,10 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
         if publish is not None:
             publish(_greedy(model, prompts.tokens(batches), first, cache, steps, halt))
         else:
-            followed = _followed(model, prompts.tokens(batches), first, cache, follow())
+            prompted = first, cache
+    if prompted is not None:
+        halt()
+        followed = _followed(model, prompts.tokens(batches), *prompted, follow())
     return ModelRun(outputs, followed)
 
 

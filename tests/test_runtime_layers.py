@@ -35,3 +35,42 @@ def test_forward_equals_the_merged_weight():
     v = base.weight + 0.5 * (layer.B["pos"] @ layer.A["pos"]) - 0.3 * 0.5 * (layer.B["neg"] @ layer.A["neg"])
     merged = v * (base.weight.norm(dim=1) / v.norm(dim=1))[:, None]
     torch.testing.assert_close(layer(x), x @ merged.T + base.bias, rtol=1e-6, atol=1e-6)
+
+
+def _d2lora_pair(seed: int = 0):
+    """A training layer and a fixed one (as read from files) over the same base and factors."""
+    torch.manual_seed(seed)
+    base = nn.Linear(6, 5).double()
+    layers = [AdapterLayer(base, rank=2, scale=0.5, branches=("pos", "neg"), rescale=Rescale.ORIGINAL_NORM, tau=0.3,
+                           fixed=fixed).double() for fixed in (False, True)]
+    with torch.no_grad():
+        for b in layers[0].branches:
+            layers[0].A[b].normal_()
+            layers[0].B[b].normal_()
+            layers[1].A[b].copy_(layers[0].A[b])
+            layers[1].B[b].copy_(layers[0].B[b])
+    return layers
+
+
+@pytest.mark.parametrize("chunk", [None, 6, 13])  # the norms whole, a row at a time, two rows at a time
+def test_a_fixed_layer_keeps_its_row_scale_and_a_training_layer_follows_its_factors(monkeypatch, chunk):
+    from d2export.runtime import layers as layers_module
+
+    if chunk is not None:
+        monkeypatch.setattr(layers_module, "NORM_CHUNK_ELEMENTS", chunk)
+    training, fixed = _d2lora_pair()
+    assert fixed.original_norm is None  # a streamed base has no values yet: taken at the first forward
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(training(x), fixed(x))
+        assert torch.equal(fixed.original_norm, training.original_norm)
+        kept = fixed.row_scale()
+        assert fixed.row_scale() is kept  # computed once
+        training.A["pos"].mul_(2.0)  # a training step
+        fixed.A["pos"].mul_(2.0)  # never happens to a fixed layer: it keeps the scale it had
+        v = training.weight + 0.5 * (training.B["pos"] @ training.A["pos"]) - 0.15 * (training.B["neg"] @ training.A["neg"])
+        merged = v * (training.weight.norm(dim=1) / v.norm(dim=1))[:, None]
+        # (the original norms are kept in float32, as the constructor always kept them)
+        torch.testing.assert_close(training(x), x @ merged.T + training.bias, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(training.row_scale(), kept, rtol=1e-3)  # the step moved the scale
+        assert fixed.row_scale() is kept

@@ -10,8 +10,6 @@ matmuls, as during training. fixtures/build.py trains the D2-LoRA fixtures with 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,19 +19,26 @@ from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
 from .streaming import hoist, is_streamed, materialized, override_weights
 
+NORM_CHUNK_ELEMENTS = 2**17  # elements per float64 temporary of the reference row norms (1 MiB)
+
 
 class AdapterLayer(nn.Module):
     """One adapted module. Factors are canonical: ``B_t: [out, r]``, ``A_t: [r, in]``."""
 
     def __init__(self, base: nn.Module, *, rank: int, scale: float, branches=("lora",),
                  rescale: Rescale = Rescale.NONE, tau: float | None = None, learn_tau: bool = False,
-                 reference_norms: bool = True):
+                 reference_norms: bool = True, fixed: bool = False):
         super().__init__()
         self.base = base
         # True: row norms in float64 (the accuracy reference verify compares against). False: in the
         # weight dtype, as DoRA / D2-LoRA training and evaluation code computes them (what the
         # benchmark times, so the unmerged model costs what users' unmerged models cost).
         self.reference_norms = reference_norms
+        # ``fixed``: nothing changes the weights or factors after the first forward (a model built
+        # from files to be run), so the reference row scale is computed once and kept. Training
+        # (fixtures) builds layers without it and gets the scale of the current factors every time.
+        self.fixed = fixed
+        self._kept_scale: torch.Tensor | None = None
         self.embedding = isinstance(base, nn.Embedding)
         self.transposed = self.embedding or type(base).__name__ == "Conv1D"
         out, inp = self._canonical_weight().shape
@@ -46,8 +51,10 @@ class AdapterLayer(nn.Module):
         self.magnitude = nn.Parameter(torch.ones(out)) if rescale is Rescale.MAGNITUDE else None
         self.bias_delta: nn.Parameter | None = None
         if rescale is Rescale.ORIGINAL_NORM:
-            norms = torch.linalg.vector_norm(self._canonical_weight().detach().double(), dim=1)
-            self.register_buffer("original_norm", norms.to(torch.float32), persistent=False)
+            # a fixed layer's base may be streamed (its weight not loaded yet): it takes the norms
+            # at its first forward, when the weight is there anyway, instead of reading it now
+            self.register_buffer("original_norm", None if fixed else self._row_norms(lambda rows: 0.0).float(),
+                                 persistent=False)
 
     def __getattr__(self, name: str):
         """What the wrapped module has (``weight``, ``bias``, ``in_features``, ...): model code reads
@@ -62,11 +69,12 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def from_update(cls, base: nn.Module, update: ModuleUpdate, *, reference_norms: bool = True) -> AdapterLayer:
+        """The layer of an adapter read from its files, to be run (``fixed``)."""
         names = tuple(t.name for t in update.terms)
         scale = update.terms[0].coefficient
         tau = -update.terms[1].coefficient / scale if len(update.terms) == 2 else None
         layer = cls(base, rank=update.rank, scale=scale, branches=names, rescale=update.rescale, tau=tau,
-                    reference_norms=reference_norms)
+                    reference_norms=reference_norms, fixed=True)
         with torch.no_grad():
             for term in update.terms:
                 layer.A[term.name].copy_(to_torch(term.A))
@@ -93,19 +101,42 @@ class AdapterLayer(nn.Module):
             return None
         if not self.reference_norms:
             return self._row_scale_in_weight_dtype()
+        if self._kept_scale is not None:
+            return self._kept_scale
         # Norms of the adapted rows, in float64 so the reference itself adds no rounding worth
         # speaking of; DoRA and D2-LoRA treat them as constants in the backward pass.
-        v = self._canonical_weight().double() + self.delta().double()
-        norms = torch.linalg.vector_norm(v, dim=1).detach()
-        target = self.magnitude.double() if self.magnitude is not None else self.original_norm.double()
-        return (target / norms).to(self.base.weight.dtype)
+        norms = self._row_norms(lambda rows: sum(self.coefficient(b) * (self.B[b][rows] @ self.A[b])
+                                                 for b in self.branches))
+        scale = (self._target().double() / norms).to(self.base.weight.dtype)
+        if self.fixed and not torch.is_grad_enabled():
+            self._kept_scale = scale
+        return scale
+
+    def _row_norms(self, delta) -> torch.Tensor:
+        """float64 norms of the rows of the canonical weight plus ``delta(rows)``, a few rows at a
+        time: float64 copies of a whole 7B weight are over a GB."""
+        w = self._canonical_weight().detach()
+        norms = torch.empty(w.shape[0], dtype=torch.float64)
+        step = max(1, NORM_CHUNK_ELEMENTS // max(1, w.shape[1]))
+        for start in range(0, w.shape[0], step):
+            rows = slice(start, start + step)
+            v = w[rows].double() + torch.as_tensor(delta(rows)).double()
+            norms[rows] = torch.linalg.vector_norm(v, dim=1).detach()
+        return norms
+
+    def _target(self) -> torch.Tensor:
+        """What the rows are rescaled to: DoRA's learned magnitude, or D2-LoRA's original row norms."""
+        if self.magnitude is not None:
+            return self.magnitude
+        if self.original_norm is None:
+            self.original_norm = self._row_norms(lambda rows: 0.0).float()
+        return self.original_norm
 
     def _row_scale_in_weight_dtype(self) -> torch.Tensor:
         dtype = self.base.weight.dtype
         v = self._canonical_weight() + self.delta().to(dtype)
         norms = torch.linalg.vector_norm(v, dim=1).detach()
-        target = self.magnitude if self.magnitude is not None else self.original_norm
-        return target.to(dtype) / norms
+        return self._target().to(dtype) / norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding:
@@ -184,12 +215,9 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        # Only D2-LoRA's original row norms read the base weight's values; its shape and dtype are
-        # there on a streamed module too, so the others do not load it.
-        loaded = materialized(module) if update.rescale is Rescale.ORIGINAL_NORM else nullcontext()
-        with loaded:
-            layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
-            layer.to(module.weight.dtype)
+        # built from the module's shape and dtype, which a streamed module has without its values
+        layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
+        layer.to(module.weight.dtype)
         set_module(model, path, layer)
         hoist(layer, module)
     return model

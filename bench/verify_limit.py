@@ -1,14 +1,15 @@
 """What `d2export verify` costs, against the check a user writes by hand (bench/by_hand_check.py:
 PEFT's unmerged model and the merged folder through transformers, one 4x64 batch), on the 320M bf16
 Llama with a LoRA adapter, and its verdicts on correct bf16 merges (d2export's and PEFT's); then
-verify's peak RSS and time on the 7B shape.
+verify's peak RSS and time on the 7B shape. Beside them, verify of a D2-LoRA adapter's merge (two
+signed branches, rows rescaled to their original norms: the unmerged reference computes row norms).
 
 Each command is a fresh process measured whole by GNU time (wall time and peak RSS). The commands
 alternate and repeat, and medians are reported: other work on the machine moves absolute times, so
 read the ratios. Targets (issue 12): verify at most 1.5x the by-hand check at 320M with a peak RSS
 at most the model's bytes; at 7B a peak RSS under 4 GB.
 
-    python bench/verify_limit.py                    # both shapes; 7B: about 27 GB of disk
+    python bench/verify_limit.py                    # both shapes; 7B: about 41 GB of disk
     python bench/verify_limit.py --shapes 320m --repeats 3
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from synthetic import MB, PRESETS, build, d2export_command, measure, peft_command, print_table, write_results
 
 BY_HAND = Path(__file__).with_name("by_hand_check.py")
+D2LORA = "d2export verify, D2-LoRA"  # the same, of a D2-LoRA adapter's merge (row rescaling)
 TIME_TARGET = 1.5  # verify / by-hand, 320M
 RSS_TARGET_7B = 4e9  # bytes
 
@@ -50,15 +52,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_shape(args, key: str) -> dict:
     shape = PRESETS[key]
-    base, adapters = build(args.workdir, shape, ("lora",))
+    base, adapters = build(args.workdir, shape, ("lora", "d2lora"))
     adapter = adapters["lora"]
     folder = args.workdir / shape.key
-    ours, peft = folder / "merged-d2export", folder / "merged-peft"
-    report = folder / "verify.json"  # the timed run's own report: its verdict and figures
+    ours, peft, d2lora = folder / "merged-d2export", folder / "merged-peft", folder / "merged-d2export-d2lora"
+    # the timed runs' own reports: their verdicts and figures
+    reports = {"d2export verify": folder / "verify.json", D2LORA: folder / "verify-d2lora.json"}
     outcome: dict = {"model_bytes": 2 * shape.params, "params": shape.params}
     try:
         _run(d2export_command(base, adapter, ours), "d2export merge", ours)
-        commands = {"d2export verify": verify_command(ours, base, adapter, "--json")}
+        _run(d2export_command(base, adapters["d2lora"], d2lora), "d2export merge (D2-LoRA)", d2lora)
+        commands = {"d2export verify": verify_command(ours, base, adapter, "--json"),
+                    D2LORA: verify_command(d2lora, base, adapters["d2lora"], "--json")}
         if key == "320m":  # the by-hand check holds two whole models: at 7B it is no comparison
             commands["by hand"] = [sys.executable, str(BY_HAND), str(base), str(adapter), str(ours)]
         repeats = args.repeats if key == "320m" else 1
@@ -66,7 +71,7 @@ def run_shape(args, key: str) -> dict:
         for rep in range(repeats):
             order = list(commands) if rep % 2 == 0 else list(commands)[::-1]
             for name in order:
-                result = measure(commands[name], stdout=report if name == "d2export verify" else None)
+                result = measure(commands[name], stdout=reports.get(name))
                 if result.returncode != 0:
                     raise SystemExit(f"{name} exited {result.returncode}:\n{result.stderr_tail}")
                 runs.setdefault(name, []).append(result)
@@ -75,7 +80,8 @@ def run_shape(args, key: str) -> dict:
         outcome["runs"] = {n: [r.to_dict() for r in rs] for n, rs in runs.items()}
         outcome["median"] = {n: {"wall_s": statistics.median(r.wall_s for r in rs),
                                  "peak_rss": statistics.median(r.peak_rss for r in rs)} for n, rs in runs.items()}
-        outcome["verdicts"] = {"d2export merge": _verdict(0, report.read_text())}
+        outcome["verdicts"] = {"d2export merge": _verdict(0, reports["d2export verify"].read_text()),
+                               "d2export merge (D2-LoRA r16)": _verdict(0, reports[D2LORA].read_text())}
         if key == "320m":
             _run(peft_command(base, adapter, peft), "PEFT merge", peft)
             done = subprocess.run(verify_command(peft, base, adapter, "--json"), capture_output=True, text=True)
@@ -84,9 +90,10 @@ def run_shape(args, key: str) -> dict:
                                  f"{done.stderr[-2000:]}")
             outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, done.stdout)
     finally:
-        for path in (ours, peft):
+        for path in (ours, peft, d2lora):
             shutil.rmtree(path, ignore_errors=True)
-        report.unlink(missing_ok=True)
+        for report in reports.values():
+            report.unlink(missing_ok=True)
         if key == "7b" and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     return outcome
@@ -113,7 +120,8 @@ def summarise(record: dict) -> None:
         med = outcome["median"]
         rows = [[name, f"{m['wall_s']:.1f}", f"{m['peak_rss'] / MB:,.0f}",
                  f"{m['peak_rss'] / outcome['model_bytes']:.2f}"] for name, m in med.items()]
-        print(f"\n{key}: {outcome['model_bytes'] / MB:,.0f} MB bf16 base, LoRA r16 on every linear layer:")
+        print(f"\n{key}: {outcome['model_bytes'] / MB:,.0f} MB bf16 base, LoRA (D2-LoRA: its row) r16 on every "
+              "linear layer:")
         print_table(["command", "wall s", "peak RSS MB", "x model bytes"], rows)
         for tool, verdict in outcome["verdicts"].items():
             fid = verdict["fidelity"][0] if verdict["fidelity"] else {}

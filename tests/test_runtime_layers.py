@@ -68,7 +68,8 @@ def test_a_fixed_layer_keeps_its_row_scale_and_a_training_layer_follows_its_fact
         assert fixed.row_scale() is kept  # computed once
         training.A["pos"].mul_(2.0)  # a training step
         fixed.A["pos"].mul_(2.0)  # never happens to a fixed layer: it keeps the scale it had
-        v = training.weight + 0.5 * (training.B["pos"] @ training.A["pos"]) - 0.15 * (training.B["neg"] @ training.A["neg"])
+        A, B = training.A, training.B
+        v = training.weight + 0.5 * (B["pos"] @ A["pos"]) - 0.15 * (B["neg"] @ A["neg"])
         merged = v * (training.weight.norm(dim=1) / v.norm(dim=1))[:, None]
         # (the original norms are kept in float32, as the constructor always kept them)
         torch.testing.assert_close(training(x), x @ merged.T + training.bias, rtol=1e-6, atol=1e-6)

@@ -19,10 +19,11 @@ from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
 from .streaming import hoist, is_streamed, materialized, override_weights
 
-# Elements per float64 temporary of the reference row norms: 256 KB, in the cache and below the
-# size from which verify's heap maps blocks afresh (cli.process.tune_malloc), where each temporary
-# would be page-faulted anew (at 1 MiB, 1.9 million faults and 3.7 s of a 320M D2-LoRA verify).
-NORM_CHUNK_ELEMENTS = 2**15
+# Elements per block of the reference row norms, worked in one float64 scratch buffer per call:
+# 512 KB, so that it and the temporaries of the product and the norm stay below the size from which
+# verify's heap maps blocks afresh (cli.process.tune_malloc), where each would be page-faulted at
+# every block (docs/design.md §6, *Cost*).
+NORM_CHUNK_ELEMENTS = 2**16
 
 
 class AdapterLayer(nn.Module):
@@ -56,7 +57,7 @@ class AdapterLayer(nn.Module):
         if rescale is Rescale.ORIGINAL_NORM:
             # a fixed layer's base may be streamed (its weight not loaded yet): it takes the norms
             # at its first forward, when the weight is there anyway, instead of reading it now
-            self.register_buffer("original_norm", None if fixed else self._row_norms(lambda rows: 0.0).float(),
+            self.register_buffer("original_norm", None if fixed else self._row_norms().float(),
                                  persistent=False)
 
     def __getattr__(self, name: str):
@@ -106,8 +107,7 @@ class AdapterLayer(nn.Module):
             return self._row_scale_in_weight_dtype()
         if self._kept_scale is not None:
             return self._kept_scale
-        # Norms of the adapted rows, in float64 so the reference itself adds no rounding worth
-        # speaking of; DoRA and D2-LoRA treat them as constants in the backward pass.
+        # norms of the adapted rows in float64, so the reference itself adds no rounding worth speaking of
         norms = self._row_norms(lambda rows: sum(self.coefficient(b) * (self.B[b][rows] @ self.A[b])
                                                  for b in self.branches))
         scale = (self._target().double() / norms).to(self.base.weight.dtype)
@@ -115,16 +115,21 @@ class AdapterLayer(nn.Module):
             self._kept_scale = scale
         return scale
 
-    def _row_norms(self, delta) -> torch.Tensor:
-        """float64 norms of the rows of the canonical weight plus ``delta(rows)``, a few rows at a
-        time: float64 copies of a whole 7B weight are over a GB."""
+    @torch.no_grad()  # DoRA and D2-LoRA treat the norms as constants in the backward pass
+    def _row_norms(self, delta=None) -> torch.Tensor:
+        """float64 norms of the rows of the canonical weight plus ``delta(rows)`` (None: of the
+        weight), a few rows at a time: float64 copies of a whole 7B weight are over a GB."""
         w = self._canonical_weight().detach()
         norms = torch.empty(w.shape[0], dtype=torch.float64)
         step = max(1, NORM_CHUNK_ELEMENTS // max(1, w.shape[1]))
+        scratch = torch.empty((min(step, w.shape[0]), w.shape[1]), dtype=torch.float64)
         for start in range(0, w.shape[0], step):
             rows = slice(start, start + step)
-            v = w[rows].double() + torch.as_tensor(delta(rows)).double()
-            norms[rows] = torch.linalg.vector_norm(v, dim=1).detach()
+            v = scratch[: w[rows].shape[0]]
+            v.copy_(w[rows])
+            if delta is not None:
+                v.add_(delta(rows))  # in float64, the float32 delta converted exactly
+            torch.linalg.vector_norm(v, dim=1, out=norms[rows])
         return norms
 
     def _target(self) -> torch.Tensor:
@@ -132,7 +137,7 @@ class AdapterLayer(nn.Module):
         if self.magnitude is not None:
             return self.magnitude
         if self.original_norm is None:
-            self.original_norm = self._row_norms(lambda rows: 0.0).float()
+            self.original_norm = self._row_norms().float()
         return self.original_norm
 
     def _row_scale_in_weight_dtype(self) -> torch.Tensor:

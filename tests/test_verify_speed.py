@@ -114,6 +114,49 @@ def test_a_tampered_folder_still_gets_the_computed_merge(merged, tmp_path, monke
     assert "model.layers.1.mlp.up_proj.weight" in computed
 
 
+@pytest.mark.parametrize("name, tensor", [("d2lora-llama-bf16", "model.layers.1.mlp.up_proj.weight"),
+                                          ("dora-gpt2", "transformer.h.0.attn.c_attn.weight")])  # Conv1D
+def test_a_folder_a_unit_off_in_a_few_elements_is_corrected_not_merged_again(merged, tmp_path, monkeypatch,
+                                                                              name, tensor):
+    """Another tool's merge is off by a unit in a few elements: the weight check keeps their
+    correctly rounded values, the correctly rounded merge is the folder's tensors with those set
+    (``produce`` never runs), and every figure is what the computed merge gives."""
+    folder, out = merged(name)
+    bad = shutil.copytree(out, tmp_path / "bad")
+    spots = [(0, 1), (2, 5), (3, 0)]
+
+    def off_by_one(t):
+        bits = t.view(torch.int16 if t.dtype in (torch.bfloat16, torch.float16) else torch.int32)
+        for spot in spots:
+            bits[spot] += 1
+
+    tamper_tensor(bad, tensor, off_by_one)
+    with prepare(folder / "adapter", folder / "base") as job, ModelFolder.open(bad, "merged") as stored, \
+            ModelFolder.open(out, "merged") as right:
+        check = next(t for t in check_weights(job.plan, stored).tensors if t.name == find_name(
+            tensor, [t.name for t in job.plan.tensors], job.plan.arch.base_model_prefix))
+        where, values = check.corrections
+        columns = right.tensors[tensor].shape[1]
+        assert sorted(where.tolist()) == sorted(r * columns + c for r, c in spots)
+        corrected = np.array(stored.read(tensor))
+        corrected.reshape(-1)[where] = values.astype(corrected.dtype)
+        assert np.array_equal(corrected.view(np.uint8), np.asarray(right.read(tensor)).view(np.uint8))
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a merged tensor was computed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merging, "produce", refuse)
+        corrected = verify(bad, folder / "adapter", base=folder / "base")
+    assert corrected.weights.correctable and not corrected.weights.all_exact
+    monkeypatch.setattr(weights, "MAX_CORRECTIONS", 0)  # nothing kept: the merge is computed
+    monkeypatch.setattr(weights, "CORRECTION_SHARE", 2**62)
+    computed = verify(bad, folder / "adapter", base=folder / "base")
+    assert not computed.weights.correctable
+    assert [o.to_dict() for o in corrected.outputs] == [o.to_dict() for o in computed.outputs]
+    assert corrected.passed == computed.passed
+
+
 def test_one_thread_restores_the_thread_count():
     threads = torch.get_num_threads()
     with one_thread():

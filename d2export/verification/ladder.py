@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..arrays import is_float
@@ -214,14 +215,27 @@ class Ladder:
         """The correctly rounded merge. When the weight check found every tensor of the folder equal
         to its correctly rounded value, those tensors *are* that merge's: the model is assembled
         from the base with the folder's tensors read in (d2export's own assembly, not transformers'
-        loading of the folder), instead of computing every merged tensor a second time."""
+        loading of the folder), instead of computing every merged tensor a second time. When it
+        found a few elements off (another tool's merge), it kept their correctly rounded values,
+        and the folder's tensors with those set are that merge's, likewise. (Streamed, a computed
+        merge is computed again at every pass over the model.)"""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
-        if weights is None or not weights.all_exact:
+        if weights is None or not (weights.all_exact or weights.correctable):
             return merged_model(plan, dtype, resident_bytes=self.resident)
         folder, prefix = self.folder, plan.arch.base_model_prefix
-        return merged_model(plan, dtype, resident_bytes=self.resident,
-                            values=lambda t: folder.read(find_name(t.name, folder.tensors, prefix)))
+        corrections = {t.name: t.corrections for t in weights.tensors if t.corrections is not None}
+
+        def value(t) -> np.ndarray:
+            stored = folder.read(find_name(t.name, folder.tensors, prefix))
+            if t.name not in corrections:
+                return stored
+            where, rounded = corrections[t.name]
+            corrected = np.array(stored)
+            corrected.reshape(-1)[where] = rounded.astype(corrected.dtype)
+            return corrected
+
+        return merged_model(plan, dtype, resident_bytes=self.resident, values=value)
 
     def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
         ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)

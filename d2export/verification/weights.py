@@ -19,7 +19,7 @@ import functools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -42,6 +42,10 @@ from ..reading import ModelFolder
 #   (relative 4e-6) leaves room for 4096-wide and wider rows, while an algebraic defect (a wrong
 #   scale or tau, a dropped branch, a missing rescale) moves elements by 10^4 units and more.
 DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
+# Elements a tensor may differ from its correctly rounded value in and still have them kept as
+# corrections: MAX_CORRECTIONS, or one per CORRECTION_SHARE elements if more (another tool's merge
+# is off in a few; at that share a 7B model's corrections stay under about 100 MB).
+MAX_CORRECTIONS, CORRECTION_SHARE = 4096, 1024
 
 
 def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -80,10 +84,17 @@ class TensorCheck:
     # norm of the rounding error relative to the norm of the update.
     update_vanished: float | None = None
     update_lost: float | None = None
+    # The elements that are not the correctly rounded value, when few (:data:`MAX_CORRECTIONS`):
+    # flat indices in the stored layout and the correctly rounded values (float64). With them the
+    # correctly rounded merge is the folder's tensor corrected, not a merge computed again.
+    corrections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
         return self.problem is None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "corrections"}
 
 
 @dataclass
@@ -104,6 +115,14 @@ class WeightReport:
         """Every tensor is the correctly rounded value (or the base's bytes), none is extra."""
         return self.passed and not self.extra and all(
             t.identical if t.action in ("copy", "unselected") else t.exact_fraction == 1.0 for t in self.tensors)
+
+    @property
+    def correctable(self) -> bool:
+        """Every tensor is the correctly rounded value (or the base's bytes) once its
+        :attr:`TensorCheck.corrections` are applied, none is extra."""
+        return self.passed and not self.extra and all(
+            t.identical if t.action in ("copy", "unselected") else t.exact_fraction == 1.0 or t.corrections is not None
+            for t in self.tensors)
 
     def rounding_cost(self, worst: int = 3) -> dict:
         """The update lost to rounding: overall (norm-weighted) and the modules that lose most."""
@@ -134,7 +153,7 @@ class WeightReport:
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "extra_tensors": self.extra,
-                "tensors": [{**asdict(t), "passed": t.passed} for t in self.tensors]}
+                "tensors": [{**t.to_dict(), "passed": t.passed} for t in self.tensors]}
 
 
 def check_weights(
@@ -237,6 +256,9 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     if t.action is Action.MERGE:
         cost = _RoundingCost(dtype, base_in_dtype=plan.base.tensors[t.source].dtype == dtype)
     scratch: list[np.ndarray] = []
+    limit = max(MAX_CORRECTIONS, check.elements // CORRECTION_SHARE)
+    where: list[np.ndarray] | None = []
+    values: list[np.ndarray] = []
     for rows, exact, start, scale, candidate, base, products in _blocks(plan, t, stored):
         if not scratch or scratch[0].size < exact.size:
             scratch = [np.empty(exact.size, float64) for _ in range(4)]
@@ -245,7 +267,16 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
             start = np.multiply(start, scale, out=start_g)
         np.copyto(rounded, round_to_dtype(exact, dtype))  # the correctly rounded value, in float64
         np.copyto(err, candidate)
-        exact_count += int(np.count_nonzero(err == rounded))
+        differ = np.flatnonzero(err != rounded)
+        exact_count += exact.size - differ.size
+        if where is not None and differ.size:
+            if sum(w.size for w in where) + differ.size > limit:
+                where = None  # too many to keep: the correctly rounded merge is computed instead
+            else:
+                transposed = t.transposed and t.action is Action.MERGE  # only merged rows are canonical
+                where.append(_stored_index(differ, rows, exact, canonical_shape=stored.T.shape if transposed
+                                           else stored.shape, transposed=transposed))
+                values.append(rounded.reshape(-1)[differ])
         if cost is not None:
             cost.add(exact, rounded, base, work)
         np.subtract(err, exact, out=err)
@@ -268,9 +299,22 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     if cost is not None:
         check.update_vanished, check.update_lost = cost.result()
     check.exact_fraction = exact_count / check.elements if check.elements else 1.0
+    if where is not None and where:
+        check.corrections = np.concatenate(where), np.concatenate(values)
     if not check.max_units <= check.max_units_allowed:
         check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
+
+
+def _stored_index(differ: np.ndarray, rows: slice, block: np.ndarray, *, canonical_shape: tuple,
+                  transposed: bool) -> np.ndarray:
+    """Flat indices in the stored layout of the flat indices ``differ`` of a block of canonical rows
+    (``rows``, ``block`` its values; a 1-d or 0-d tensor's rows are its elements)."""
+    flat = differ + rows.start * int(np.prod(block.shape[1:], dtype=np.int64))
+    if not transposed:
+        return flat
+    row, column = np.divmod(flat, canonical_shape[1])
+    return column * canonical_shape[0] + row  # stored[column, row] is canonical[row, column]
 
 
 def _units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, dtype: np.dtype, *, out: np.ndarray,

@@ -27,6 +27,7 @@ from synthetic import MB, PRESETS, build, d2export_command, measure, peft_comman
 
 BY_HAND = Path(__file__).with_name("by_hand_check.py")
 D2LORA = "d2export verify, D2-LoRA"  # the same, of a D2-LoRA adapter's merge (row rescaling)
+PEFT = "d2export verify, PEFT's merge"  # the same adapter merged by PEFT's merge_and_unload
 TIME_TARGET = 1.5  # verify / by-hand, 320M
 RSS_TARGET_7B = 4e9  # bytes
 
@@ -57,7 +58,8 @@ def run_shape(args, key: str) -> dict:
     folder = args.workdir / shape.key
     ours, peft, d2lora = folder / "merged-d2export", folder / "merged-peft", folder / "merged-d2export-d2lora"
     # the timed runs' own reports: their verdicts and figures
-    reports = {"d2export verify": folder / "verify.json", D2LORA: folder / "verify-d2lora.json"}
+    reports = {"d2export verify": folder / "verify.json", D2LORA: folder / "verify-d2lora.json",
+               PEFT: folder / "verify-peft.json"}
     outcome: dict = {"model_bytes": 2 * shape.params, "params": shape.params}
     try:
         _run(d2export_command(base, adapter, ours), "d2export merge", ours)
@@ -84,11 +86,15 @@ def run_shape(args, key: str) -> dict:
                                "d2export merge (D2-LoRA r16)": _verdict(0, reports[D2LORA].read_text())}
         if key == "320m":
             _run(peft_command(base, adapter, peft), "PEFT merge", peft)
-            done = subprocess.run(verify_command(peft, base, adapter, "--json"), capture_output=True, text=True)
+            # timed once: a folder a unit off in a few elements, so the correctly rounded merge runs whole
+            done = measure(verify_command(peft, base, adapter, "--json"), stdout=reports[PEFT])
             if done.returncode not in (0, 1):
                 raise SystemExit(f"verify of PEFT's merge could not run (exit {done.returncode}):\n"
-                                 f"{done.stderr[-2000:]}")
-            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, done.stdout)
+                                 f"{done.stderr_tail}")
+            print(f"{key:5} {PEFT:16} run 1: {done.wall_s:7.1f} s, peak RSS {done.peak_rss / MB:8,.0f} MB", flush=True)
+            outcome["runs"][PEFT] = [done.to_dict()]
+            outcome["median"][PEFT] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
+            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, reports[PEFT].read_text())
     finally:
         for path in (ours, peft, d2lora):
             shutil.rmtree(path, ignore_errors=True)

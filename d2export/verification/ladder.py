@@ -221,7 +221,7 @@ class Ladder:
         merge is computed again at every pass over the model.)"""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
-        if weights is None or not (weights.all_exact or weights.correctable):
+        if weights is None or not weights.correctable:  # an exact folder is correctable, with nothing to correct
             return merged_model(plan, dtype, resident_bytes=self.resident)
         folder, prefix = self.folder, plan.arch.base_model_prefix
         corrections = {t.name: t.corrections for t in weights.tensors if t.corrections is not None}

@@ -203,13 +203,10 @@ def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options:
 
 def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,
             job=None, written: str = ""):
-    import gc
+    from ..runtime.imports import uncollected
 
-    gc.disable()  # torch's and transformers' imports: see verification.ladder.frozen_imports
-    try:
+    with uncollected():  # torch's and transformers' imports
         from ..verification import verify
-    finally:
-        gc.enable()
     from .process import tune_malloc
 
     tune_malloc(streaming=True)

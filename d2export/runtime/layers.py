@@ -96,9 +96,9 @@ class AdapterLayer(nn.Module):
     def coefficient(self, branch: str) -> torch.Tensor | float:
         return -self.tau * self.scale if branch == "neg" else self.scale
 
-    def delta(self) -> torch.Tensor:
-        """The canonical low-rank update (only used for the row norms, as DoRA does)."""
-        return sum(self.coefficient(b) * (self.B[b] @ self.A[b]) for b in self.branches)
+    def delta(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The canonical low-rank update, of ``rows`` (only used for the row norms, as DoRA does)."""
+        return sum(self.coefficient(b) * (self.B[b][rows] @ self.A[b]) for b in self.branches)
 
     def row_scale(self) -> torch.Tensor | None:
         if self.rescale is Rescale.NONE:
@@ -108,8 +108,7 @@ class AdapterLayer(nn.Module):
         if self._kept_scale is not None:
             return self._kept_scale
         # norms of the adapted rows in float64, so the reference itself adds no rounding worth speaking of
-        norms = self._row_norms(lambda rows: sum(self.coefficient(b) * (self.B[b][rows] @ self.A[b])
-                                                 for b in self.branches))
+        norms = self._row_norms(self.delta)
         scale = (self._target().double() / norms).to(self.base.weight.dtype)
         if self.fixed and not torch.is_grad_enabled():
             self._kept_scale = scale

@@ -22,6 +22,7 @@ from ..options import MergeOptions, VerifyOptions
 from ..plan import build_plan
 from ..reading import ModelFolder
 from ..runtime.calibration import Batch
+from ..runtime.imports import uncollected
 from ..runtime.models import (
     TORCH_DTYPES,
     head_kind,
@@ -71,9 +72,8 @@ def frozen_imports(folder: Path):
     """The model code imported, and every object alive then (torch's, transformers') left out of
     garbage collection for the duration: each model dropped between runs needs a full collection
     (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
-    too, with both model threads stopped. The imports themselves run with collection paused: every
-    object they create lives as long as the process, so each collection they trigger only walks the
-    growing heap for nothing (docs/design.md §6, *Cost*)."""
+    too, with both model threads stopped. The imports themselves run with collection paused
+    (:func:`..runtime.imports.uncollected`; docs/design.md §6, *Cost*)."""
     with uncollected():
         try:
             import_model_code(folder)
@@ -87,18 +87,6 @@ def frozen_imports(folder: Path):
     finally:
         if frozen:
             gc.unfreeze()
-
-
-@contextmanager
-def uncollected():
-    """Garbage collection paused for the duration (for imports: see :func:`frozen_imports`)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Ladder:

@@ -43,8 +43,8 @@ from ..reading import ModelFolder
 #   scale or tau, a dropped branch, a missing rescale) moves elements by 10^4 units and more.
 DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
 # Elements a tensor may differ from its correctly rounded value in and still have them kept as
-# corrections: MAX_CORRECTIONS, or one per CORRECTION_SHARE elements if more (another tool's merge
-# is off in a few; at that share a 7B model's corrections stay under about 100 MB).
+# corrections: MAX_CORRECTIONS, or one per CORRECTION_SHARE elements if more. Another tool's merge
+# is off in a few; the share bounds what is kept to a small fraction of the model's own bytes.
 MAX_CORRECTIONS, CORRECTION_SHARE = 4096, 1024
 
 
@@ -250,15 +250,12 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     more are mapped apart while verify runs, ``cli.process.tune_malloc``), and the weight check
     shares the cores with the output checks' models."""
     dtype = stored.dtype
-    exact_count = 0
     worst_units, worst_at = -1.0, None
     cost = None
     if t.action is Action.MERGE:
         cost = _RoundingCost(dtype, base_in_dtype=plan.base.tensors[t.source].dtype == dtype)
+    corrections = _Corrections(t, stored, limit=max(MAX_CORRECTIONS, check.elements // CORRECTION_SHARE))
     scratch: list[np.ndarray] = []
-    limit = max(MAX_CORRECTIONS, check.elements // CORRECTION_SHARE)
-    where: list[np.ndarray] | None = []
-    values: list[np.ndarray] = []
     for rows, exact, start, scale, candidate, base, products in _blocks(plan, t, stored):
         if not scratch or scratch[0].size < exact.size:
             scratch = [np.empty(exact.size, float64) for _ in range(4)]
@@ -267,27 +264,12 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
             start = np.multiply(start, scale, out=start_g)
         np.copyto(rounded, round_to_dtype(exact, dtype))  # the correctly rounded value, in float64
         np.copyto(err, candidate)
-        differ = np.flatnonzero(err != rounded)
-        exact_count += exact.size - differ.size
-        if where is not None and differ.size:
-            if sum(w.size for w in where) + differ.size > limit:
-                where = None  # too many to keep: the correctly rounded merge is computed instead
-            else:
-                transposed = t.transposed and t.action is Action.MERGE  # only merged rows are canonical
-                where.append(_stored_index(differ, rows, exact, canonical_shape=stored.T.shape if transposed
-                                           else stored.shape, transposed=transposed))
-                values.append(rounded.reshape(-1)[differ])
+        corrections.add(np.flatnonzero(err != rounded), rows, rounded)
         if cost is not None:
             cost.add(exact, rounded, base, work)
         np.subtract(err, exact, out=err)
         np.abs(err, out=err)
-        units = _units(err, exact, start, dtype, out=rounded, work=work)
-        block_worst = float(units.max())
-        if products is not None and block_worst > 0.5:
-            # not correctly rounded at the result's own scale: the products' scale may excuse it
-            # (computed only then: it costs as much as the merge's product itself, in float64)
-            units = err / spacing(np.maximum(_operands(exact, start), products()), dtype)
-            block_worst = float(units.max())
+        units, block_worst = _block_units(err, exact, start, products, dtype, out=rounded, work=work)
         check.max_abs = max(check.max_abs, float(err.max()))
         if block_worst > worst_units:
             worst_units = block_worst
@@ -298,23 +280,55 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     check.worst = worst_at
     if cost is not None:
         check.update_vanished, check.update_lost = cost.result()
-    check.exact_fraction = exact_count / check.elements if check.elements else 1.0
-    if where is not None and where:
-        check.corrections = np.concatenate(where), np.concatenate(values)
+    check.exact_fraction = (check.elements - corrections.count) / check.elements if check.elements else 1.0
+    check.corrections = corrections.result()
     if not check.max_units <= check.max_units_allowed:
         check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
 
 
-def _stored_index(differ: np.ndarray, rows: slice, block: np.ndarray, *, canonical_shape: tuple,
-                  transposed: bool) -> np.ndarray:
-    """Flat indices in the stored layout of the flat indices ``differ`` of a block of canonical rows
-    (``rows``, ``block`` its values; a 1-d or 0-d tensor's rows are its elements)."""
-    flat = differ + rows.start * int(np.prod(block.shape[1:], dtype=np.int64))
-    if not transposed:
-        return flat
-    row, column = np.divmod(flat, canonical_shape[1])
-    return column * canonical_shape[0] + row  # stored[column, row] is canonical[row, column]
+class _Corrections:
+    """A tensor's elements that are not the correctly rounded value: how many (``count``), and
+    which with their correct values while there are at most ``limit`` (:attr:`TensorCheck.corrections`)."""
+
+    def __init__(self, t: TensorPlan, stored: np.ndarray, *, limit: int):
+        self.transposed = t.transposed and t.action is Action.MERGE  # only merged rows are canonical
+        self.canonical_shape = stored.T.shape if self.transposed else stored.shape
+        self.limit, self.count = limit, 0
+        self.where: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, differ: np.ndarray, rows: slice, rounded: np.ndarray) -> None:
+        """``differ``: flat indices into ``rounded``, the correctly rounded values of the canonical
+        ``rows`` (a 1-d or 0-d tensor's rows are its elements)."""
+        self.count += differ.size
+        if not differ.size or self.count > self.limit:
+            return  # beyond the limit, result() gives None: the correctly rounded merge is computed
+        flat = differ + rows.start * int(np.prod(rounded.shape[1:], dtype=np.int64))
+        if self.transposed:
+            row, column = np.divmod(flat, self.canonical_shape[1])
+            flat = column * self.canonical_shape[0] + row  # stored[column, row] is canonical[row, column]
+        self.where.append(flat)
+        self.values.append(rounded.reshape(-1)[differ])
+
+    def result(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.where or self.count > self.limit:
+            return None
+        return np.concatenate(self.where), np.concatenate(self.values)
+
+
+def _block_units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, products, dtype: np.dtype, *,
+                 out: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, float]:
+    """``err`` in units of ``dtype`` (:func:`_units`) and the largest; where that is over half a
+    unit, at the scale of the update's products (``products``, a function, or None) if larger."""
+    units = _units(err, exact, start, dtype, out=out, work=work)
+    worst = float(units.max())
+    if products is not None and worst > 0.5:
+        # not correctly rounded at the result's own scale: the products' scale may excuse it
+        # (computed only then: it costs as much as the merge's product itself, in float64)
+        units = err / spacing(np.maximum(_operands(exact, start), products()), dtype)
+        worst = float(units.max())
+    return units, worst
 
 
 def _units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, dtype: np.dtype, *, out: np.ndarray,

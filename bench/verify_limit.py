@@ -1,8 +1,9 @@
 """What `d2export verify` costs, against the check a user writes by hand (bench/by_hand_check.py:
 PEFT's unmerged model and the merged folder through transformers, one 4x64 batch), on the 320M bf16
-Llama with a LoRA adapter, and its verdicts on correct bf16 merges (d2export's and PEFT's); then
-verify's peak RSS and time on the 7B shape. Beside them, verify of a D2-LoRA adapter's merge (two
-signed branches, rows rescaled to their original norms: the unmerged reference computes row norms).
+Llama with a LoRA adapter, and its verdicts on correct bf16 merges (d2export's and PEFT's, PEFT's
+also in a bf16 run); then verify's peak RSS and time on the 7B shape. Beside them, verify of a
+D2-LoRA adapter's merge (two signed branches, rows rescaled to their original norms: the unmerged
+reference computes row norms).
 
 Each command is a fresh process measured whole by GNU time (wall time and peak RSS). The commands
 alternate and repeat, and medians are reported: other work on the machine moves absolute times, so
@@ -28,6 +29,7 @@ from synthetic import MB, PRESETS, build, d2export_command, measure, peft_comman
 BY_HAND = Path(__file__).with_name("by_hand_check.py")
 D2LORA = "d2export verify, D2-LoRA"  # the same, of a D2-LoRA adapter's merge (row rescaling)
 PEFT = "d2export verify, PEFT's merge"  # the same adapter merged by PEFT's merge_and_unload
+PEFT_BF16 = "d2export verify --dtypes bf16, PEFT's merge"
 TIME_TARGET = 1.5  # verify / by-hand, 320M
 RSS_TARGET_7B = 4e9  # bytes
 
@@ -57,6 +59,7 @@ def run_shape(args, key: str) -> dict:
     adapter = adapters["lora"]
     folder = args.workdir / shape.key
     ours, peft, d2lora = folder / "merged-d2export", folder / "merged-peft", folder / "merged-d2export-d2lora"
+    wrong = folder / "merged-wrong-scale"
     # the timed runs' own reports: their verdicts and figures
     reports = {"d2export verify": folder / "verify.json", D2LORA: folder / "verify-d2lora.json",
                PEFT: folder / "verify-peft.json"}
@@ -95,14 +98,46 @@ def run_shape(args, key: str) -> dict:
             outcome["runs"][PEFT] = [done.to_dict()]
             outcome["median"][PEFT] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
             outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, reports[PEFT].read_text())
+            # the same folder judged in a bf16 run, where every activation's rounding makes the folder and
+            # the correctly rounded merge flip different near-ties: the top-1 sign test's case
+            done = measure(verify_command(peft, base, adapter, "--json", "--dtypes", "bf16"), stdout=reports[PEFT])
+            if done.returncode not in (0, 1):
+                raise SystemExit(f"verify --dtypes bf16 of PEFT's merge could not run (exit {done.returncode}):\n"
+                                 f"{done.stderr_tail}")
+            outcome["runs"][PEFT_BF16] = [done.to_dict()]
+            outcome["median"][PEFT_BF16] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
+            outcome["verdicts"]["PEFT merge_and_unload, run in bf16"] = _verdict(done.returncode,
+                                                                                 reports[PEFT].read_text())
+            outcome["verdicts"].update(_wrong_scale(folder, base, adapter, wrong))
     finally:
-        for path in (ours, peft, d2lora):
+        for path in (ours, peft, d2lora, wrong, folder / "adapter-wrong-scale"):
             shutil.rmtree(path, ignore_errors=True)
         for report in reports.values():
             report.unlink(missing_ok=True)
         if key == "7b" and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     return outcome
+
+
+def _wrong_scale(folder: Path, base: Path, adapter: Path, out: Path) -> dict:
+    """A defect at real size: the adapter merged with lora_alpha 6% too large (34 for 32), verified
+    against the right adapter in a float32 and in a bf16 run. The weight check fails it either way;
+    the figures show what the output rungs alone see of it in each run dtype."""
+    wrong_adapter = folder / "adapter-wrong-scale"
+    shutil.rmtree(wrong_adapter, ignore_errors=True)
+    shutil.copytree(adapter, wrong_adapter)
+    config_file = wrong_adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 17 / 16}))
+    _run(d2export_command(base, wrong_adapter, out), "d2export merge (wrong scale)", out)
+    verdicts = {}
+    for dtype in ("fp32", "bf16"):
+        done = subprocess.run(verify_command(out, base, adapter, "--json", "--dtypes", dtype), capture_output=True,
+                              text=True)
+        if done.returncode != 1:
+            raise SystemExit(f"verify of a wrong scale exited {done.returncode}, not 1:\n{done.stderr[-2000:]}")
+        verdicts[f"d2export merge, lora_alpha 6% too large, run in {dtype}"] = _verdict(done.returncode, done.stdout)
+    return verdicts
 
 
 def _run(command: list[str], what: str, out: Path) -> None:
@@ -117,7 +152,9 @@ def _verdict(returncode: int, stdout: str) -> dict:
     report = json.loads(stdout)
     fidelity = [o for o in report["outputs"] if o["rung"] == "fidelity"]
     return {"exit": returncode, "failures": report["failures"], "notes": report["notes"],
-            "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule")} for o in fidelity],
+            "outputs_failed": [f for f in report["failures"] if f.startswith("outputs")],
+            "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule", "top1_sign_test")}
+                         for o in fidelity],
             "rounding_floor": [o["rounding_floor"] for o in fidelity]}
 
 
@@ -132,9 +169,14 @@ def summarise(record: dict) -> None:
         for tool, verdict in outcome["verdicts"].items():
             fid = verdict["fidelity"][0] if verdict["fidelity"] else {}
             floor = verdict["rounding_floor"][0] if verdict["rounding_floor"] else {}
-            print(f"{tool}: verify exit {verdict['exit']}; float32 top-1 {fid.get('top1', 0):.2%} (correctly rounded "
-                  f"merge {floor.get('top1', 0):.2%}), max |d| {fid.get('max_abs', 0):.3g} (floor "
-                  f"{floor.get('max_abs', 0):.3g}){'; ' + verdict['failures'][0] if verdict['failures'] else ''}")
+            sign = fid.get("top1_sign_test") or {}
+            print(f"{tool}: verify exit {verdict['exit']}; {fid.get('dtype')} top-1 {fid.get('top1', 0):.2%} "
+                  f"(correctly rounded merge {floor.get('top1', 0):.2%}; positions only the folder misses "
+                  f"{sign.get('only_candidate', '-')}, only the merge {sign.get('only_floor', '-')}), max |d| "
+                  f"{fid.get('max_abs', 0):.3g} (floor {floor.get('max_abs', 0):.3g}), p {sign.get('p', 1):.2g}; "
+                  + ("; ".join(verdict["outputs_failed"]) or "outputs pass")
+                  + ("; the weight check fails it" if any(f.startswith("weights") for f in verdict["failures"])
+                     else ""))
         ours = med["d2export verify"]
         rss = ours["peak_rss"]
         targets = []

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import build
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +17,7 @@ from d2export.runtime.calibration import config_batches
 from d2export.runtime.comparison import OutputComparison
 from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
 from d2export.runtime.streaming import is_streamed
-from d2export.verification.outputs import FLOOR_CEILING_UNITS, OutputCheck, judge_fidelity
+from d2export.verification.outputs import FLOOR_CEILING_UNITS, OutputCheck, judge_fidelity, sign_test
 
 
 def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):
@@ -112,3 +113,45 @@ def test_the_floor_excuses_rounding_but_not_a_plan_that_computes_another_model()
     float32 = _check(0.2)  # a float32 folder: no rounding to excuse
     judge_fidelity(float32, _check(0.19), fixed_abs=1e-4, min_top1=0.99, explicit=False, ceiling=None)
     assert not float32.passed
+
+
+def _bf16_run(misses: list[int], positions: int = 312) -> OutputCheck:
+    """A bf16 run's comparison with the unmerged model whose top-1 differs at ``misses``."""
+    hits = torch.ones(positions, dtype=torch.bool)
+    hits[misses] = False
+    comparison = OutputComparison(positions=positions, max_abs=0.075, scale=3.58, top1_agree=int(hits.sum()),
+                                  top1_hits=[hits[:100], hits[100:]])
+    return OutputCheck("fidelity", "merged folder", "unmerged model", "bfloat16", "logits", comparison)
+
+
+def test_top1_beside_the_floor_is_judged_by_a_sign_test_on_the_positions_only_one_model_misses():
+    """PEFT's bf16 merge of the 320M Llama, run in bf16 (bench/README.md): the folder's top-1
+    differed from the unmerged model's at 17 of 312 positions (94.55%, under the fixed 95%), the
+    correctly rounded merge's at 13, 6 of the folder's where the merge agreed and 2 the other way.
+    A fixed half-point margin failed it; 6 against 2 is chance (p = 37/256). A folder that misses 12
+    positions more, all where the merge is right, is not (p = 2**-12)."""
+    limits = {"fixed_abs": 16 * 2.0**-8 * 3.58, "min_top1": 0.95, "explicit": False,
+              "ceiling": FLOOR_CEILING_UNITS * 2.0**-8 * 3.58}
+    floor = _bf16_run(list(range(13)))
+    peft = _bf16_run([*range(11), *range(100, 106)])
+    judge_fidelity(peft, floor, **limits)
+    assert peft.passed, peft.problem
+    assert peft.sign_test == {"only_candidate": 6, "only_floor": 2, "p": pytest.approx(37 / 256)}
+    assert peft.to_dict()["top1_sign_test"] == peft.sign_test
+    defect = _bf16_run([*range(13), *range(100, 112)])
+    judge_fidelity(defect, floor, **limits)
+    assert not defect.passed and "sign test p < 0.001" in defect.problem
+    assert defect.sign_test["p"] == pytest.approx(2.0**-12)
+    above_the_fixed_limit = _bf16_run([*range(13), *range(100, 112)], positions=1000)  # 97.5%
+    judge_fidelity(above_the_fixed_limit, _bf16_run(list(range(13)), positions=1000), **limits)
+    assert above_the_fixed_limit.passed, above_the_fixed_limit.problem
+
+
+def test_the_sign_test_and_without_records_the_strictest_reading_of_the_counts():
+    assert sign_test(0, 0) == 1.0 and sign_test(1, 0) == pytest.approx(0.5)
+    assert sign_test(3, 3) == pytest.approx(42 / 64)
+    assert sign_test(10, 0) == pytest.approx(2.0**-10) and sign_test(3000, 0) < 1e-300
+    assert sign_test(5100, 4900) == pytest.approx(0.0233, abs=1e-4)  # the normal approximation's, n = 10000
+    folder, floor = _check(0.1, top1=0.88), _check(0.1, top1=0.98)  # counts only: 10 more misses, none fewer
+    judge_fidelity(folder, floor, fixed_abs=0.16, min_top1=0.99, explicit=False, ceiling=1.25)
+    assert folder.sign_test["only_candidate"] == 10 and folder.sign_test["only_floor"] == 0 and not folder.passed

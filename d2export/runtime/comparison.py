@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -26,6 +26,10 @@ class OutputComparison:
     distributions: bool = True  # False for hidden states: top-1 and KL mean nothing there
     batches: int = 0
     worst: list[int] | None = None  # [batch, row, position] (or [batch, row]) of the largest difference
+    # Whether the top-1 choices agree, per compared position in order: two candidates against the
+    # same reference on the same inputs are compared position by position (the fidelity rung's
+    # sign test), not only by their counts.
+    top1_hits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def mean_abs(self) -> float:
@@ -71,7 +75,9 @@ class OutputComparison:
             self.scale = max(self.scale, float(ref.abs().max()) if ref.numel() else 0.0)
             self.positions += ref.shape[0]
             if self.distributions:
-                self.top1_agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+                hits = ref.argmax(-1) == cand.argmax(-1)
+                self.top1_hits.append(hits)
+                self.top1_agree += int(hits.sum())
                 log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
                 self.sum_kl += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
         batch_worst = float(per_position.max()) if per_position.numel() else 0.0
@@ -81,6 +87,10 @@ class OutputComparison:
         self.max_abs = max(self.max_abs, batch_worst)
         self.batches += 1
 
+    def agreement(self) -> torch.Tensor | None:
+        """Top-1 agreement per compared position (None where it was not recorded)."""
+        return torch.cat(self.top1_hits) if self.top1_hits else None
+
     def where(self) -> str:
         if self.worst is None:
             return "-"
@@ -88,7 +98,7 @@ class OutputComparison:
         return " ".join(f"{n} {i}" for n, i in zip(names, self.worst, strict=False))
 
     def to_dict(self) -> dict:
-        skip = ("sum_abs", "sum_kl", "top1_agree", "values", "batches")
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        skip = ("sum_abs", "sum_kl", "top1_agree", "values", "batches", "top1_hits")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         data.update(mean_abs=self.mean_abs, relative=self.relative, top1=self.top1, mean_kl=self.mean_kl)
         return data

@@ -18,6 +18,7 @@ writing the output dtype costs.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -30,14 +31,22 @@ from ..runtime.models import model_output
 
 # Fidelity: how much further from the unmerged model than the correctly rounded merge a folder may
 # be: max |d| within 1.5x, mean KL within 1.5^2 x (KL grows with the square of small logit
-# differences), top-1 agreement at most half a point lower, greedy continuations followed to the end
-# for at most one prompt fewer. Another tool's merge sits a unit or two off the correct rounding in
-# some elements (the weight check bounds that), which adds rounding noise of the same order as the
-# correct rounding's own; a wrong scale, tau or a dropped branch moves outputs by orders of magnitude
-# more than rounding does.
+# differences), greedy continuations followed to the end for at most one prompt fewer. Another
+# tool's merge sits a unit or two off the correct rounding in some elements (the weight check bounds
+# that), which adds rounding noise of the same order as the correct rounding's own; a wrong scale,
+# tau or a dropped branch moves outputs by orders of magnitude more than rounding does.
 FLOOR_SLACK = 1.5
-FLOOR_TOP1_SLACK = 0.005
 FLOOR_GREEDY_SLACK = 1
+# Top-1 is judged by a sign test, not by a fixed margin, because which near-ties flip is chance: in a
+# 16-bit run every activation is rounded, so two models whose weights differ at all (another tool's
+# merge and the correctly rounded one) flip different near-ties. PEFT's bf16 merge of the 320M Llama,
+# run in bf16, disagreed with the unmerged model's top-1 at 17 of 312 positions and the correctly
+# rounded merge at 13: 6 positions only the folder missed, 2 only the merge did (bench/README.md,
+# verify_limit.py), while a fixed half point allowed 1.6. In a float32 run the two flip the same
+# near-ties (0 and 0 there), so the test is as strict as the data. A defect shows as many positions
+# only the folder misses: a re-tied head, hundreds. FLOOR_TOP1_ALPHA is the chance that a folder as
+# good as the correctly rounded merge fails the test.
+FLOOR_TOP1_ALPHA = 1e-3
 # The floor is rounding only while the correctly rounded merge stays within a few units of the
 # output dtype of the unmerged model: correct bf16 merges of the synthetic Llamas sit well inside
 # it at 320M and 7B (bench/README.md, verify_limit.py). Beyond FLOOR_CEILING_UNITS the merge's
@@ -82,6 +91,7 @@ class OutputCheck:
     rule: str = ""  # the limit applied, in words
     problem: str | None = None
     floor: OutputComparison | None = None  # fidelity: the correctly rounded merge vs the same reference
+    sign_test: dict | None = None  # fidelity: top-1 positions only the candidate misses, only the floor, p
 
     @property
     def passed(self) -> bool:
@@ -95,7 +105,8 @@ class OutputCheck:
                 "output": self.output, **self.comparison.to_dict(),
                 "generation": self.generation.to_dict() if self.generation else None,
                 "rule": self.rule, "passed": self.passed,
-                "rounding_floor": self.floor.to_dict() if self.floor is not None else None}
+                "rounding_floor": self.floor.to_dict() if self.floor is not None else None,
+                "top1_sign_test": self.sign_test}
 
 
 def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
@@ -117,50 +128,84 @@ def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
 def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, min_top1: float,
                    explicit: bool, ceiling: float | None) -> None:
     """The folder against the unmerged model, no further than the correctly rounded merge (``floor``,
-    against the same reference) up to :data:`FLOOR_SLACK`; never held to less than the fixed
-    per-dtype limits (``fixed_abs``, ``min_top1``, measured on correct merges). ``explicit``: limits
-    the user gave (``atol``, ``min_top1``) are applied as they are, without the floor. ``ceiling``:
-    the largest max |d| rounding to the folder's dtype can explain (None for a float32 folder,
-    whose rounding is already inside the fixed limits); a floor beyond it is not consulted.
+    against the same reference) up to :data:`FLOOR_SLACK` (top-1: the sign test of
+    :data:`FLOOR_TOP1_ALPHA`); never held to less than the fixed per-dtype limits (``fixed_abs``,
+    ``min_top1``, measured on correct merges). ``explicit``: limits the user gave (``atol``,
+    ``min_top1``) are applied as they are, without the floor. ``ceiling``: the largest max |d|
+    rounding to the folder's dtype can explain (None for a float32 folder, whose rounding is
+    already inside the fixed limits); a floor beyond it is not consulted.
 
     Mean KL is allowed ``fixed_abs**2 / 2`` at least: logits that differ by at most ``d`` everywhere
     give distributions at most ``d**2 / 2`` apart in KL (Hoeffding's lemma), so the bound adds
     nothing the max |d| limit does not already allow."""
     check.floor = floor.comparison
     c, f = check.comparison, floor.comparison
-    allowed_abs, allowed_top1 = fixed_abs, min_top1
-    allowed_kl = fixed_abs ** 2 / 2
+    allowed_abs, allowed_kl = fixed_abs, fixed_abs ** 2 / 2
+    top1_low = c.top1 is not None and c.top1 < min_top1
+    top1_problem = f"top-1 agreement {c.top1:.2%} < {min_top1:.2%} (the correctly rounded merge: {_share(f.top1)})" \
+        if top1_low else None
+    on_floor = not explicit and ceiling is not None and f.max_abs <= ceiling
     if explicit:
-        check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {allowed_top1:.2%} (given)" if c.top1 is not None
+        check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {min_top1:.2%} (given)" if c.top1 is not None
                                                          else " (given)")
-    elif ceiling is None or not f.max_abs <= ceiling:
-        check.rule = (f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {allowed_top1:.2%}" if c.top1 is not None else "")
+    elif not on_floor:
+        check.rule = (f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {min_top1:.2%}" if c.top1 is not None else "")
                       + (" (fixed: a float32 folder's rounding is within them)" if ceiling is None else
                          f" (fixed: the correctly rounded merge is {f.max_abs:.3g} from the unmerged model, more than "
                          f"rounding can explain ({ceiling:.3g}), so the plan itself computes another model)"))
     else:
         allowed_abs = max(fixed_abs, FLOOR_SLACK * f.max_abs)
-        if f.top1 is not None:
-            allowed_top1 = min(min_top1, f.top1 - FLOOR_TOP1_SLACK)
         if f.mean_kl is not None:
             allowed_kl = max(allowed_kl, FLOOR_SLACK ** 2 * f.mean_kl)
+        if c.top1 is not None and f.top1 is not None:
+            only_folder, only_floor = _discordant(c, f)
+            check.sign_test = {"only_candidate": only_folder, "only_floor": only_floor,
+                               "p": sign_test(only_folder, only_floor)}
+        if top1_low and check.sign_test is not None:
+            top1_problem = None if check.sign_test["p"] >= FLOOR_TOP1_ALPHA else (
+                f"top-1 agreement {c.top1:.2%} < {min_top1:.2%}, and at {only_folder} positions only the folder "
+                f"disagrees, at {only_floor} only the correctly rounded merge ({_share(f.top1)}) does: more than "
+                f"chance allows (sign test p < {FLOOR_TOP1_ALPHA:g})")
         check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
                       f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g})"
-                      + (f", top-1 >= {allowed_top1:.2%}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "")
+                      + (f", top-1 >= {min_top1:.2%} or no more positions only it misses than chance allows beside "
+                         f"the floor's (sign test, p >= {FLOOR_TOP1_ALPHA:g}), mean KL <= {allowed_kl:.3g}"
+                         if c.top1 is not None else "")
                       + (f", greedy: at most {FLOOR_GREEDY_SLACK} prompt fewer followed than the floor's"
                          if check.generation and floor.generation else ""))
     if not c.max_abs <= allowed_abs:  # also catches inf/nan
         check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
                    f"rounded merge: {f.max_abs:.3g}), worst at {c.where()}")
-    elif c.top1 is not None and c.top1 < allowed_top1:
-        check.fail(f"top-1 agreement {c.top1:.2%} < {allowed_top1:.2%} (the correctly rounded merge: "
-                   f"{_share(f.top1)})")
+    elif top1_problem is not None:
+        check.fail(top1_problem)
     elif c.mean_kl is not None and not c.mean_kl <= allowed_kl:
         check.fail(f"mean KL {c.mean_kl:.3g} > {allowed_kl:.3g} (the correctly rounded merge: {f.mean_kl:.3g})")
     elif (not explicit and check.generation and floor.generation
           and check.generation.identical < floor.generation.identical - FLOOR_GREEDY_SLACK):
         check.fail(f"greedy continuations followed {check.generation.identical}/{check.generation.prompts} "
                    f"(the correctly rounded merge: {floor.generation.identical}/{floor.generation.prompts})")
+
+
+def _discordant(check: OutputComparison, floor: OutputComparison) -> tuple[int, int]:
+    """Positions where only the candidate's top-1 differs from the reference's, and where only the
+    floor's does. Without per-position records (figures built by hand), the difference of the counts
+    stands in: the fewest discordant positions the counts allow, which makes the test strictest."""
+    ours, theirs = check.agreement(), floor.agreement()
+    if ours is not None and theirs is not None and ours.shape == theirs.shape:
+        return int((~ours & theirs).sum()), int((ours & ~theirs).sum())
+    extra = floor.top1_agree * check.positions - check.top1_agree * floor.positions
+    return max(0, -(-extra // max(1, floor.positions))), 0
+
+
+def sign_test(worse: int, better: int) -> float:
+    """One-sided p-value of the sign test: the chance of at least ``worse`` of the ``worse + better``
+    discordant positions going against the candidate, were each equally likely to go either way (the
+    candidate as close to the reference as the floor is). Summed in logarithms: exact binomial
+    coefficients of a long calibration's thousands of positions are slow big integers."""
+    n = worse + better
+    log_terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)
+                 for k in range(worse, n + 1)]
+    return min(1.0, math.fsum(math.exp(t) for t in log_terms))
 
 
 def judge_references(check: OutputCheck, fixed_abs: float) -> None:

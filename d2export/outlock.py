@@ -59,8 +59,18 @@ _TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp appends to t
 def remove_stale(out: Path) -> None:
     """Temporary folders of this output left by a run that was killed (SIGKILL, power loss): named
     exactly as :func:`d2export.writing.atomic_output` names them for this output. Holding the
-    lock, no live run is using them; anything else in the folder is left alone."""
-    prefix = f".{stem(out)}.partial-"
-    for item in out.parent.glob(glob.escape(prefix) + "*"):
-        if _TEMP_SUFFIX.fullmatch(item.name[len(prefix):]) and item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item, ignore_errors=True)
+    lock, no live run is using them; anything else in the folder is left alone. A run killed
+    between publishing's two renames left ``out`` missing and the output it replaced in an
+    ``.old-`` folder: that output is put back, as if the killed run had never published."""
+    for kind in ("old", "partial"):  # the old first: a partial is only ever a killed run's new output
+        prefix = f".{stem(out)}.{kind}-"
+        for item in out.parent.glob(glob.escape(prefix) + "*"):
+            if _TEMP_SUFFIX.fullmatch(item.name[len(prefix):]) and item.is_dir() and not item.is_symlink():
+                previous = item / "previous"
+                if kind == "old" and not os.path.lexists(out) and os.path.lexists(previous):
+                    try:
+                        os.replace(previous, out)
+                    except OSError as exc:  # the old output stays where it is: never removed unrestored
+                        raise D2ExportError(f"cannot put back {out}, which a killed run left in {previous} "
+                                            f"({exc.strerror or exc})") from None
+                shutil.rmtree(item, ignore_errors=True)

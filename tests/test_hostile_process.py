@@ -117,6 +117,43 @@ def test_stale_partial_of_a_killed_run_is_removed(fixture, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", "base", "out", *foreign])
 
 
+KILLED_PUBLISHING = """
+import os, signal, sys
+from pathlib import Path
+from d2export.writing import atomic_output
+rename = os.replace
+def killed_after_the_first(src, dst):  # the old output moved aside, the new one not yet in place
+    rename(src, dst)
+    if Path(dst).name == "previous":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = killed_after_the_first
+with atomic_output(Path(sys.argv[1])) as tmp:
+    (tmp / "config.json").write_text("new")
+"""
+
+
+def test_an_output_a_killed_run_had_moved_aside_is_put_back(fixture, tmp_path, monkeypatch):
+    """Killed between publishing's two renames, a run leaves the output it was replacing in an
+    ``.old-`` folder and none in place. The next run on that output puts it back before anything
+    else, and removes both temporary folders; without --force it is then refused as existing."""
+    c = make_ctx(fixture, "lora-llama", tmp_path, monkeypatch)
+    c.out.mkdir()
+    (c.out / "config.json").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", KILLED_PUBLISHING, str(c.out)], cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not c.out.exists()
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [
+        ".out.lock", ".out.old", ".out.partial"]
+    check_refused(cli(c.argv()), ["already exists"])
+    assert (c.out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+    old_only = tmp_path / ".out.old-abcd1234"  # killed after both renames: the output is the new one
+    (old_only / "previous").mkdir(parents=True)
+    assert cli(c.argv("--force")).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]
+    assert (c.out / "config.json").read_text() != "old"
+
+
 def test_second_run_on_the_same_output_is_refused(fixture, tmp_path, monkeypatch):
     """While one run writes ``out`` (holding its lock), another run on ``out`` is refused, with
     or without --force, and leaves the first one's work alone."""

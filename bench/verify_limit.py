@@ -108,6 +108,7 @@ def run_shape(args, key: str) -> dict:
             outcome["median"][PEFT_BF16] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
             outcome["verdicts"]["PEFT merge_and_unload, run in bf16"] = _verdict(done.returncode,
                                                                                  reports[PEFT].read_text())
+            outcome["bf16_seeds"] = _bf16_seeds(peft, base, adapter)
             outcome["verdicts"].update(_wrong_scale(folder, base, adapter, wrong))
     finally:
         for path in (ours, peft, d2lora, wrong, folder / "adapter-wrong-scale"):
@@ -117,6 +118,28 @@ def run_shape(args, key: str) -> dict:
         if key == "7b" and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     return outcome
+
+
+def _bf16_seeds(peft: Path, base: Path, adapter: Path, seeds: int = 5) -> list[dict]:
+    """PEFT's merge judged in bf16 runs over several calibration seeds: which near-ties flip is
+    chance there, so a verdict must hold across seeds. Beside each verdict, what fixed margins (half
+    a point of top-1 under the floor, one prompt fewer followed) would have said."""
+    rows = []
+    for seed in range(seeds):
+        done = subprocess.run(verify_command(peft, base, adapter, "--json", "--dtypes", "bf16", "--seed", str(seed)),
+                              capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"verify --dtypes bf16 --seed {seed} could not run:\n{done.stderr[-2000:]}")
+        outputs = json.loads(done.stdout)["outputs"]
+        fidelity = next(o for o in outputs if o["rung"] == "fidelity")
+        floor = next(o for o in outputs if o["rung"] == "rounding cost")
+        followed, floor_followed = fidelity["generation"]["identical"], floor["generation"]["identical"]
+        margins_fail = (fidelity["top1"] < min(0.95, floor["top1"] - 0.005) or followed < floor_followed - 1)
+        rows.append({"seed": seed, "exit": done.returncode, "top1": fidelity["top1"], "floor_top1": floor["top1"],
+                     "followed": followed, "floor_followed": floor_followed,
+                     "prompts": fidelity["generation"]["prompts"], **fidelity["top1_sign_test"],
+                     "fixed_margins_verdict": "fail" if margins_fail else "pass"})
+    return rows
 
 
 def _wrong_scale(folder: Path, base: Path, adapter: Path, out: Path) -> dict:
@@ -177,6 +200,15 @@ def summarise(record: dict) -> None:
                   + ("; ".join(verdict["outputs_failed"]) or "outputs pass")
                   + ("; the weight check fails it" if any(f.startswith("weights") for f in verdict["failures"])
                      else ""))
+        if outcome.get("bf16_seeds"):
+            print("\nPEFT's merge in bf16 runs, by calibration seed (choices: top-1 positions and greedy steps):")
+            print_table(["seed", "exit", "top-1", "floor top-1", "followed", "floor followed", "only folder",
+                         "only floor", "p", "fixed margins"],
+                        [[str(r["seed"]), str(r["exit"]), f"{r['top1']:.2%}", f"{r['floor_top1']:.2%}",
+                          f"{r['followed']}/{r['prompts']}", f"{r['floor_followed']}/{r['prompts']}",
+                          str(r["only_candidate"]),
+                          str(r["only_floor"]), f"{r['p']:.2g}", r["fixed_margins_verdict"]]
+                         for r in outcome["bf16_seeds"]])
         ours = med["d2export verify"]
         rss = ours["peak_rss"]
         targets = []

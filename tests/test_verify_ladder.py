@@ -17,7 +17,7 @@ from d2export.runtime.calibration import config_batches
 from d2export.runtime.comparison import OutputComparison
 from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
 from d2export.runtime.streaming import is_streamed
-from d2export.verification.outputs import FLOOR_CEILING_UNITS, OutputCheck, judge_fidelity, sign_test
+from d2export.verification.outputs import FLOOR_CEILING_UNITS, Generation, OutputCheck, judge_fidelity, sign_test
 
 
 def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):
@@ -115,13 +115,18 @@ def test_the_floor_excuses_rounding_but_not_a_plan_that_computes_another_model()
     assert not float32.passed
 
 
-def _bf16_run(misses: list[int], positions: int = 312) -> OutputCheck:
-    """A bf16 run's comparison with the unmerged model whose top-1 differs at ``misses``."""
+def _bf16_run(misses: list[int], positions: int = 312, steps_missed: tuple[tuple[int, int], ...] = ()) -> OutputCheck:
+    """A bf16 run's comparison with the unmerged model whose top-1 differs at ``misses``, and whose
+    teacher-forced greedy choices (3 prompts, 8 steps) differ at ``steps_missed`` (prompt, step)."""
     hits = torch.ones(positions, dtype=torch.bool)
     hits[misses] = False
     comparison = OutputComparison(positions=positions, max_abs=0.075, scale=3.58, top1_agree=int(hits.sum()),
                                   top1_hits=[hits[:100], hits[100:]])
-    return OutputCheck("fidelity", "merged folder", "unmerged model", "bfloat16", "logits", comparison)
+    followed = torch.ones(3, 8, dtype=torch.bool)
+    for prompt, step in steps_missed:
+        followed[prompt, step] = False
+    generation = Generation(prompts=3, steps=8, identical=int(followed.all(1).sum()), hits=followed)
+    return OutputCheck("fidelity", "merged folder", "unmerged model", "bfloat16", "logits", comparison, generation)
 
 
 def test_top1_beside_the_floor_is_judged_by_a_sign_test_on_the_positions_only_one_model_misses():
@@ -155,3 +160,20 @@ def test_the_sign_test_and_without_records_the_strictest_reading_of_the_counts()
     folder, floor = _check(0.1, top1=0.88), _check(0.1, top1=0.98)  # counts only: 10 more misses, none fewer
     judge_fidelity(folder, floor, fixed_abs=0.16, min_top1=0.99, explicit=False, ceiling=1.25)
     assert folder.sign_test["only_candidate"] == 10 and folder.sign_test["only_floor"] == 0 and not folder.passed
+
+
+def test_greedy_continuations_followed_less_often_than_the_floor_fail_only_beyond_chance():
+    """Followed to the end in 1 of 3 prompts where the correctly rounded merge followed 3 (a step
+    each in two prompts: bf16 near-ties, as at 320M) is chance; a folder that loses every step of
+    every continuation, with its top-1 elsewhere as good as the merge's, is not."""
+    limits = {"fixed_abs": 16 * 2.0**-8 * 3.58, "min_top1": 0.95, "explicit": False,
+              "ceiling": FLOOR_CEILING_UNITS * 2.0**-8 * 3.58}
+    floor = _bf16_run(list(range(13)))
+    chance = _bf16_run(list(range(13)), steps_missed=((0, 3), (2, 6)))
+    judge_fidelity(chance, floor, **limits)
+    assert chance.passed and chance.generation.identical == 1 and chance.sign_test["only_candidate"] == 2
+    lost = _bf16_run(list(range(13)), steps_missed=tuple((p, t) for p in range(3) for t in range(8)))
+    judge_fidelity(lost, floor, **limits)
+    assert not lost.passed and lost.problem.startswith("fidelity: merged folder vs unmerged model (bfloat16): "
+                                                       "greedy continuations followed 0/3")
+    assert lost.sign_test == {"only_candidate": 24, "only_floor": 0, "p": pytest.approx(2.0**-24)}

@@ -137,7 +137,7 @@ def _bf16_seeds(peft: Path, base: Path, adapter: Path, seeds: int = 5) -> list[d
         margins_fail = (fidelity["top1"] < min(0.95, floor["top1"] - 0.005) or followed < floor_followed - 1)
         rows.append({"seed": seed, "exit": done.returncode, "top1": fidelity["top1"], "floor_top1": floor["top1"],
                      "followed": followed, "floor_followed": floor_followed,
-                     "prompts": fidelity["generation"]["prompts"], **fidelity["top1_sign_test"],
+                     "prompts": fidelity["generation"]["prompts"], **fidelity["sign_test"],
                      "fixed_margins_verdict": "fail" if margins_fail else "pass"})
     return rows
 
@@ -176,7 +176,7 @@ def _verdict(returncode: int, stdout: str) -> dict:
     fidelity = [o for o in report["outputs"] if o["rung"] == "fidelity"]
     return {"exit": returncode, "failures": report["failures"], "notes": report["notes"],
             "outputs_failed": [f for f in report["failures"] if f.startswith("outputs")],
-            "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule", "top1_sign_test")}
+            "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule", "sign_test")}
                          for o in fidelity],
             "rounding_floor": [o["rounding_floor"] for o in fidelity]}
 
@@ -192,7 +192,7 @@ def summarise(record: dict) -> None:
         for tool, verdict in outcome["verdicts"].items():
             fid = verdict["fidelity"][0] if verdict["fidelity"] else {}
             floor = verdict["rounding_floor"][0] if verdict["rounding_floor"] else {}
-            sign = fid.get("top1_sign_test") or {}
+            sign = fid.get("sign_test") or {}
             print(f"{tool}: verify exit {verdict['exit']}; {fid.get('dtype')} top-1 {fid.get('top1', 0):.2%} "
                   f"(correctly rounded merge {floor.get('top1', 0):.2%}; positions only the folder misses "
                   f"{sign.get('only_candidate', '-')}, only the merge {sign.get('only_floor', '-')}), max |d| "

@@ -142,7 +142,7 @@ def test_top1_beside_the_floor_is_judged_by_a_sign_test_on_the_positions_only_on
     judge_fidelity(peft, floor, **limits)
     assert peft.passed, peft.problem
     assert peft.sign_test == {"only_candidate": 6, "only_floor": 2, "p": pytest.approx(37 / 256)}
-    assert peft.to_dict()["top1_sign_test"] == peft.sign_test
+    assert peft.to_dict()["sign_test"] == peft.sign_test
     defect = _bf16_run([*range(13), *range(100, 112)])
     judge_fidelity(defect, floor, **limits)
     assert not defect.passed and "sign test p < 0.001" in defect.problem

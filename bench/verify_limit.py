@@ -110,8 +110,10 @@ def run_shape(args, key: str) -> dict:
                                                                                  reports[PEFT].read_text())
             outcome["bf16_seeds"] = _bf16_seeds(peft, base, adapter)
             outcome["verdicts"].update(_wrong_scale(folder, base, adapter, wrong))
+            outcome["verdicts"].update(_truncated(folder, base, adapter, ours))
     finally:
-        for path in (ours, peft, d2lora, wrong, folder / "adapter-wrong-scale"):
+        for path in (ours, peft, d2lora, wrong, folder / "adapter-wrong-scale", folder / "merged-float32",
+                     folder / "merged-truncated"):
             shutil.rmtree(path, ignore_errors=True)
         for report in reports.values():
             report.unlink(missing_ok=True)
@@ -161,6 +163,32 @@ def _wrong_scale(folder: Path, base: Path, adapter: Path, out: Path) -> dict:
             raise SystemExit(f"verify of a wrong scale exited {done.returncode}, not 1:\n{done.stderr[-2000:]}")
         verdicts[f"d2export merge, lora_alpha 6% too large, run in {dtype}"] = _verdict(done.returncode, done.stdout)
     return verdicts
+
+
+def _truncated(folder: Path, base: Path, adapter: Path, ours: Path) -> dict:
+    """A directed rounding at real size: d2export's float32 merge rounded to bf16 toward zero
+    (truncated), every element within a unit of the correct rounding. The weight check fails it by
+    the lean of its rows; the output figures show what truncation costs beside the floor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f32, out = folder / "merged-float32", folder / "merged-truncated"
+    _run(d2export_command(base, adapter, f32, "--dtype", "float32"), "d2export merge (float32)", f32)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(ours, out)
+    (out / "d2export_report.json").unlink(missing_ok=True)  # not d2export's rounding any more
+    values = {}
+    for shard in sorted(f32.glob("*.safetensors")):
+        values.update(load_file(shard))
+    for shard in sorted(out.glob("*.safetensors")):
+        names = load_file(shard).keys()
+        save_file({k: (values[k].contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+                   for k in names}, shard, metadata={"format": "pt"})
+    del values
+    done = subprocess.run(verify_command(out, base, adapter, "--json"), capture_output=True, text=True)
+    if done.returncode != 1:
+        raise SystemExit(f"verify of a truncated merge exited {done.returncode}, not 1:\n{done.stderr[-2000:]}")
+    return {"d2export's float32 merge truncated to bf16": _verdict(done.returncode, done.stdout)}
 
 
 def _run(command: list[str], what: str, out: Path) -> None:

@@ -156,6 +156,46 @@ def test_one_ulp_is_within_the_default_limit(merged, tmp_path):
     assert 0.5 < report.weights.summary()["max_units"] <= 1.5
 
 
+def _rounded_from_float32(values: torch.Tensor, rounding: str) -> torch.Tensor:
+    """float32 values to bfloat16 by their bits: toward zero (truncation), down, or to nearest with
+    ties away from zero."""
+    bits = values.contiguous().view(torch.int32)
+    inexact = (bits & 0xFFFF) != 0
+    if rounding == "toward zero":
+        bits = bits & ~0xFFFF
+    elif rounding == "down":  # sign and magnitude: a negative value rounds down by growing
+        bits = (bits & ~0xFFFF) + ((values < 0) & inexact).to(torch.int32) * 0x10000
+    else:
+        bits = (bits + 0x8000) & ~0xFFFF
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("rounding", "fails"), [("toward zero", "rounded toward zero"),
+                                                 ("down", "rounded below the correct rounding"),
+                                                 ("ties away", None)])
+def test_a_folder_rounded_one_way_fails_though_within_a_unit(merged, tmp_path, rounding, fails):
+    """The float32 merge rounded to bf16 toward zero (truncated) or down stays within one unit of
+    the correct rounding, inside the weight bound, but leans one way in every row: the weight check
+    fails it. Rounded to nearest with ties away from zero after that first rounding to float32 (a
+    double rounding and another tie-break), it is off only at near-ties, both ways, and passes."""
+    folder, out = merged("d2lora-llama-bf16")
+    f32 = load_file(merge(folder / "adapter", base=folder / "base", out=tmp_path / "f32", dtype="float32").out
+                    / "model.safetensors")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    save_file({k: _rounded_from_float32(v, rounding) for k, v in f32.items()}, bad / "model.safetensors",
+              metadata={"format": "pt"})  # the base's tensors are bf16 values: every rounding keeps them
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    summary = report.weights.summary()
+    assert summary["max_units"] <= 1.0 and summary["copies_identical"] == summary["copied_tensors"]
+    if fails is None:
+        assert report.passed, report.failures
+        assert 0.99 < summary["exact_fraction"] < 1.0
+        return
+    assert not report.passed and summary["exact_fraction"] < 0.75
+    assert report.failures and all(fails in f and "not to nearest" in f for f in report.failures)
+    assert len(report.failures) >= len([t for t in report.weights.tensors if t.action == "merge"]) // 2
+
+
 def test_wrong_tau_fails(merged, tmp_path):
     folder, _ = merged("d2lora-llama")
     bad = wrong_merge(folder, tmp_path, config={"tau": 0.6})

@@ -17,7 +17,8 @@ from d2export.runtime.calibration import config_batches
 from d2export.runtime.comparison import OutputComparison
 from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
 from d2export.runtime.streaming import is_streamed
-from d2export.verification.outputs import FLOOR_CEILING_UNITS, Generation, OutputCheck, judge_fidelity, sign_test
+from d2export.verification.chance import sign_test
+from d2export.verification.outputs import FLOOR_CEILING_UNITS, Generation, OutputCheck, judge_fidelity
 
 
 def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):

@@ -18,7 +18,6 @@ writing the output dtype costs.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from torch import nn
 from ..runtime.calibration import Batch
 from ..runtime.comparison import OutputComparison
 from ..runtime.models import model_output
+from .chance import sign_test
 
 # Fidelity: how much further from the unmerged model than the correctly rounded merge a folder may
 # be: max |d| within 1.5x, mean KL within 1.5^2 x (KL grows with the square of small logit
@@ -200,17 +200,6 @@ def _discordant(check: OutputCheck, floor: OutputCheck) -> tuple[int, int]:
     if gen is not None and floor_gen is not None and gen.hits is not None and floor_gen.hits is not None:
         ours, theirs = torch.cat([ours, gen.hits.reshape(-1)]), torch.cat([theirs, floor_gen.hits.reshape(-1)])
     return int((~ours & theirs).sum()), int((ours & ~theirs).sum())
-
-
-def sign_test(worse: int, better: int) -> float:
-    """One-sided p-value of the sign test: the chance of at least ``worse`` of the ``worse + better``
-    discordant choices going against the candidate, were each equally likely to go either way (the
-    candidate as close to the reference as the floor is). Summed in logarithms: exact binomial
-    coefficients of a long calibration's thousands of positions are slow big integers."""
-    n = worse + better
-    log_terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2)
-                 for k in range(worse, n + 1)]
-    return min(1.0, math.fsum(math.exp(t) for t in log_terms))
 
 
 def judge_references(check: OutputCheck, fixed_abs: float) -> None:

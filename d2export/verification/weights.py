@@ -30,6 +30,7 @@ from ..merging import WORKERS
 from ..names import find_name
 from ..plan import Action, MergePlan, TensorPlan
 from ..reading import ModelFolder
+from .chance import lean
 
 # Max error in units of the stored dtype at the operands' scale, per dtype. A correct single
 # rounding is at most 0.5 unit.
@@ -46,6 +47,18 @@ DEFAULT_MAX_UNITS = {bfloat16: 2.0, float16: 2.0, float32: 32.0, float64: 32.0}
 # corrections: MAX_CORRECTIONS, or one per CORRECTION_SHARE elements if more. Another tool's merge
 # is off in a few; the share bounds what is kept to a small fraction of the model's own bytes.
 MAX_CORRECTIONS, CORRECTION_SHARE = 4096, 1024
+# A merge rounded in one direction (truncated toward zero, or floored) instead of to nearest stays
+# within a unit of the correct rounding, inside DEFAULT_MAX_UNITS, yet its outputs are further from
+# the unmerged model than rounding needs (bench/README.md, verify_limit.py). Its off elements lean
+# one way. Another tool's round-to-nearest merge is off the correct rounding only where the exact
+# value is near a tie (double rounding through float32, another tie-break, less exact products), in
+# both directions. So elements further than TIE_DOUBT past half a unit of their own spacing from the
+# exact value are counted by direction (toward or away from zero; below or above the correct
+# rounding), each row casting one vote (a row factor such as DoRA's, computed by another tool, moves
+# a whole row one way), and a lean of the votes beyond chance (two-sided sign test, p below
+# DIRECTION_ALPHA per axis and tensor) fails the tensor.
+TIE_DOUBT = 0.125
+DIRECTION_ALPHA = 1e-6
 
 
 def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -88,6 +101,9 @@ class TensorCheck:
     # flat indices in the stored layout and the correctly rounded values (float64). With them the
     # correctly rounded merge is the folder's tensor corrected, not a merge computed again.
     corrections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # Rows whose elements clearly off the correct rounding lean toward zero, away from it, below
+    # and above it (:data:`TIE_DOUBT`); None where no element is clearly off.
+    leaning: list[int] | None = None
 
     @property
     def passed(self) -> bool:
@@ -255,6 +271,7 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     if t.action is Action.MERGE:
         cost = _RoundingCost(dtype, base_in_dtype=plan.base.tensors[t.source].dtype == dtype)
     corrections = _Corrections(t, stored, limit=max(MAX_CORRECTIONS, check.elements // CORRECTION_SHARE))
+    leaning = _Leaning(dtype)
     scratch: list[np.ndarray] = []
     for rows, exact, start, scale, candidate, base, products in _blocks(plan, t, stored):
         if not scratch or scratch[0].size < exact.size:
@@ -264,7 +281,9 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
             start = np.multiply(start, scale, out=start_g)
         np.copyto(rounded, round_to_dtype(exact, dtype))  # the correctly rounded value, in float64
         np.copyto(err, candidate)
-        corrections.add(np.flatnonzero(err != rounded), rows, rounded)
+        differ = np.flatnonzero(err != rounded)
+        corrections.add(differ, rows, rounded)
+        leaning.add(differ, err, exact, rounded)
         if cost is not None:
             cost.add(exact, rounded, base, work)
         np.subtract(err, exact, out=err)
@@ -282,9 +301,54 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
         check.update_vanished, check.update_lost = cost.result()
     check.exact_fraction = (check.elements - corrections.count) / check.elements if check.elements else 1.0
     check.corrections = corrections.result()
+    check.leaning = leaning.votes()
     if not check.max_units <= check.max_units_allowed:
         check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
                          f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
+    else:
+        check.problem = leaning.problem()
+
+
+class _Leaning:
+    """The direction of the elements clearly off the correct rounding, voted per row (:data:`TIE_DOUBT`)."""
+
+    AXES = (("toward zero", "away from zero"), ("below the correct rounding", "above it"))
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.counts = np.zeros(4, np.int64)  # rows leaning toward zero, away, below, above
+        self.any = False
+
+    def add(self, differ: np.ndarray, stored: np.ndarray, exact: np.ndarray, rounded: np.ndarray) -> None:
+        """``differ``: flat indices of a block's elements not equal to their correct rounding."""
+        if not differ.size:
+            return
+        value, target, nearest = (a.reshape(-1)[differ] for a in (stored, exact, rounded))
+        clear = np.abs(value - target) > (0.5 + TIE_DOUBT) * spacing(target, self.dtype)
+        if not clear.any():
+            return
+        self.any = True
+        row = differ[clear] // (int(np.prod(exact.shape[1:], dtype=np.int64)) if exact.ndim > 1 else 1)
+        value, nearest = value[clear], nearest[clear]
+        for axis, one_way in enumerate((np.abs(value) < np.abs(nearest), value < nearest)):
+            net = np.bincount(row, weights=np.where(one_way, 1.0, -1.0))
+            self.counts[2 * axis] += int((net > 0).sum())
+            self.counts[2 * axis + 1] += int((net < 0).sum())
+
+    def votes(self) -> list[int] | None:
+        return [int(n) for n in self.counts] if self.any else None
+
+    def problem(self) -> str | None:
+        for axis, names in enumerate(self.AXES):
+            counts = self.counts[2 * axis], self.counts[2 * axis + 1]
+            p = lean(*counts)
+            if p < DIRECTION_ALPHA:
+                way = int(counts[1] > counts[0])
+                return (f"rounded {names[way]}, not to nearest: of the rows with elements off the correct rounding "
+                        f"by more than a near-tie explains, {counts[way]} lean {names[way]} and {counts[1 - way]} the "
+                        f"other way (sign test p {'< 1e-12' if p < 1e-12 else f'= {p:.2g}'}); a directed rounding "
+                        "such as truncation, whose outputs are further from the unmerged model than rounding needs")
+        return None
 
 
 class _Corrections:

@@ -4,8 +4,9 @@ adapter and the base say it must be.
 * Merged (and lora_bias) tensors: the exact float64 merge is recomputed block by block and the
   stored values are measured against it: the max absolute error, the max error in *units* (the
   output dtype's spacing at the scale of the operands, ``max(|W'|, g|W0|, g|dW|, g sum|c||B||A|)``,
-  so that a sum that cancels near zero is not read as thousands of ulps of its tiny result), and
-  the fraction of elements equal to the correctly rounded value.
+  so that a sum that cancels near zero is not read as thousands of ulps of its tiny result), the
+  fraction of elements equal to the correctly rounded value, and (16-bit) whether the elements off
+  it lean one way, as a directed rounding's do (:data:`TIE_DOUBT`).
 * Replaced tensors (modules_to_save): equal to the adapter's tensor, rounded once.
 * Every other tensor, including modules a DiffoRA selection left out: the base's exact bytes (or
   the base's value correctly rounded when the merge changed the dtype).
@@ -312,7 +313,7 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
 class _Leaning:
     """The direction of the elements clearly off the correct rounding, voted per row (:data:`TIE_DOUBT`)."""
 
-    AXES = (("toward zero", "away from zero"), ("below the correct rounding", "above it"))
+    AXES = (("toward zero", "away from zero"), ("down", "up"))
 
     def __init__(self, dtype: np.dtype):
         # 16-bit outputs only: another tool's float32 merge is off the correct rounding in most

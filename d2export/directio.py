@@ -4,9 +4,10 @@ Why by hand: neither Python's ``open`` nor safetensors writes around the page ca
 what a merge pays for: a buffered write costs the kernel about ten times the CPU of a direct one
 (pages allocated, copied and reclaimed under memory pressure; at 7B as much CPU as the merge's
 products; bench/README.md, design choices: ``io_paths.py``). Direct writes need page-aligned
-memory, offsets and lengths, so bytes are staged in one page-aligned buffer and the last partial
-page is padded, then cut off with ``ftruncate``. Where ``O_DIRECT`` is refused (tmpfs, some
-network filesystems: ``EINVAL``), the same calls write through the page cache.
+memory, offsets and lengths, so bytes are staged in page-aligned buffers (two: one is written
+while the other fills) and the last partial page is padded, then cut off with ``ftruncate``.
+Where ``O_DIRECT`` is refused (tmpfs, some network filesystems: ``EINVAL``), the same calls write
+through the page cache.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import errno
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ALIGN = 4096  # the largest logical block size of common devices; every direct write is a multiple
@@ -41,10 +43,17 @@ class OutputFile:
                     raise
         if not self.direct:
             self._fd = os.open(path, flags, 0o644)
-        self._buffer = mmap.mmap(-1, max(ALIGN, buffer_bytes - buffer_bytes % ALIGN))  # page-aligned
-        self._view = memoryview(self._buffer)
-        self._fill = 0  # bytes staged in the buffer
-        self._offset = 0  # bytes in the file
+        # Two page-aligned buffers: the disk thread writes one while the caller fills the other, so
+        # a write's wait on the device overlaps the copying and hashing of the next bytes (writes
+        # made one at a time held a 320M merge about 0.2 s: bench/README.md, merge_limit.py).
+        size = max(ALIGN, buffer_bytes - buffer_bytes % ALIGN)
+        self._buffers = [mmap.mmap(-1, size) for _ in range(2)]
+        self._views = [memoryview(b) for b in self._buffers]
+        self._view = self._views[0]
+        self._fill = 0  # bytes staged in the buffer being filled
+        self._offset = 0  # bytes handed to the disk thread
+        self._disk = ThreadPoolExecutor(1, f"disk {path.name}")
+        self._pending: Future | None = None  # the other buffer's write
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
@@ -61,6 +70,7 @@ class OutputFile:
         if self._fd < 0:
             return
         try:
+            self._wait()  # settles ``direct``: a refused direct write turns the rest buffered
             if self._fill:
                 size = self._offset + self._fill
                 if self.direct:  # a whole last page, then the file cut to its size
@@ -68,6 +78,7 @@ class OutputFile:
                     self._view[self._fill:self._fill + padded] = bytes(padded)
                     self._fill += padded
                 self._flush()
+                self._wait()
                 if self._offset != size:
                     os.ftruncate(self._fd, size)
         finally:
@@ -76,17 +87,36 @@ class OutputFile:
     def abort(self) -> None:
         """Close without writing what is staged (the caller removes the file)."""
         if self._fd >= 0:
+            with contextlib.suppress(OSError):  # the error, if any, was the caller's to see first
+                self._wait()
+            self._disk.shutdown()
             fd, self._fd = self._fd, -1
             os.close(fd)
-            del self._view
-            with contextlib.suppress(BufferError):  # a slice of it lives on in an error's traceback
-                self._buffer.close()
+            del self._view, self._views
+            for buffer in self._buffers:
+                with contextlib.suppress(BufferError):  # a slice of it lives on in an error's traceback
+                    buffer.close()
 
     def _flush(self) -> None:
+        """Hand the filled buffer to the disk thread and go on in the other one, once its own write
+        (handed over at the previous flush) is done."""
+        self._wait()
+        self._pending = self._disk.submit(self._write_at, self._view, self._fill, self._offset)
+        self._offset += self._fill
+        self._view = self._views[1] if self._view is self._views[0] else self._views[0]
+        self._fill = 0
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # the write's OSError, raised to the caller
+
+    def _write_at(self, view: memoryview, fill: int, offset: int) -> None:
+        """On the disk thread: ``view[:fill]`` at ``offset``."""
         done = 0
-        while done < self._fill:
+        while done < fill:
             try:
-                done += os.pwrite(self._fd, self._view[done:self._fill], self._offset + done)
+                done += os.pwrite(self._fd, view[done:fill], offset + done)
             except OSError as exc:
                 if not (self.direct and exc.errno == errno.EINVAL):
                     raise
@@ -96,5 +126,3 @@ class OutputFile:
 
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
-        self._offset += self._fill
-        self._fill = 0

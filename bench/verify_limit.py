@@ -90,24 +90,12 @@ def run_shape(args, key: str) -> dict:
         if key == "320m":
             _run(peft_command(base, adapter, peft), "PEFT merge", peft)
             # timed once: a folder a unit off in a few elements, so the correctly rounded merge runs whole
-            done = measure(verify_command(peft, base, adapter, "--json"), stdout=reports[PEFT])
-            if done.returncode not in (0, 1):
-                raise SystemExit(f"verify of PEFT's merge could not run (exit {done.returncode}):\n"
-                                 f"{done.stderr_tail}")
-            print(f"{key:5} {PEFT:16} run 1: {done.wall_s:7.1f} s, peak RSS {done.peak_rss / MB:8,.0f} MB", flush=True)
-            outcome["runs"][PEFT] = [done.to_dict()]
-            outcome["median"][PEFT] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
-            outcome["verdicts"]["PEFT merge_and_unload"] = _verdict(done.returncode, reports[PEFT].read_text())
+            _timed_once(outcome, key, PEFT, "PEFT merge_and_unload", verify_command(peft, base, adapter, "--json"),
+                        reports[PEFT])
             # the same folder judged in a bf16 run, where every activation's rounding makes the folder and
-            # the correctly rounded merge flip different near-ties: the top-1 sign test's case
-            done = measure(verify_command(peft, base, adapter, "--json", "--dtypes", "bf16"), stdout=reports[PEFT])
-            if done.returncode not in (0, 1):
-                raise SystemExit(f"verify --dtypes bf16 of PEFT's merge could not run (exit {done.returncode}):\n"
-                                 f"{done.stderr_tail}")
-            outcome["runs"][PEFT_BF16] = [done.to_dict()]
-            outcome["median"][PEFT_BF16] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
-            outcome["verdicts"]["PEFT merge_and_unload, run in bf16"] = _verdict(done.returncode,
-                                                                                 reports[PEFT].read_text())
+            # the correctly rounded merge flip different near-ties: the sign test's case
+            _timed_once(outcome, key, PEFT_BF16, "PEFT merge_and_unload, run in bf16",
+                        verify_command(peft, base, adapter, "--json", "--dtypes", "bf16"), reports[PEFT])
             outcome["bf16_seeds"] = _bf16_seeds(peft, base, adapter)
             outcome["verdicts"].update(_wrong_scale(folder, base, adapter, wrong))
             outcome["verdicts"].update(_truncated(folder, base, adapter, ours))
@@ -120,6 +108,17 @@ def run_shape(args, key: str) -> dict:
         if key == "7b" and not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     return outcome
+
+
+def _timed_once(outcome: dict, key: str, name: str, verdict: str, command: list[str], report: Path) -> None:
+    """One timed verify whose verdict may be either (exit 0 or 1), recorded beside the repeated ones."""
+    done = measure(command, stdout=report)
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"{name} could not run (exit {done.returncode}):\n{done.stderr_tail}")
+    print(f"{key:5} {name:16} run 1: {done.wall_s:7.1f} s, peak RSS {done.peak_rss / MB:8,.0f} MB", flush=True)
+    outcome["runs"][name] = [done.to_dict()]
+    outcome["median"][name] = {"wall_s": done.wall_s, "peak_rss": done.peak_rss}
+    outcome["verdicts"][verdict] = _verdict(done.returncode, report.read_text())
 
 
 def _bf16_seeds(peft: Path, base: Path, adapter: Path, seeds: int = 5) -> list[dict]:

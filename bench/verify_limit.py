@@ -127,10 +127,8 @@ def _bf16_seeds(peft: Path, base: Path, adapter: Path, seeds: int = 5) -> list[d
     a point of top-1 under the floor, one prompt fewer followed) would have said."""
     rows = []
     for seed in range(seeds):
-        done = subprocess.run(verify_command(peft, base, adapter, "--json", "--dtypes", "bf16", "--seed", str(seed)),
-                              capture_output=True, text=True)
-        if done.returncode not in (0, 1):
-            raise SystemExit(f"verify --dtypes bf16 --seed {seed} could not run:\n{done.stderr[-2000:]}")
+        done = _verify_untimed(verify_command(peft, base, adapter, "--json", "--dtypes", "bf16", "--seed", str(seed)),
+                               f"verify --dtypes bf16 --seed {seed}", (0, 1))
         outputs = json.loads(done.stdout)["outputs"]
         fidelity = next(o for o in outputs if o["rung"] == "fidelity")
         floor = next(o for o in outputs if o["rung"] == "rounding cost")
@@ -156,10 +154,8 @@ def _wrong_scale(folder: Path, base: Path, adapter: Path, out: Path) -> dict:
     _run(d2export_command(base, wrong_adapter, out), "d2export merge (wrong scale)", out)
     verdicts = {}
     for dtype in ("fp32", "bf16"):
-        done = subprocess.run(verify_command(out, base, adapter, "--json", "--dtypes", dtype), capture_output=True,
-                              text=True)
-        if done.returncode != 1:
-            raise SystemExit(f"verify of a wrong scale exited {done.returncode}, not 1:\n{done.stderr[-2000:]}")
+        done = _verify_untimed(verify_command(out, base, adapter, "--json", "--dtypes", dtype),
+                               "verify of a wrong scale", (1,))
         verdicts[f"d2export merge, lora_alpha 6% too large, run in {dtype}"] = _verdict(done.returncode, done.stdout)
     return verdicts
 
@@ -169,6 +165,7 @@ def _truncated(folder: Path, base: Path, adapter: Path, ours: Path) -> dict:
     (truncated), every element within a unit of the correct rounding. The weight check fails it by
     the lean of its rows; the output figures show what truncation costs beside the floor."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     f32, out = folder / "merged-float32", folder / "merged-truncated"
@@ -180,14 +177,22 @@ def _truncated(folder: Path, base: Path, adapter: Path, ours: Path) -> dict:
     for shard in sorted(f32.glob("*.safetensors")):
         values.update(load_file(shard))
     for shard in sorted(out.glob("*.safetensors")):
-        names = load_file(shard).keys()
+        with safe_open(shard, "pt") as stored:
+            names = list(stored.keys())
         save_file({k: (values[k].contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
                    for k in names}, shard, metadata={"format": "pt"})
     del values
-    done = subprocess.run(verify_command(out, base, adapter, "--json"), capture_output=True, text=True)
-    if done.returncode != 1:
-        raise SystemExit(f"verify of a truncated merge exited {done.returncode}, not 1:\n{done.stderr[-2000:]}")
+    done = _verify_untimed(verify_command(out, base, adapter, "--json"), "verify of a truncated merge", (1,))
     return {"d2export's float32 merge truncated to bf16": _verdict(done.returncode, done.stdout)}
+
+
+def _verify_untimed(command: list[str], what: str, expected: tuple[int, ...]) -> subprocess.CompletedProcess:
+    """A verify run for its verdict only; it must exit with one of ``expected``."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in expected:
+        raise SystemExit(f"{what} exited {done.returncode}, not {' or '.join(map(str, expected))}:\n"
+                         f"{done.stderr[-2000:]}")
+    return done
 
 
 def _run(command: list[str], what: str, out: Path) -> None:

@@ -44,8 +44,8 @@ class OutputFile:
         if not self.direct:
             self._fd = os.open(path, flags, 0o644)
         # Two page-aligned buffers: the disk thread writes one while the caller fills the other, so
-        # a write's wait on the device overlaps the copying and hashing of the next bytes (writes
-        # made one at a time held a 320M merge about 0.2 s: bench/README.md, merge_limit.py).
+        # a write's wait on the device overlaps the copying and hashing of the next bytes instead of
+        # holding the shard's writer (bench/README.md, merge_limit.py).
         size = max(ALIGN, buffer_bytes - buffer_bytes % ALIGN)
         self._buffers = [mmap.mmap(-1, size) for _ in range(2)]
         self._views = [memoryview(b) for b in self._buffers]

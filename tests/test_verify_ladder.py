@@ -131,9 +131,10 @@ def _bf16_run(misses: list[int], positions: int = 312, steps_missed: tuple[tuple
 
 
 def test_top1_beside_the_floor_is_judged_by_a_sign_test_on_the_positions_only_one_model_misses():
-    """PEFT's bf16 merge of the 320M Llama, run in bf16 (bench/README.md): the folder's top-1
-    differed from the unmerged model's at 17 of 312 positions (94.55%, under the fixed 95%), the
-    correctly rounded merge's at 13, 6 of the folder's where the merge agreed and 2 the other way.
+    """PEFT's bf16 merge of the 320M Llama, run in bf16 (bench/README.md; the positions alone,
+    without the greedy steps, counted by a throwaway script): the folder's top-1 differed from the
+    unmerged model's at 17 of 312 positions (94.55%, under the fixed 95%), the correctly rounded
+    merge's at 13, 6 of the folder's where the merge agreed and 2 the other way.
     A fixed half-point margin failed it; 6 against 2 is chance (p = 37/256). A folder that misses 12
     positions more, all where the merge is right, is not (p = 2**-12)."""
     limits = {"fixed_abs": 16 * 2.0**-8 * 3.58, "min_top1": 0.95, "explicit": False,

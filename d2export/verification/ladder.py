@@ -47,6 +47,7 @@ from .outputs import (
     judge_fidelity,
     judge_loading,
     judge_references,
+    percent,
     run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
@@ -264,7 +265,7 @@ class Ladder:
             report.notes.append(
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
                 f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
-                f"{_share(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
+                f"{percent(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
         for key in [k for k in self.runs if k[1] == dtype and k[0] != UNMERGED]:
             del self.runs[key]  # the unmerged run stays for the PEFT comparison in float32
         return [fidelity, loading, cost]
@@ -284,10 +285,6 @@ class Ladder:
         check.generation = None
         judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
         return [check]
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
 
 
 def _float32_bytes(folder: ModelFolder) -> int:

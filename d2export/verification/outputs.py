@@ -43,7 +43,7 @@ FLOOR_SLACK = 1.5
 # in bf16 runs, failed the fixed margins (half a point of top-1, one prompt) at two calibration
 # seeds of five, a correct merge; the sign test passes it at all five (bench/README.md,
 # verify_limit.py). In a float32 run the two flip the same near-ties, so the test is as strict as
-# the data. A defect shows as many choices only the folder gets wrong: a re-tied head, hundreds.
+# the data. A defect shows as choices only the folder gets wrong, more than chance gives.
 # FLOOR_SIGN_TEST_ALPHA is the chance that a folder as good as the correctly rounded merge fails it.
 FLOOR_SIGN_TEST_ALPHA = 1e-3
 # The floor is rounding only while the correctly rounded merge stays within a few units of the
@@ -177,7 +177,7 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
         check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
                    f"rounded merge: {f.max_abs:.3g}), worst at {c.where()}")
     elif top1_fails:
-        check.fail(f"top-1 agreement {c.top1:.2%} < {min_top1:.2%} (the correctly rounded merge: {_share(f.top1)})"
+        check.fail(f"top-1 agreement {c.top1:.2%} < {min_top1:.2%} (the correctly rounded merge: {percent(f.top1)})"
                    + (why if on_floor else ""))
     elif c.mean_kl is not None and not c.mean_kl <= allowed_kl:
         check.fail(f"mean KL {c.mean_kl:.3g} > {allowed_kl:.3g} (the correctly rounded merge: {f.mean_kl:.3g})")
@@ -213,7 +213,8 @@ def judge_references(check: OutputCheck, fixed_abs: float) -> None:
                    f"{c.where()}: d2export reads this adapter differently from PEFT")
 
 
-def _share(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share as the reports print it (``-`` where there is none)."""
     return "-" if value is None else f"{value:.2%}"
 
 

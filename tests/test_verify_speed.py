@@ -277,6 +277,37 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
     assert gc.get_freeze_count() == 0
 
 
+def test_the_correctly_rounded_merge_runs_in_two_parts_that_give_what_one_run_gives(merged, tmp_path,
+                                                                                      monkeypatch):
+    """A folder that is not the correctly rounded merge (here an element 8 units off: the reference
+    is computed) gets that merge's full run in two parts on the two model threads, the prompts'
+    batch and the continuation in one; the outputs are those of one run over every batch."""
+    from d2export.verification import ladder
+
+    folder, out = merged("d2lora-llama-bf16")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    tamper_tensor(bad, "model.layers.1.mlp.up_proj.weight", lambda t: t.view(torch.int16)[5, 7].add_(8))
+    parts: list[tuple[frozenset | None, bool, str]] = []
+    run_model = ladder.run_model
+
+    def recorded(model, batches, **kwargs):
+        run = run_model(model, batches, **kwargs)
+        if kwargs.get("only") is not None:
+            parts.append((kwargs["only"], run.followed is not None, threading.current_thread().name))
+        return run
+
+    monkeypatch.setattr(ladder, "run_model", recorded)
+    split = verify(bad, folder / "adapter", base=folder / "base")
+    assert len(parts) == 2 and len({thread for *_, thread in parts}) == 2
+    (first, followed, _), (second, _, _) = sorted(parts, key=lambda part: not part[1])
+    assert followed and not first & second and len(first | second) == 3  # the default calibration's batches
+    monkeypatch.setattr(ladder.Ladder, "_halves", lambda self: [None])
+    whole = verify(bad, folder / "adapter", base=folder / "base")
+    assert len(parts) == 2  # no parts this time
+    assert [o.to_dict() for o in split.outputs] == [o.to_dict() for o in whole.outputs]
+    assert not split.passed and split.failures == whole.failures
+
+
 @pytest.mark.parametrize("fails", ["unmerged model", "merged folder"])
 def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch, fails):
     """Bad input met by one model's run is what verify raises, not the other's being stopped, and

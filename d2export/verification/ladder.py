@@ -133,23 +133,49 @@ class Ladder:
         return self.runs[name, dtype, probe]
 
     def side_by_side(self, dtype: str) -> None:
-        """The unmerged model and the folder on two threads, then the correctly rounded merge (its
-        probe when the weight check finds every tensor exact) on the first thread free."""
+        """The unmerged model and the folder on two threads, then the correctly rounded merge on
+        the first thread free: its probe when the weight check finds every tensor exact, else its
+        full run in two parts, the second on the next thread free. A full run is several passes
+        over the model (each computing the merge again where the folder is not correctable), and
+        run as one model after *U* and *F* are done it left a core idle for most of verify (PEFT's
+        merge with bf16 factors at 320M: 8 of 21 s; bench/README.md, ``verify_limit.py``)."""
         generated: Future = Future()
         with ThreadPoolExecutor(2, "models") as pool:
             try:
                 running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated),
                            pool.submit(self._run, FOLDER, dtype, False, generated.result)]
                 weights = self._weights_unless_failed(running)
-                running.append(pool.submit(self._run, ROUNDED, dtype, weights is not None and weights.all_exact,
-                                           generated.result))
-                for future in as_completed(running):
+                if weights is not None and weights.all_exact:
+                    running.append(pool.submit(self._run, ROUNDED, dtype, True, generated.result))
+                    parts = []
+                else:
+                    parts = [pool.submit(self._run, ROUNDED, dtype, False, generated.result, only=part)
+                             for part in self._halves()]
+                for future in as_completed(running + parts):
                     future.result()  # the first error, as it happened (the others then stop)
+                if parts:
+                    self.runs[ROUNDED, dtype, False] = _joined([part.result() for part in parts])
             except BaseException:
                 self.stop.set()
                 if not generated.done():
                     generated.set_exception(Stopped())
                 raise
+
+    def _halves(self) -> list[frozenset[int] | None]:
+        """The batches of a full run in two parts of about as many passes over the model (each pass
+        reads every weight, and computes the merge where the folder is not correctable): the first
+        holds the prompts' batch and the teacher-forced continuation, a pass of its own."""
+        if len(self.batches) < 2:
+            return [None]
+        first = self.prompts.batch if self.prompts is not None else 0
+        parts = [{first}, set()]
+        passes = [1 + (self.prompts is not None), 0]
+        for i in range(len(self.batches)):
+            if i != first:
+                lighter = int(passes[1] <= passes[0])
+                parts[lighter].add(i)
+                passes[lighter] += 1
+        return [frozenset(part) for part in parts]
 
     def _weights_unless_failed(self, running: list[Future]) -> WeightReport | None:
         """The weight report once the check is done, or the error of a model run that ends first
@@ -164,10 +190,11 @@ class Ladder:
                 continue
 
     def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
-             generated: Future | None = None) -> None:
+             generated: Future | None = None, only: frozenset[int] | None = None) -> ModelRun:
         """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
         greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
-        The unmerged model generates it first and hands it to ``generated``."""
+        The unmerged model generates it first and hands it to ``generated``. ``only``: a part of a
+        full run, these batches only (returned, not kept), the continuation with the prompts' batch."""
         torch_dtype, job = TORCH_DTYPES[dtype], self.job
 
         def publish(tokens: torch.Tensor | None) -> None:
@@ -188,17 +215,23 @@ class Ladder:
                     model = peft_model(job.base.path, job.spec, torch_dtype)
             if name == UNMERGED and self.prompts is None:
                 publish(None)
+            prompts = self.prompts if not probe and (only is None or self._prompted(only)) else None
             with checked_on_load(self.halt):  # a large model's forward is long: stop between blocks
                 run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
-                                prompts=None if probe else self.prompts, steps=GENERATION_STEPS,
+                                prompts=prompts, steps=GENERATION_STEPS, only=only,
                                 publish=publish if name == UNMERGED else None, follow=continuation)
         except BaseException as exc:
             if generated is not None and not generated.done():
                 generated.set_exception(exc)  # what the models waiting for the continuation raise too
             raise
-        self.runs[name, dtype, probe] = run
+        if only is None:
+            self.runs[name, dtype, probe] = run
         del model
         gc.collect()
+        return run
+
+    def _prompted(self, batches: frozenset[int]) -> bool:
+        return self.prompts is not None and self.prompts.batch in batches
 
     def _rounded(self, dtype: torch.dtype):
         """The correctly rounded merge. When the weight check found every tensor of the folder equal
@@ -285,6 +318,13 @@ class Ladder:
         check.generation = None
         judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
         return [check]
+
+
+def _joined(parts: list[ModelRun]) -> ModelRun:
+    """One run from the runs of disjoint parts of the batches."""
+    outputs = [next((p.outputs[i] for p in parts if p.outputs[i] is not None), None)
+               for i in range(len(parts[0].outputs))]
+    return ModelRun(outputs, next((p.followed for p in parts if p.followed is not None), None))
 
 
 def _float32_bytes(folder: ModelFolder) -> int:

@@ -18,6 +18,7 @@ writing the output dtype costs.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -242,7 +243,7 @@ class Prompts:
 
 @torch.no_grad()
 def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prompts: Prompts | None = None,
-              steps: int = 0, publish=None, follow=None) -> ModelRun:
+              steps: int = 0, publish=None, follow=None, only: Collection[int] | None = None) -> ModelRun:
     """The model's outputs on ``batches`` and, with ``prompts``, its part in the greedy check:
 
     * ``publish`` (the unmerged model): it generates ``steps`` greedy tokens after the prompts and
@@ -256,9 +257,10 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
     prompts again). Every model runs that batch first; a follower keeps the cut cache through its
     other batches and follows last, by when the generator has usually published its tokens (it
     generates while the follower runs those batches, instead of the follower waiting for it).
-    ``halt`` is called between forwards (it raises to stop the run)."""
+    ``halt`` is called between forwards (it raises to stop the run). ``only``: the indices of the
+    batches to run (the others' outputs stay None), the prompts' batch among them when given."""
     outputs: list[torch.Tensor | None] = [None] * len(batches)
-    order = list(range(len(batches)))
+    order = [i for i in range(len(batches)) if only is None or i in only]
     if prompts is not None:
         order.remove(prompts.batch)
         order.insert(0, prompts.batch)

@@ -247,8 +247,8 @@ def machine() -> dict:
 PEFT_MERGE = Path(__file__).with_name("peft_merge.py")
 
 
-def peft_command(base: Path, adapter: Path, out: Path) -> list[str]:
-    return [sys.executable, str(PEFT_MERGE), str(base), str(adapter), str(out)]
+def peft_command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(PEFT_MERGE), str(base), str(adapter), str(out), *extra]
 
 
 def d2export_command(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:

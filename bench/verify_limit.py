@@ -32,6 +32,7 @@ BY_HAND = Path(__file__).with_name("by_hand_check.py")
 D2LORA = "d2export verify, D2-LoRA"  # the same, of a D2-LoRA adapter's merge (row rescaling)
 PEFT = "d2export verify, PEFT's merge"  # the same adapter merged by PEFT's merge_and_unload
 PEFT_BF16 = "d2export verify --dtypes bf16, PEFT's merge"
+PEFT_BF16_FACTORS = "d2export verify, PEFT's merge, bf16 factors"  # a unit off in many elements: not correctable
 TIME_TARGET = 1.5  # verify / by-hand, 320M
 # The CPU held to AVX2 (PyTorch's, oneDNN's and MKL's documented switches): the class of machine issue
 # 12 was measured on. Where the CPU has bf16 dot-product units (AVX512-BF16), the by-hand check's bf16
@@ -68,10 +69,11 @@ def run_shape(args, key: str) -> dict:
     adapter = adapters["lora"]
     folder = args.workdir / shape.key
     ours, peft, d2lora = folder / "merged-d2export", folder / "merged-peft", folder / "merged-d2export-d2lora"
+    peft_bf16 = folder / "merged-peft-bf16-factors"
     wrong = folder / "merged-wrong-scale"
     # the timed runs' own reports: their verdicts and figures
     reports = {"d2export verify": folder / "verify.json", D2LORA: folder / "verify-d2lora.json",
-               PEFT: folder / "verify-peft.json"}
+               PEFT: folder / "verify-peft.json", PEFT_BF16_FACTORS: folder / "verify-peft-bf16-factors.json"}
     outcome: dict = {"model_bytes": 2 * shape.params, "params": shape.params}
     try:
         _run(d2export_command(base, adapter, ours), "d2export merge", ours)
@@ -107,11 +109,16 @@ def run_shape(args, key: str) -> dict:
             # the correctly rounded merge flip different near-ties: the sign test's case
             _timed_once(outcome, key, PEFT_BF16, "PEFT merge_and_unload, run in bf16",
                         verify_command(peft, base, adapter, "--json", "--dtypes", "bf16"), reports[PEFT])
+            # PEFT's merge from bf16 factors: too many elements off to keep their correctly rounded
+            # values, so the correctly rounded merge is computed at every pass over the model
+            _run(peft_command(base, adapter, peft_bf16, "--bf16-factors"), "PEFT merge (bf16 factors)", peft_bf16)
+            _timed_once(outcome, key, PEFT_BF16_FACTORS, "PEFT merge_and_unload from bf16 factors",
+                        verify_command(peft_bf16, base, adapter, "--json"), reports[PEFT_BF16_FACTORS])
             outcome["bf16_seeds"] = _bf16_seeds(peft, base, adapter)
             outcome["verdicts"].update(_wrong_scale(folder, base, adapter, wrong))
             outcome["verdicts"].update(_truncated(folder, base, adapter, ours))
     finally:
-        for path in (ours, peft, d2lora, wrong, folder / "adapter-wrong-scale", folder / "merged-float32",
+        for path in (ours, peft, peft_bf16, d2lora, wrong, folder / "adapter-wrong-scale", folder / "merged-float32",
                      folder / "merged-truncated"):
             shutil.rmtree(path, ignore_errors=True)
         for report in reports.values():
@@ -217,7 +224,9 @@ def _verdict(returncode: int, stdout: str) -> dict:
     """verify's verdict and the figures it rests on, from its --json report."""
     report = json.loads(stdout)
     fidelity = [o for o in report["outputs"] if o["rung"] == "fidelity"]
+    weights = report["weights"]["summary"] if report.get("weights") else {}
     return {"exit": returncode, "failures": report["failures"], "notes": report["notes"],
+            "correctly_rounded": weights.get("exact_fraction"), "max_units": weights.get("max_units"),
             "outputs_failed": [f for f in report["failures"] if f.startswith("outputs")],
             "fidelity": [{k: o[k] for k in ("dtype", "max_abs", "top1", "mean_kl", "rule", "sign_test")}
                          for o in fidelity],
@@ -236,7 +245,10 @@ def summarise(record: dict) -> None:
             fid = verdict["fidelity"][0] if verdict["fidelity"] else {}
             floor = verdict["rounding_floor"][0] if verdict["rounding_floor"] else {}
             sign = fid.get("sign_test") or {}
-            print(f"{tool}: verify exit {verdict['exit']}; {fid.get('dtype')} top-1 {fid.get('top1', 0):.2%} "
+            weights = ("" if verdict["correctly_rounded"] is None else
+                       f"{verdict['correctly_rounded']:.2%} of elements correctly rounded, "
+                       f"max {verdict['max_units']:.2f} units; ")
+            print(f"{tool}: verify exit {verdict['exit']}; {weights}{fid.get('dtype')} top-1 {fid.get('top1', 0):.2%} "
                   f"(correctly rounded merge {floor.get('top1', 0):.2%}; positions only the folder misses "
                   f"{sign.get('only_candidate', '-')}, only the merge {sign.get('only_floor', '-')}), max |d| "
                   f"{fid.get('max_abs', 0):.3g} (floor {floor.get('max_abs', 0):.3g}), p {sign.get('p', 1):.2g}; "

@@ -137,8 +137,8 @@ class Ladder:
         the first thread free: its probe when the weight check finds every tensor exact, else its
         full run in two parts, the second on the next thread free. A full run is several passes
         over the model (each computing the merge again where the folder is not correctable), and
-        run as one model after *U* and *F* are done it left a core idle for most of verify (PEFT's
-        merge with bf16 factors at 320M: 8 of 21 s; bench/README.md, ``verify_limit.py``)."""
+        run as one model after *U* and *F* are done it left a core idle for most of that run
+        (docs/design.md §6, *Cost*)."""
         generated: Future = Future()
         with ThreadPoolExecutor(2, "models") as pool:
             try:

@@ -43,14 +43,22 @@ def is_streamed(module: nn.Module) -> bool:
 
 
 class _Overlay(Mapping):
-    """An offload hook's weights map with some tensors computed on access instead of read."""
+    """An offload hook's weights map with some tensors computed on access instead of read. Over a
+    map of reused buffers (:class:`_Reused`), a computed 16-bit tensor is converted into one of its
+    float32 buffers too: accelerate would convert it into fresh memory at every forward (the
+    correctly rounded merge of a folder verify cannot correct is computed at every pass)."""
 
     def __init__(self, inner: Mapping, values: dict[str, Callable[[], torch.Tensor]]):
         self.inner, self.values = inner, values
 
     def __getitem__(self, key: str) -> torch.Tensor:
         make = self.values.get(key)
-        return make() if make is not None else self.inner[key]
+        if make is None:
+            return self.inner[key]
+        value = make()
+        if not isinstance(self.inner, _Reused) or value.dtype not in (torch.bfloat16, torch.float16):
+            return value
+        return self.inner.buffer_for(key, tuple(value.shape)).copy_(value)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.inner)
@@ -83,7 +91,7 @@ class _Reused(Mapping):
         # the file's bytes read a chunk at a time into one small reused buffer (safetensors' own
         # reader would make a fresh tensor-sized one), each chunk converted into a reused float32
         # buffer: a staging buffer the size of the largest tensor (an embedding) would stay per model
-        out = self._buffer((key, shape), torch.float32, shared=True)
+        out = self.buffer_for(key, shape)
         flat, raw = out.view(-1), self._buffer(("raw", READ_CHUNK), torch.uint8)
         step = READ_CHUNK // dtype.itemsize
         with open(file, "rb", buffering=0) as handle:
@@ -95,6 +103,10 @@ class _Reused(Mapping):
                     raise OSError(f"{file}: file ends inside a tensor")
                 flat[start:start + count].copy_(chunk.view(dtype))
         return out
+
+    def buffer_for(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 buffer for the weight ``key`` that no module holds any more."""
+        return self._buffer((key, shape), torch.float32, shared=True)
 
     def _buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
         """A buffer of the pool's for ``slot`` (its size in bytes or its shape) that no other tensor

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..algebra import merged_bias_exact, merged_rows, round_to_dtype
+from ..algebra import merged_bias_exact, merged_rows, round_to_dtype, stacked_factors
 from ..arrays import bfloat16, dtype_name, float16, float32, float64, is_float
 from ..merging import WORKERS
 from ..names import find_name
@@ -286,21 +286,26 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
 
 def _block_units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, products, dtype: np.dtype, *,
                  out: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, float]:
-    """``err`` in units of ``dtype`` (:func:`_units`) and the largest; where that is over half a
-    unit, at the scale of the update's products (``products``, a function, or None) if larger."""
-    units = _units(err, exact, start, dtype, out=out, work=work)
+    """``err`` in units of ``dtype`` at the operands' scale (:func:`_magnitude`), into ``out``, and
+    the largest; where that is over half a unit, at the scale of the update's products
+    (``products``, a function filling its ``out``, or None) if larger."""
+    spacing_of_magnitude(_magnitude(exact, start, out=out, work=work), dtype)
+    units = np.divide(err, out, out=out)
     worst = float(units.max())
     if products is not None and worst > 0.5:
         # not correctly rounded at the result's own scale: the products' scale may excuse it
-        # (computed only then: it costs as much as the merge's product itself, in float64)
-        units = err / spacing(np.maximum(_operands(exact, start), products()), dtype)
+        # (computed only then: it costs as much as the merge's product itself, in float64). Most
+        # blocks of another tool's merge get here: no fresh temporaries (see _check_adapted)
+        _magnitude(exact, start, out=out, work=work)
+        np.maximum(out, products(out=work), out=out)
+        units = np.divide(err, spacing_of_magnitude(out, dtype), out=out)
         worst = float(units.max())
     return units, worst
 
 
-def _units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, dtype: np.dtype, *, out: np.ndarray,
-           work: np.ndarray) -> np.ndarray:
-    """``err`` in units of ``dtype`` at the operands' scale (:func:`_operands`), into ``out``."""
+def _magnitude(exact: np.ndarray, start: np.ndarray | None, *, out: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """The magnitude a merge works at, into ``out``: the result, the (rescaled) base and the update
+    itself (``start`` None: the result alone)."""
     np.abs(exact, out=out)
     if start is not None:
         np.abs(start, out=work)
@@ -308,8 +313,7 @@ def _units(err: np.ndarray, exact: np.ndarray, start: np.ndarray | None, dtype: 
         np.subtract(exact, start, out=work)
         np.abs(work, out=work)
         np.maximum(out, work, out=out)
-    spacing_of_magnitude(out, dtype)
-    return np.divide(err, out, out=out)
+    return out
 
 
 def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
@@ -328,22 +332,22 @@ def _blocks(plan: MergePlan, t: TensorPlan, stored: np.ndarray):
         yield slice(0, exact.shape[0]), exact, start.astype(float64), None, stored, None, None
         return
     canonical = stored.T if t.transposed else stored
+    factors: list[np.ndarray] = []
     for block in merged_rows(start, t.update, transposed=t.transposed, compute_dtype=float64, name=t.name):
         g = block.scale[:, None] if block.scale is not None else None
-        products = functools.partial(_term_magnitude, t.update, block.rows, 1.0 if g is None else g)
+        products = functools.partial(_term_magnitude, factors, t.update, block.rows, g)
         yield block.rows, block.value, block.base, g, canonical[block.rows], block.base, products
 
 
-def _term_magnitude(update, rows: slice, g) -> np.ndarray:
-    """``sum_t |c_t| |B_t| |A_t|``: the size of the products inside the low-rank update. Another
-    tool's float32 ``B @ A`` is accurate to this scale, not to the (possibly cancelled) result."""
-    total = None
-    for term in update.terms:
-        part = np.abs(term.B[rows].astype(float64)) @ np.abs(term.A.astype(float64)) * abs(term.coefficient)
-        total = part if total is None else np.add(total, part, out=total)
-    return total * g
-
-
-def _operands(exact: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """The magnitude a merge works at: the result, the (rescaled) base and the update itself."""
-    return np.maximum(np.maximum(np.abs(exact), np.abs(start)), np.abs(exact - start))
+def _term_magnitude(factors: list, update, rows: slice, g: np.ndarray | None, *, out: np.ndarray) -> np.ndarray:
+    """``sum_t |c_t| |B_t| |A_t|`` (times ``g``), into ``out``: the size of the products inside the
+    low-rank update. Another tool's float32 ``B @ A`` is accurate to this scale, not to the
+    (possibly cancelled) result. One product of the stacked factors' magnitudes, made into
+    ``factors`` at the tensor's first call."""
+    if not factors:
+        B, A = stacked_factors(update, np.dtype(float64))
+        factors += [np.abs(B), np.abs(A)]
+    np.matmul(factors[0][rows], factors[1], out=out)
+    if g is not None:
+        out *= g
+    return out

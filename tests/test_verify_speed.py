@@ -201,6 +201,30 @@ def test_streamed_16_bit_weights_in_reused_buffers_compute_what_whole_ones_do(me
             assert any(isinstance(k, tuple) and k[0] == "raw" for k in reused[0].pool)
 
 
+def test_loading_a_streamed_model_leaves_its_offloaded_weights_unread(merged, monkeypatch):
+    """transformers' loading gets only the weights kept in memory from a shard that also holds
+    streamed ones (the tiny folder is one shard, as a 7B one of 5 GB shards is a few), and the
+    model computes what it computes loaded whole."""
+    from transformers import modeling_utils
+
+    folder, out = merged("d2lora-llama-bf16")
+    assert len(list(out.glob("*.safetensors"))) == 1
+    loaded: list[str] = []
+    load = modeling_utils._load_state_dict_into_meta_model
+
+    def recording(model, state_dict, *args, **kwargs):
+        loaded.extend(state_dict)
+        return load(model, state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "_load_state_dict_into_meta_model", recording)
+    streamed = load_model(out, torch.float32, resident_bytes=1)
+    resident = {name for name, p in streamed.named_parameters() if p.device.type != "meta"}
+    assert loaded and set(loaded) == resident and not any(".layers." in name for name in loaded)
+    whole = load_model(out, torch.float32)
+    for batch in config_batches(whole.config.to_dict()):
+        assert torch.equal(model_output(whole, batch), model_output(streamed, batch))
+
+
 def test_a_reused_buffer_still_held_is_not_handed_out_again(merged):
     """While a tensor from the pool is held (a module's parameter, or anything else), the same weight
     asked for again comes in a fresh buffer; once released, the pooled one is used again."""

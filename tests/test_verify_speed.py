@@ -207,7 +207,7 @@ def test_loading_a_streamed_model_leaves_its_offloaded_weights_unread(merged, mo
     model computes what it computes loaded whole."""
     from transformers import modeling_utils
 
-    folder, out = merged("d2lora-llama-bf16")
+    _, out = merged("d2lora-llama-bf16")
     assert len(list(out.glob("*.safetensors"))) == 1
     loaded: list[str] = []
     load = modeling_utils._load_state_dict_into_meta_model

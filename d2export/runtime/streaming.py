@@ -3,15 +3,17 @@
 
 transformers loads the model with accelerate's disk offload: modules beyond a resident budget stay
 on the meta device and accelerate's hooks read their tensors from the folder's own safetensors
-files just before each forward and drop them after it (no copy of the model is written). Three
-things are added here:
+files just before each forward and drop them after it (no copy of the model is written). Added
+here:
 
 * :func:`override_weights`: an offloaded module's tensors take other values than its files hold,
   computed when the forward reaches them (the correctly rounded merge, an adapter's replacement);
 * :func:`hoist`: a wrapper around an offloaded module (d2export's ``AdapterLayer``) gets the
   module's weights for its whole forward, since it reads ``base.weight`` itself (row norms, the
   low-rank path), not only through the wrapped module's forward;
-* :func:`materialized`: the same, for code run outside a forward (building the wrapper).
+* :func:`materialized`: the same, for code run outside a forward (building the wrapper);
+* :func:`reuse_buffers`: streamed 16-bit weights converted into float32 buffers reused from block
+  to block, and :func:`leave_offloaded_weights_unread`: transformers' loading does not read them.
 """
 
 from __future__ import annotations

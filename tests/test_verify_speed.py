@@ -304,8 +304,8 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
 def test_the_correctly_rounded_merge_runs_in_two_parts_that_give_what_one_run_gives(merged, tmp_path,
                                                                                       monkeypatch):
     """A folder that is not the correctly rounded merge (here an element 8 units off: the reference
-    is computed) gets that merge's full run in two parts on the two model threads, the prompts'
-    batch and the continuation in one; the outputs are those of one run over every batch."""
+    is computed) gets that merge's full run as two runs on the model threads, the prompts' batch
+    and the continuation in one; the outputs are those of one run over every batch."""
     from d2export.verification import ladder
 
     folder, out = merged("d2lora-llama-bf16")
@@ -322,7 +322,9 @@ def test_the_correctly_rounded_merge_runs_in_two_parts_that_give_what_one_run_gi
 
     monkeypatch.setattr(ladder, "run_model", recorded)
     split = verify(bad, folder / "adapter", base=folder / "base")
-    assert len(parts) == 2 and len({thread for *_, thread in parts}) == 2
+    # two runs on the model threads; whether the second lands on the other thread depends on which
+    # is free first (on a tiny model the first part may end before the unmerged model does)
+    assert len(parts) == 2 and all(thread.startswith("models") for *_, thread in parts)
     (first, followed, _), (second, _, _) = sorted(parts, key=lambda part: not part[1])
     assert followed and not first & second and len(first | second) == 3  # the default calibration's batches
     monkeypatch.setattr(ladder.Ladder, "_halves", lambda self: [None])

@@ -283,7 +283,7 @@ def leave_offloaded_weights_unread() -> None:
     it to the model's dtype and then drops the offloaded ones: accelerate reads them from the same
     file at each forward. Checkpoints ship a few large shards (5 GB is transformers' default), so
     a streamed model read and converted all its weights at load, and the mapped pages of a whole
-    shard counted in the process's memory (a 7B folder of three shards: 6.7-11 s to load and 3.9 GB
+    shard counted in the process's memory (a 7B folder of three shards: 6.7 s to load and 3.9 GB
     peak RSS for a model that then holds 0.4 GB; docs/design.md §6, *Bounded memory*). What is
     skipped had no effect: an offloaded weight from safetensors is neither kept nor written.
     Installed once, process-wide; a no-op where transformers' internals are not the ones expected."""

@@ -161,12 +161,10 @@ class Ladder:
                     generated.set_exception(Stopped())
                 raise
 
-    def _halves(self) -> list[frozenset[int] | None]:
+    def _halves(self) -> list[frozenset[int]]:
         """The batches of a full run in two parts of about as many passes over the model (each pass
         reads every weight, and computes the merge where the folder is not correctable): the first
         holds the prompts' batch and the teacher-forced continuation, a pass of its own."""
-        if len(self.batches) < 2:
-            return [None]
         first = self.prompts.batch if self.prompts is not None else 0
         parts = [{first}, set()]
         passes = [1 + (self.prompts is not None), 0]
@@ -175,7 +173,7 @@ class Ladder:
                 lighter = int(passes[1] <= passes[0])
                 parts[lighter].add(i)
                 passes[lighter] += 1
-        return [frozenset(part) for part in parts]
+        return [frozenset(part) for part in parts if part]
 
     def _weights_unless_failed(self, running: list[Future]) -> WeightReport | None:
         """The weight report once the check is done, or the error of a model run that ends first
@@ -215,10 +213,9 @@ class Ladder:
                     model = peft_model(job.base.path, job.spec, torch_dtype)
             if name == UNMERGED and self.prompts is None:
                 publish(None)
-            prompts = self.prompts if not probe and (only is None or self._prompted(only)) else None
             with checked_on_load(self.halt):  # a large model's forward is long: stop between blocks
                 run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
-                                prompts=prompts, steps=GENERATION_STEPS, only=only,
+                                prompts=None if probe else self.prompts, steps=GENERATION_STEPS, only=only,
                                 publish=publish if name == UNMERGED else None, follow=continuation)
         except BaseException as exc:
             if generated is not None and not generated.done():
@@ -229,9 +226,6 @@ class Ladder:
         del model
         gc.collect()
         return run
-
-    def _prompted(self, batches: frozenset[int]) -> bool:
-        return self.prompts is not None and self.prompts.batch in batches
 
     def _rounded(self, dtype: torch.dtype):
         """The correctly rounded merge. When the weight check found every tensor of the folder equal

@@ -258,9 +258,11 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
     other batches and follows last, by when the generator has usually published its tokens (it
     generates while the follower runs those batches, instead of the follower waiting for it).
     ``halt`` is called between forwards (it raises to stop the run). ``only``: the indices of the
-    batches to run (the others' outputs stay None), the prompts' batch among them when given."""
+    batches to run (the others' outputs stay None); the greedy part comes with the prompts' batch."""
     outputs: list[torch.Tensor | None] = [None] * len(batches)
     order = [i for i in range(len(batches)) if only is None or i in only]
+    if prompts is not None and prompts.batch not in order:
+        prompts = None
     if prompts is not None:
         order.remove(prompts.batch)
         order.insert(0, prompts.batch)
@@ -350,10 +352,10 @@ def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch],
         result.add(ref, cand, batch.attention_mask if ref.dim() == 3 else None)
     if continuation is None or candidate.followed is None:
         return result, None
-    generation = Generation(prompts=continuation.shape[0], steps=continuation.shape[1],
-                            hits=continuation == candidate.followed)
-    for want, got in zip(continuation, candidate.followed, strict=True):
-        differ = (want != got).nonzero()
-        generation.first_divergence.append(int(differ[0]) if differ.numel() else None)
-        generation.identical += int(differ.numel() == 0)
+    hits = continuation == candidate.followed
+    generation = Generation(prompts=continuation.shape[0], steps=continuation.shape[1], hits=hits,
+                            identical=int(hits.all(1).sum()))
+    for row in hits:
+        missed = (~row).nonzero()
+        generation.first_divergence.append(int(missed[0]) if missed.numel() else None)
     return result, generation

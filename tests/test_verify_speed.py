@@ -432,3 +432,28 @@ def test_a_folder_that_cannot_load_fails_without_waiting_for_the_weight_check(me
         verify(out, folder / "adapter", base=folder / "base")
     with prepare(folder / "adapter", folder / "base") as job:
         assert len(started) < len(job.plan.tensors) / 2
+
+
+AT_EXIT_MODULES = """
+import atexit, sys
+atexit.register(lambda: print("imported:", *sorted({"sklearn", "scipy", "transformers"} & set(sys.modules))))
+from d2export.cli import run
+sys.argv = ["d2export", "verify", *sys.argv[1:]]
+run()
+"""
+
+
+def test_the_verify_command_runs_models_without_importing_sklearn_or_scipy(merged):
+    """transformers imports scikit-learn and SciPy with a model's code where they are installed, for
+    features verify never runs (0.55 s and 72 MB at 320M); the command keeps them out, and still
+    passes."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    folder, out = merged("lora-llama")
+    proc = subprocess.run([sys.executable, "-c", AT_EXIT_MODULES, str(out), "--adapter", str(folder / "adapter"),
+                           "--base", str(folder / "base"), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported: transformers" in proc.stdout.splitlines()
+    assert importlib.util.find_spec("sklearn") and importlib.util.find_spec("scipy")  # installed, and kept out

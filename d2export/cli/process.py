@@ -124,3 +124,21 @@ def tune_malloc(*, streaming: bool = False) -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, (1 if streaming else 32) * 2**20)
         libc.mallopt(_M_TRIM_THRESHOLD, (16 if streaming else 256) * 2**20)
+
+
+def lean_transformers() -> None:
+    """Keep transformers from importing scikit-learn and SciPy with a model's code.
+
+    When they are installed (sentence-transformers brings both), transformers imports them at the
+    import of its generation and loss code, for what verify never runs on a model: assisted
+    generation's confidence threshold (sklearn's ``roc_curve``) and detection models' matching
+    losses (SciPy's ``linear_sum_assignment``). That import is on the path of every verify, before
+    the first model loads: 0.55 s and 72 MB of a Llama's code (bench/README.md). transformers reads
+    these flags through ``is_sklearn_available`` and ``is_scipy_available``. Process-wide, so only
+    the command does it; a no-op where transformers keeps them otherwise."""
+    with contextlib.suppress(ImportError):
+        from transformers.utils import import_utils
+
+        for flag in ("_sklearn_available", "_scipy_available"):
+            if isinstance(getattr(import_utils, flag, None), bool):
+                setattr(import_utils, flag, False)

@@ -18,7 +18,7 @@ from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
 from .layers import inject_adapter
-from .streaming import is_streamed, keep_spill_folder, override_weights, reuse_buffers, streaming_kwargs
+from .streaming import is_streamed, keep_spill_folder, override_weights, read_by_rows, reuse_buffers, streaming_kwargs
 
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,6 +159,8 @@ def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes
                        **config_overrides)
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
+        if dtype == torch.float32 and any(is_streamed(m) for m in model.modules()):
+            read_by_rows(model)  # the new embedding and head computed as the folder's will be
     return model
 
 

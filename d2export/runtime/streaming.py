@@ -19,6 +19,7 @@ here:
 from __future__ import annotations
 
 import functools
+import math
 import re
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 READ_CHUNK = 4 * 2**20  # bytes of a streamed 16-bit weight read and converted at a time
@@ -92,21 +94,32 @@ class _Reused(Mapping):
         if stored is None:
             return self.inner[key]
         file, offset, dtype, shape = stored
-        # the file's bytes read a chunk at a time into one small reused buffer (safetensors' own
-        # reader would make a fresh tensor-sized one), each chunk converted into a reused float32
-        # buffer: a staging buffer the size of the largest tensor (an embedding) would stay per model
         out = self.buffer_for(key, shape)
-        flat, raw = out.view(-1), self._buffer(("raw", READ_CHUNK), torch.uint8)
-        step = READ_CHUNK // dtype.itemsize
         with open(file, "rb", buffering=0) as handle:
-            handle.seek(offset)
-            for start in range(0, flat.numel(), step):
-                count = min(step, flat.numel() - start)
-                chunk = raw[:count * dtype.itemsize]
-                if handle.readinto(memoryview(chunk.numpy())) != chunk.numel():
-                    raise OSError(f"{file}: file ends inside a tensor")
-                flat[start:start + count].copy_(chunk.view(dtype))
+            self._read(handle, offset, dtype, out.view(-1))
         return out
+
+    def _read(self, handle, offset: int, dtype: torch.dtype, out: torch.Tensor) -> None:
+        """Read ``out.numel()`` values of ``dtype`` at ``offset`` of the open file into the float32
+        ``out``: a chunk at a time into one small reused buffer (safetensors' own reader would make
+        a fresh tensor-sized one), each chunk converted into ``out``, so that a staging buffer the
+        size of the largest tensor (an embedding) does not stay per model."""
+        raw = self._buffer(("raw", READ_CHUNK), torch.uint8)
+        step = READ_CHUNK // dtype.itemsize
+        handle.seek(offset)
+        for start in range(0, out.numel(), step):
+            count = min(step, out.numel() - start)
+            chunk = raw[:count * dtype.itemsize]
+            if handle.readinto(memoryview(chunk.numpy())) != chunk.numel():
+                raise OSError(f"{handle.name}: file ends inside a tensor")
+            out[start:start + count].copy_(chunk.view(dtype))
+
+    def rows(self, key: str, step: int) -> _FileRows | None:
+        """The weight ``key`` to be read from its file by rows, ``step`` rows at a time at most;
+        None where it is not a 16-bit or float32 safetensors tensor."""
+        source = self._source(key)
+        stored = None if source is None else self._stored(*source, with_float32=True)
+        return None if stored is None else _FileRows(self, *stored, step)
 
     def buffer_for(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 buffer for the weight ``key`` that no module holds any more."""
@@ -126,8 +139,10 @@ class _Reused(Mapping):
         buffers.append((buffer, _use_count(buffer)))
         return buffer
 
-    def _stored(self, file: str, name: str) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
-        """(file, byte offset, dtype, shape) of a 16-bit tensor; None for another dtype."""
+    def _stored(self, file: str, name: str, with_float32: bool = False
+                ) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, byte offset, dtype, shape) of a 16-bit tensor (or a float32 one: ``with_float32``);
+        None for another dtype."""
         from ..reading import _header
 
         headers = self.pool.setdefault("headers", {})
@@ -135,7 +150,8 @@ class _Reused(Mapping):
             headers[file] = _header(Path(file))
         header, start = headers[file]
         entry = header.get(name)
-        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(entry.get("dtype")) if entry else None
+        dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, **({"F32": torch.float32} if with_float32 else {})}
+        dtype = dtypes.get(entry.get("dtype")) if entry else None
         if dtype is None:
             return None
         return file, start + entry["data_offsets"][0], dtype, tuple(entry["shape"])
@@ -159,6 +175,112 @@ class _Reused(Mapping):
         return len(self.inner)
 
 
+class _FileRows:
+    """Rows of a weight in its file, read as float32 into buffers of the pool's: blocks of
+    contiguous rows (at most ``step``) or the rows of given ids."""
+
+    def __init__(self, reused: _Reused, file: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 step: int):
+        self.reused, self.file, self.offset, self.dtype = reused, file, offset, dtype
+        self.shape, self.step = shape, step
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``, in a buffer reused at the next call."""
+        out = self.reused._buffer(("rows", (self.step, *self.shape[1:])), torch.float32)[:stop - start]
+        with open(self.file, "rb", buffering=0) as handle:
+            self.reused._read(handle, self.offset + start * self.row_bytes, self.dtype, out.view(-1))
+        return out
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids``, in a new tensor."""
+        out = torch.empty((len(ids), *self.shape[1:]), dtype=torch.float32)
+        with open(self.file, "rb", buffering=0) as handle:
+            for i, row in enumerate(ids.tolist()):
+                self.reused._read(handle, self.offset + row * self.row_bytes, self.dtype, out[i].view(-1))
+        return out
+
+
+class _TensorRows:
+    """The same as :class:`_FileRows`, of a weight in memory (resident, an overlay's value, or
+    read whole by accelerate's loader)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value.float()
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.value[start:stop]
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.value[ids]
+
+
+class _ByRows:
+    """The forward of a linear layer, or of a streamed embedding, of a model streamed in float32:
+    a linear layer computes its output features a block of weight rows at a time, an embedding
+    reads only the rows of its ids. accelerate's forward loads a streamed module's whole weight
+    first, and the largest are a model's embeddings and head (131 MB each in float32 at 320M,
+    524 MB at 7B) and its blocks' linear layers (808 MB a block at 7B): each model running held
+    them, in buffers kept for the next pass (docs/design.md §6, *Bounded memory*).
+
+    An embedding's rows are the same values either way. A block of output features of a product
+    need not be bit for bit the same columns of the whole product (BLAS may take another kernel
+    for a narrow block), so every linear layer of such a model takes this path, resident ones too,
+    with blocks set by its shape alone: the folder and the correctly rounded merge, which verify
+    requires to be equal to the bit, compute each layer alike wherever either holds the weight
+    (an embedding resized after loading stays resident in one and streams in the other). A
+    module whose hook does more than offload, or whose weight is tied, keeps accelerate's forward."""
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        self.module, self.forward = module, forward
+        width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+        self.step = max(1, READ_CHUNK // (2 * width))  # rows of about READ_CHUNK bytes of a 16-bit file
+
+    @staticmethod
+    def applies(module: nn.Module) -> bool:
+        """A module whose forward is the plain one of its class (an embedding with max_norm
+        rescales the rows it reads, in the weight)."""
+        if isinstance(module, nn.Embedding):
+            return type(module).forward is nn.Embedding.forward and module.max_norm is None
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+    def __call__(self, *args, **kwargs):
+        rows = self._rows() if len(args) == 1 and not kwargs else None
+        if rows is None:
+            return self.forward(*args, **kwargs)
+        (x,) = args
+        module = self.module
+        if isinstance(module, nn.Embedding):
+            ids, where = torch.unique(x, return_inverse=True)
+            return rows.gather(ids)[where]
+        bias = module.bias
+        if bias is not None and bias.is_meta:
+            bias = module._hf_hook.weights_map["bias"]
+        features = module.out_features
+        out = x.new_empty((*x.shape[:-1], features))
+        for start in range(0, features, self.step):
+            stop = min(start + self.step, features)
+            out[..., start:stop] = F.linear(x, rows.block(start, stop), None if bias is None else bias[start:stop])
+        return out
+
+    def _rows(self) -> _FileRows | _TensorRows | None:
+        hook = getattr(self.module, "_hf_hook", None)
+        if not getattr(hook, "offload", False):  # resident (accelerate may hook it to place its inputs)
+            weight = self.module.weight
+            return None if isinstance(self.module, nn.Embedding) or weight.is_meta else _TensorRows(weight)
+        maps = [hook.weights_map]
+        while isinstance(maps[-1], _Overlay):
+            maps.append(maps[-1].inner)
+        if not isinstance(maps[-1], _Reused):
+            return None
+        check = getattr(_ON_LOAD, "check", None)
+        if check is not None:
+            check()
+        if any("weight" in m.values for m in maps[:-1]):
+            return _TensorRows(maps[0]["weight"])
+        return maps[-1].rows("weight", self.step) or _TensorRows(maps[-1]["weight"])
+
+
 _ON_LOAD = threading.local()
 
 
@@ -179,12 +301,22 @@ def _use_count(tensor: torch.Tensor) -> int:
 
 
 def reuse_buffers(model: nn.Module) -> nn.Module:
-    """Read ``model``'s streamed 16-bit weights into reused float32 buffers (:class:`_Reused`)."""
+    """Read ``model``'s streamed 16-bit weights into reused float32 buffers (:class:`_Reused`),
+    and its linear layers' and embeddings' by rows (:class:`_ByRows`)."""
     pool: dict = {}
     for module in model.modules():
         for hook in offload_hooks(module):
             if not getattr(hook, "tied_params_names", None):  # accelerate tracks tied weights by address
                 hook.weights_map = _Reused(hook.weights_map, pool)
+    return read_by_rows(model)
+
+
+def read_by_rows(model: nn.Module) -> nn.Module:
+    """Give ``model``'s linear layers and embeddings the forward of :class:`_ByRows`; for a model
+    whose weights :func:`reuse_buffers` reads, again after a module is replaced (a resized vocabulary)."""
+    for module in model.modules():
+        if _ByRows.applies(module) and not isinstance(module.forward, _ByRows):
+            module.forward = _ByRows(module, module.forward)
     return model
 
 
@@ -348,5 +480,5 @@ def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
     return model
 
 
-__all__ = ["checked_on_load", "hoist", "is_streamed", "materialized", "override_weights",
+__all__ = ["checked_on_load", "hoist", "is_streamed", "materialized", "override_weights", "read_by_rows",
            "reuse_buffers", "streaming_kwargs"]

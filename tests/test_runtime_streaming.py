@@ -1,0 +1,65 @@
+"""Streamed models read their linear layers and embeddings by rows (runtime/streaming.py,
+``_ByRows``): no whole weight is held, an embedding reads the same values, and what verify
+requires to be equal to the bit still is, with blocks of a few rows (the tiny fixtures' layers
+fit one block of the default size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from d2export import verify
+from d2export.runtime import streaming
+from d2export.runtime.calibration import config_batches
+from d2export.runtime.models import load_model, model_output
+
+FEW_ROWS = 512  # bytes of a 16-bit row block: 4 rows of the fixtures' 64 features
+
+
+@pytest.fixture
+def few_rows(monkeypatch):
+    """Row blocks of a few rows, and the blocks read from files and from memory, counted."""
+    monkeypatch.setattr(streaming, "READ_CHUNK", FEW_ROWS)
+    counts = {"file": 0, "memory": 0}
+    for cls, kind in ((streaming._FileRows, "file"), (streaming._TensorRows, "memory")):
+        def counted(self, start, stop, block=cls.block, kind=kind):
+            counts[kind] += 1
+            return block(self, start, stop)
+        monkeypatch.setattr(cls, "block", counted)
+    return counts
+
+
+def test_a_streamed_model_holds_no_whole_weight_and_embeds_the_same_rows(merged, few_rows):
+    """A bf16 folder run in float32, streamed: its pool of buffers never holds a whole matrix (only
+    row blocks and the norms' vectors); the embedding gives the whole model's values to the bit,
+    and the logits are the whole model's up to float32 rounding (a block of output features is a
+    narrower product, which BLAS may sum in another order)."""
+    _, out = merged("d2lora-llama-bf16")
+    whole, streamed = load_model(out, torch.float32), load_model(out, torch.float32, resident_bytes=1)
+    embedded = {}
+    for name, model in (("whole", whole), ("streamed", streamed)):
+        model.get_input_embeddings().register_forward_hook(
+            lambda _m, _a, output, name=name: embedded.__setitem__(name, output))
+    for batch in config_batches(whole.config.to_dict()):
+        torch.testing.assert_close(model_output(streamed, batch), model_output(whole, batch))
+        assert torch.equal(embedded["streamed"], embedded["whole"])
+    assert few_rows["file"] > 2 * sum(isinstance(m, nn.Linear) for m in streamed.modules())
+    pool = next(h.weights_map.pool for m in streamed.modules() for h in streaming.offload_hooks(m)
+                if isinstance(h.weights_map, streaming._Reused))
+    slots = [slot for slot in pool if isinstance(slot, tuple)]
+    assert any(kind == "rows" for kind, _ in slots)
+    assert all(len(shape) == 1 for kind, shape in slots if kind not in ("rows", "raw"))  # norms only
+
+
+@pytest.mark.parametrize("name", ["d2lora-llama-bf16", "lora-llama-tied"])
+def test_the_folder_and_the_correctly_rounded_merge_stay_equal_with_weights_read_by_rows(merged, few_rows, name):
+    """The loading rung requires the folder's outputs to equal the correctly rounded merge's: with
+    every linear layer computed in blocks of a few rows, from the folder's file in one model and
+    from memory in the other, they are still equal to the bit."""
+    folder, out = merged(name)
+    report = verify(out, folder / "adapter", base=folder / "base", resident=1)
+    loading = [o for o in report.outputs if o.rung == "loading"]
+    assert report.passed, report.failures
+    assert loading and all(o.comparison.max_abs == 0.0 for o in loading)
+    assert few_rows["file"] and few_rows["memory"]

@@ -30,6 +30,16 @@ def few_rows(monkeypatch):
     return counts
 
 
+def _pooled(model: nn.Module) -> set[int]:
+    """The numbers of dimensions of the weights a streamed model's pool holds whole (row blocks and
+    the read buffer aside, which it must hold)."""
+    pool = next(h.weights_map.pool for m in model.modules() for h in streaming.offload_hooks(m)
+                if isinstance(h.weights_map, streaming._Reused))
+    slots = [slot for slot in pool if isinstance(slot, tuple)]
+    assert {"rows", "raw"} <= {kind for kind, _ in slots}
+    return {len(shape) for kind, shape in slots if kind not in ("rows", "raw")}
+
+
 def test_a_streamed_model_holds_no_whole_weight_and_embeds_the_same_rows(merged, few_rows):
     """A bf16 folder run in float32, streamed: its pool of buffers never holds a whole matrix (only
     row blocks and the norms' vectors); the embedding gives the whole model's values to the bit,
@@ -45,11 +55,7 @@ def test_a_streamed_model_holds_no_whole_weight_and_embeds_the_same_rows(merged,
         torch.testing.assert_close(model_output(streamed, batch), model_output(whole, batch))
         assert torch.equal(embedded["streamed"], embedded["whole"])
     assert few_rows["file"] > 2 * sum(isinstance(m, nn.Linear) for m in streamed.modules())
-    pool = next(h.weights_map.pool for m in streamed.modules() for h in streaming.offload_hooks(m)
-                if isinstance(h.weights_map, streaming._Reused))
-    slots = [slot for slot in pool if isinstance(slot, tuple)]
-    assert any(kind == "rows" for kind, _ in slots)
-    assert all(len(shape) == 1 for kind, shape in slots if kind not in ("rows", "raw"))  # norms only
+    assert _pooled(streamed) == {1}  # norms only
 
 
 @pytest.mark.parametrize("name", ["d2lora-llama-bf16", "lora-llama-tied"])
@@ -63,3 +69,25 @@ def test_the_folder_and_the_correctly_rounded_merge_stay_equal_with_weights_read
     assert report.passed, report.failures
     assert loading and all(o.comparison.max_abs == 0.0 for o in loading)
     assert few_rows["file"] and few_rows["memory"]
+
+
+def test_the_unmerged_model_reads_its_adapted_weights_by_rows_too(fixture, few_rows):
+    """The run-time adapter layers of a streamed model take the base's product and the rows' norms
+    (D2-LoRA rescales rows) from the weight read by rows, not loaded whole: row scales and outputs
+    equal to the whole model's up to float32 rounding, and no whole matrix in the pool."""
+    from d2export.job import prepare
+    from d2export.runtime.layers import AdapterLayer
+    from d2export.runtime.models import unmerged_model
+
+    folder = fixture("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batches = config_batches(job.base.config)
+        whole = unmerged_model(job.base.path, job.spec, torch.float32)
+        streamed = unmerged_model(job.base.path, job.spec, torch.float32, resident_bytes=1)
+    for batch in batches:
+        torch.testing.assert_close(model_output(streamed, batch), model_output(whole, batch))
+    layers = [[m for m in model.modules() if isinstance(m, AdapterLayer)] for model in (whole, streamed)]
+    assert layers[1] and all(layer.by_rows is not None for layer in layers[1])
+    for w, s in zip(*layers, strict=True):  # its norms' low-rank rows taken a few at a time
+        torch.testing.assert_close(w.row_scale(), s.row_scale())
+    assert _pooled(streamed) == {1}

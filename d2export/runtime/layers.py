@@ -17,7 +17,7 @@ from torch import nn
 from ..arrays import to_torch
 from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
-from .streaming import hoist, is_streamed, materialized, override_weights
+from .streaming import by_rows, hoist, is_streamed, materialized, override_weights
 
 # Elements per block of the reference row norms, worked in one float64 scratch buffer per call:
 # 512 KB, so that it and the temporaries of the product and the norm stay below the size from which
@@ -43,6 +43,9 @@ class AdapterLayer(nn.Module):
         # (fixtures) builds layers without it and gets the scale of the current factors every time.
         self.fixed = fixed
         self._kept_scale: torch.Tensor | None = None
+        # the base's forward that reads a streamed weight by rows (streaming.by_rows), used here in
+        # place of the whole weight; None: ``base.weight`` is there whenever this layer runs
+        self.by_rows = None
         self.embedding = isinstance(base, nn.Embedding)
         self.transposed = self.embedding or type(base).__name__ == "Conv1D"
         out, inp = self._canonical_weight().shape
@@ -119,16 +122,24 @@ class AdapterLayer(nn.Module):
         """float64 norms of the rows of the canonical weight plus ``delta(rows)`` (None: of the
         weight), a few rows at a time: float64 copies of a whole 7B weight are over a GB."""
         w = self._canonical_weight().detach()
-        norms = torch.empty(w.shape[0], dtype=torch.float64)
-        step = max(1, NORM_CHUNK_ELEMENTS // max(1, w.shape[1]))
-        scratch = torch.empty((min(step, w.shape[0]), w.shape[1]), dtype=torch.float64)
-        for start in range(0, w.shape[0], step):
-            rows = slice(start, start + step)
-            v = scratch[: w[rows].shape[0]]
-            v.copy_(w[rows])
-            if delta is not None:
-                v.add_(delta(rows))  # in float64, the float32 delta converted exactly
-            torch.linalg.vector_norm(v, dim=1, out=norms[rows])
+        out, width = w.shape
+        norms = torch.empty(out, dtype=torch.float64)
+        step = max(1, NORM_CHUNK_ELEMENTS // max(1, width))
+        scratch = torch.empty((min(step, out), width), dtype=torch.float64)
+        source = None if self.by_rows is None else self.by_rows.rows()
+        # rows read at once: whole norm steps, so that each norm is taken over the rows it is taken
+        # over from a whole weight
+        block = out if source is None else (self.by_rows.step // step * step or self.by_rows.step)
+        for first in range(0, out, block):
+            end = min(first + block, out)
+            held = w if source is None else source.block(first, end)
+            for start in range(first, end, step):
+                rows = slice(start, min(start + step, end))
+                v = scratch[: rows.stop - start]
+                v.copy_(held[start - first: rows.stop - first])
+                if delta is not None:
+                    v.add_(delta(rows))  # in float64, the float32 delta converted exactly
+                torch.linalg.vector_norm(v, dim=1, out=norms[rows])
         return norms
 
     def _target(self) -> torch.Tensor:
@@ -154,8 +165,11 @@ class AdapterLayer(nn.Module):
                 y = y + self.coefficient(b) * (F.embedding(x, self.A[b].T) @ self.B[b].T)
             bias = None
         else:
-            bias = self.base.bias
-            y = x @ self.base.weight if self.transposed else F.linear(x, self.base.weight)
+            if self.by_rows is not None:
+                y, bias = self.by_rows.product(x, self.by_rows.rows()), self.by_rows.bias()
+            else:
+                bias = self.base.bias
+                y = x @ self.base.weight if self.transposed else F.linear(x, self.base.weight)
             for b in self.branches:
                 y = y + self.coefficient(b) * ((x @ self.A[b].T) @ self.B[b].T)
         g = self.row_scale()
@@ -226,7 +240,11 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
         layer.to(module.weight.dtype)
         set_module(model, path, layer)
-        hoist(layer, module)
+        # a streamed weight read by rows, as the merged models read it; else loaded whole around the
+        # layer's forward (the norms in the weight's dtype take the whole weight)
+        layer.by_rows = by_rows(module) if reference_norms else None
+        if layer.by_rows is None:
+            hoist(layer, module)
     return model
 
 

@@ -13,7 +13,10 @@ here:
   low-rank path), not only through the wrapped module's forward;
 * :func:`materialized`: the same, for code run outside a forward (building the wrapper);
 * :func:`reuse_buffers`: streamed 16-bit weights converted into float32 buffers reused from block
-  to block, and :func:`leave_offloaded_weights_unread`: transformers' loading does not read them.
+  to block, and :func:`leave_offloaded_weights_unread`: transformers' loading does not read them;
+* :func:`read_by_rows`: linear layers and embeddings that read a block of weight rows at a time
+  instead of the whole weight, and :func:`by_rows`: the same for a wrapper (instead of
+  :func:`hoist`).
 """
 
 from __future__ import annotations
@@ -245,40 +248,59 @@ class _ByRows:
         return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
     def __call__(self, *args, **kwargs):
-        rows = self._rows() if len(args) == 1 and not kwargs else None
+        rows = self.rows() if len(args) == 1 and not kwargs else None
         if rows is None:
             return self.forward(*args, **kwargs)
         (x,) = args
-        module = self.module
-        if isinstance(module, nn.Embedding):
+        if isinstance(self.module, nn.Embedding):
             ids, where = torch.unique(x, return_inverse=True)
             return rows.gather(ids)[where]
-        bias = module.bias
-        if bias is not None and bias.is_meta:
-            bias = module._hf_hook.weights_map["bias"]
-        features = module.out_features
+        return self.product(x, rows, self.bias())
+
+    def product(self, x: torch.Tensor, rows: _FileRows | _TensorRows, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``x`` times the transposed weight (plus ``bias``), a block of output features at a time."""
+        features = self.module.out_features
         out = x.new_empty((*x.shape[:-1], features))
         for start in range(0, features, self.step):
             stop = min(start + self.step, features)
             out[..., start:stop] = F.linear(x, rows.block(start, stop), None if bias is None else bias[start:stop])
         return out
 
-    def _rows(self) -> _FileRows | _TensorRows | None:
-        hook = getattr(self.module, "_hf_hook", None)
-        if not getattr(hook, "offload", False):  # resident (accelerate may hook it to place its inputs)
-            weight = self.module.weight
-            return None if isinstance(self.module, nn.Embedding) or weight.is_meta else _TensorRows(weight)
-        maps = [hook.weights_map]
-        while isinstance(maps[-1], _Overlay):
-            maps.append(maps[-1].inner)
-        if not isinstance(maps[-1], _Reused):
-            return None
+    def bias(self) -> torch.Tensor | None:
+        bias = self.module.bias
+        return self.module._hf_hook.weights_map["bias"] if bias is not None and bias.is_meta else bias
+
+    def rows(self) -> _FileRows | _TensorRows | None:
+        """The weight's rows as this forward reads them (None: it takes accelerate's forward)."""
+        maps = self._weight_maps()
+        if not maps:
+            return None if maps is None else _TensorRows(self.module.weight)
         check = getattr(_ON_LOAD, "check", None)
         if check is not None:
             check()
         if any("weight" in m.values for m in maps[:-1]):
             return _TensorRows(maps[0]["weight"])
         return maps[-1].rows("weight", self.step) or _TensorRows(maps[-1]["weight"])
+
+    def _weight_maps(self) -> list[Mapping] | None:
+        """A streamed module's weight maps, outermost first, ending in a :class:`_Reused`; [] for a
+        resident linear layer (accelerate may hook it, to place its inputs); None otherwise."""
+        hook = getattr(self.module, "_hf_hook", None)
+        if not getattr(hook, "offload", False):
+            return None if isinstance(self.module, nn.Embedding) or self.module.weight.is_meta else []
+        maps = [hook.weights_map]
+        while isinstance(maps[-1], _Overlay):
+            maps.append(maps[-1].inner)
+        return maps if isinstance(maps[-1], _Reused) else None
+
+
+def by_rows(module: nn.Module) -> _ByRows | None:
+    """The forward of :func:`read_by_rows` of a linear layer that reads its weight by rows, for a
+    wrapper that computes with the weight itself (the run-time adapter layer); else None."""
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, _ByRows) and isinstance(module, nn.Linear) and (
+        forward._weight_maps() is not None) else None
 
 
 _ON_LOAD = threading.local()
@@ -480,5 +502,5 @@ def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
     return model
 
 
-__all__ = ["checked_on_load", "hoist", "is_streamed", "materialized", "override_weights", "read_by_rows",
+__all__ = ["by_rows", "checked_on_load", "hoist", "is_streamed", "materialized", "override_weights", "read_by_rows",
            "reuse_buffers", "streaming_kwargs"]

@@ -91,3 +91,14 @@ def test_the_unmerged_model_reads_its_adapted_weights_by_rows_too(fixture, few_r
     for w, s in zip(*layers, strict=True):  # its norms' low-rank rows taken a few at a time
         torch.testing.assert_close(w.row_scale(), s.row_scale())
     assert _pooled(streamed) == {1}
+
+
+def test_a_streamed_embedding_refuses_an_id_outside_its_rows_as_a_whole_one_does(merged):
+    """Read by rows, an id past the vocabulary would read another tensor's bytes: it is refused as
+    torch's embedding refuses it."""
+    _, out = merged("d2lora-llama-bf16")
+    streamed = load_model(out, torch.float32, resident_bytes=1)
+    embedding = streamed.get_input_embeddings()
+    assert isinstance(embedding.forward, streaming._ByRows)
+    with pytest.raises(IndexError, match="index out of range"):
+        embedding(torch.tensor([[1, embedding.num_embeddings]]))

@@ -196,7 +196,9 @@ class _FileRows:
         return out
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows of ``ids``, in a new tensor."""
+        """The rows of the sorted ``ids``, in a new tensor."""
+        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.shape[0]:  # as torch's embedding says it
+            raise IndexError("index out of range in self")
         out = torch.empty((len(ids), *self.shape[1:]), dtype=torch.float32)
         with open(self.file, "rb", buffering=0) as handle:
             for i, row in enumerate(ids.tolist()):

@@ -10,6 +10,7 @@ import mmap
 import os
 import queue
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .algebra import MergeStats, merge_bias, merge_tensor, round_to_dtype
-from .arrays import finfo, is_float
+from .arrays import finfo, is_float, read_array
 from .blocks import StatsSum, merge_rows, prepare_factors
 from .errors import D2ExportError
 from .job import Job, prepare
@@ -333,6 +334,27 @@ def produce(plan: MergePlan, t: TensorPlan, stored: np.ndarray | None = None) ->
         start, t.update, transposed=t.transposed, out_dtype=t.out_dtype,
         compute_dtype=plan.compute_dtype, name=t.name,
     )
+
+
+def merged_rows(plan: MergePlan, t: TensorPlan) -> Callable[[int, int], np.ndarray] | None:
+    """A function giving rows ``start:stop`` of a merged tensor, computed from those rows of the
+    base alone, the same values :func:`produce` gives them (every merged element depends on its
+    own row: the update's rows and, for DoRA and D2-LoRA, that row's norm; and each is correctly
+    rounded). None where the tensor is not merged row by row from a safetensors base (copied,
+    replaced, a bias, stored transposed)."""
+    source = plan.base.tensors.get(t.source)
+    if (t.action is not Action.MERGE or t.update is None or t.transposed or t.replacement is not None
+            or source is None or source.offset is None or source.shape != t.update.shape):
+        return None
+    factors = prepare_factors(t.update, source.dtype, t.out_dtype, plan.compute_dtype)
+    width = source.shape[1]
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        w0 = read_array(plan.base.path / source.file, source.offset + start * width * source.dtype.itemsize,
+                        source.dtype, (stop - start, width))
+        return merge_rows(w0, t.update, factors, start, t.out_dtype, t.name)[0]
+
+    return rows
 
 
 def write_config(plan: MergePlan, folder: Path) -> None:

@@ -180,3 +180,25 @@ def test_merge_and_inspect_never_import_torch(fixture, tmp_path, name):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "config.json").is_file()
     assert result.stdout.strip().splitlines()[-1] == "False", result.stdout
+
+
+@pytest.mark.parametrize("name", ["d2lora-llama-bf16", "dora-llama", "lora-llama"])
+def test_merged_rows_are_the_rows_of_the_whole_merge(fixture, name):
+    """Any run of rows of a merged tensor, merged from those rows of the base alone (what verify's
+    correctly rounded merge computes at every pass), is the same rows of the whole merge, to the
+    bit: each merged element depends on its own row, and is correctly rounded."""
+    import numpy as np
+
+    from d2export.job import prepare
+    from d2export.merging import merged_rows, produce
+
+    folder = fixture(name)
+    with prepare(folder / "adapter", folder / "base") as job:
+        merged = [(t, merged_rows(job.plan, t)) for t in job.plan.tensors]
+        assert any(rows is not None for _, rows in merged)
+        for t, rows in merged:
+            if rows is None:
+                continue
+            whole = produce(job.plan, t)[0]
+            for start, stop in ((0, 1), (3, 11), (whole.shape[0] - 5, whole.shape[0])):
+                assert np.array_equal(rows(start, stop).view(np.uint8), whole[start:stop].view(np.uint8)), t.name

@@ -21,8 +21,9 @@ FEW_ROWS = 512  # bytes of a 16-bit row block: 4 rows of the fixtures' 64 featur
 def few_rows(monkeypatch):
     """Row blocks of a few rows, and the blocks read from files and from memory, counted."""
     monkeypatch.setattr(streaming, "READ_CHUNK", FEW_ROWS)
-    counts = {"file": 0, "memory": 0}
-    for cls, kind in ((streaming._FileRows, "file"), (streaming._TensorRows, "memory")):
+    counts = {"file": 0, "memory": 0, "computed": 0}
+    for cls, kind in ((streaming._FileRows, "file"), (streaming._TensorRows, "memory"),
+                      (streaming._ComputedRows, "computed")):
         def counted(self, start, stop, block=cls.block, kind=kind):
             counts[kind] += 1
             return block(self, start, stop)
@@ -102,3 +103,23 @@ def test_a_streamed_embedding_refuses_an_id_outside_its_rows_as_a_whole_one_does
     assert isinstance(embedding.forward, streaming._ByRows)
     with pytest.raises(IndexError, match="index out of range"):
         embedding(torch.tensor([[1, embedding.num_embeddings]]))
+
+
+def test_the_correctly_rounded_merge_computed_at_every_pass_is_computed_by_rows(fixture, few_rows):
+    """Where verify cannot take the folder's tensors, the correctly rounded merge is computed at
+    every pass over the model: streamed, a block of merged rows at a time from the base's rows
+    (merging.merged_rows), never a whole merged weight; its outputs are the whole merge's up to
+    float32 rounding."""
+    from d2export.job import prepare
+    from d2export.runtime.models import merged_model
+
+    folder = fixture("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batches = config_batches(job.base.config)
+        whole = merged_model(job.plan, torch.float32)
+        streamed = merged_model(job.plan, torch.float32, resident_bytes=1)
+        for batch in batches:
+            torch.testing.assert_close(model_output(streamed, batch), model_output(whole, batch))
+    adapted = sum(t.update is not None for t in job.plan.tensors)
+    assert few_rows["computed"] > 2 * adapted
+    assert _pooled(streamed) == {1}

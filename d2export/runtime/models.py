@@ -192,7 +192,7 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None,
     model the folder should load as, without reading the folder. ``values``: a function giving a
     planned tensor's merged value instead of computing it (verify passes the folder's own tensors
     once the weight check found every one equal to the correctly rounded value)."""
-    from ..merging import produce
+    from ..merging import merged_rows, produce
     from ..plan import Action
 
     value = values if values is not None else (lambda t: produce(plan, t)[0])
@@ -214,7 +214,9 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None,
         module_path, _, param = key.rpartition(".")
         module = model.get_submodule(module_path)
         if is_streamed(module):
-            override_weights(module, {param: lambda t=t: to_torch(value(t))})
+            rows = merged_rows(plan, t) if values is None else None  # computed at every pass: by rows
+            by_rows = None if rows is None else {param: lambda start, stop, rows=rows: to_torch(rows(start, stop))}
+            override_weights(module, {param: lambda t=t: to_torch(value(t))}, by_rows)
         else:
             state[key] = to_torch(value(t)).to(dtype)
     model.load_state_dict(state, strict=False)

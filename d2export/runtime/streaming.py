@@ -57,8 +57,9 @@ class _Overlay(Mapping):
     float32 buffers too: accelerate would convert it into fresh memory at every forward (the
     correctly rounded merge of a folder verify cannot correct is computed at every pass)."""
 
-    def __init__(self, inner: Mapping, values: dict[str, Callable[[], torch.Tensor]]):
-        self.inner, self.values = inner, values
+    def __init__(self, inner: Mapping, values: dict[str, Callable[[], torch.Tensor]],
+                 rows: dict[str, Callable[[int, int], torch.Tensor]] | None = None):
+        self.inner, self.values, self.rows = inner, values, rows or {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         make = self.values.get(key)
@@ -220,6 +221,23 @@ class _TensorRows:
         return self.value[ids]
 
 
+class _ComputedRows:
+    """The same as :class:`_FileRows`, of a weight computed a block of rows at a time (the
+    correctly rounded merge where verify cannot take the folder's tensors: computed at every pass,
+    and whole it was a fresh weight-sized array each time), converted into the pool's row buffer."""
+
+    def __init__(self, make: Callable[[int, int], torch.Tensor], reused: _Reused, step: int):
+        self.make, self.reused, self.step = make, reused, step
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        value = self.make(start, stop)
+        out = self.reused._buffer(("rows", (self.step, *value.shape[1:])), torch.float32)[:stop - start]
+        return out.copy_(value)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.make(row, row + 1).float() for row in ids.tolist()])
+
+
 class _ByRows:
     """The forward of a linear layer, or of a streamed embedding, of a model streamed in float32:
     a linear layer computes its output features a block of weight rows at a time, an embedding
@@ -281,8 +299,11 @@ class _ByRows:
         check = getattr(_ON_LOAD, "check", None)
         if check is not None:
             check()
-        if any("weight" in m.values for m in maps[:-1]):
-            return _TensorRows(maps[0]["weight"])
+        for overlay in maps[:-1]:
+            if "weight" in overlay.rows:
+                return _ComputedRows(overlay.rows["weight"], maps[-1], self.step)
+            if "weight" in overlay.values:
+                return _TensorRows(maps[0]["weight"])
         return maps[-1].rows("weight", self.step) or _TensorRows(maps[-1]["weight"])
 
     def _weight_maps(self) -> list[Mapping] | None:
@@ -344,11 +365,14 @@ def read_by_rows(model: nn.Module) -> nn.Module:
     return model
 
 
-def override_weights(module: nn.Module, values: dict[str, Callable[[], torch.Tensor]]) -> None:
+def override_weights(module: nn.Module, values: dict[str, Callable[[], torch.Tensor]],
+                     rows: dict[str, Callable[[int, int], torch.Tensor]] | None = None) -> None:
     """Give an offloaded ``module``'s tensors (names relative to it: ``weight``) the values the
-    callables return, each time its forward loads them; accelerate casts them to the model dtype."""
+    callables return, each time its forward loads them; accelerate casts them to the model dtype.
+    ``rows``: for a weight, a function giving its rows ``start:stop`` alone, for a forward that
+    reads by rows (:class:`_ByRows`)."""
     for hook in offload_hooks(module):
-        hook.weights_map = _Overlay(hook.weights_map, values)
+        hook.weights_map = _Overlay(hook.weights_map, values, rows)
 
 
 @contextmanager

@@ -215,8 +215,8 @@ def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None,
         module = model.get_submodule(module_path)
         if is_streamed(module):
             rows = merged_rows(plan, t) if values is None else None  # computed at every pass: by rows
-            by_rows = None if rows is None else {param: lambda start, stop, rows=rows: to_torch(rows(start, stop))}
-            override_weights(module, {param: lambda t=t: to_torch(value(t))}, by_rows)
+            computed = None if rows is None else {param: lambda start, stop, rows=rows: to_torch(rows(start, stop))}
+            override_weights(module, {param: lambda t=t: to_torch(value(t))}, computed)
         else:
             state[key] = to_torch(value(t)).to(dtype)
     model.load_state_dict(state, strict=False)

@@ -1,5 +1,6 @@
 """Streamed models read their linear layers and embeddings by rows (runtime/streaming.py,
-``_ByRows``): no whole weight is held, an embedding reads the same values, and what verify
+``_ByRows``), the unmerged model's adapter layers and the correctly rounded merge computed at
+every pass included: no whole weight is held, an embedding reads the same values, and what verify
 requires to be equal to the bit still is, with blocks of a few rows (the tiny fixtures' layers
 fit one block of the default size)."""
 
@@ -19,7 +20,8 @@ FEW_ROWS = 512  # bytes of a 16-bit row block: 4 rows of the fixtures' 64 featur
 
 @pytest.fixture
 def few_rows(monkeypatch):
-    """Row blocks of a few rows, and the blocks read from files and from memory, counted."""
+    """Row blocks of a few rows, and the blocks read from files, taken from memory and computed,
+    counted."""
     monkeypatch.setattr(streaming, "READ_CHUNK", FEW_ROWS)
     counts = {"file": 0, "memory": 0, "computed": 0}
     for cls, kind in ((streaming._FileRows, "file"), (streaming._TensorRows, "memory"),

@@ -439,9 +439,11 @@ def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
     movable = _movable(skeleton) if stream_leaves else set()
     device_map = _block_map(skeleton, blocks, movable)
 
-    def held(name: str) -> int:
-        module = skeleton.get_submodule(name) if name else skeleton
-        return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+    modules = dict(skeleton.named_modules())
+
+    def held(name: str) -> int:  # 0 for a buffer's own entry: no parameters
+        module = modules.get(name)
+        return 0 if module is None else sum(p.numel() for p in module.parameters()) * dtype.itemsize
 
     resident = sum(held(name) for name, place in device_map.items() if place == "cpu")
     for name in sorted((n for n in device_map if n in movable), key=held, reverse=True):
@@ -515,7 +517,9 @@ def _block_map(module: nn.Module, blocks: set[str], movable: set[str], prefix: s
         f"{prefix}{n}".rstrip(".") in movable for n, _ in module.named_modules())
     if own or not holds:
         return {name: "cpu"}
-    device_map: dict[str, str] = {}
+    # a buffer of a module split among its children (BART's final_logits_bias) has its own entry:
+    # without one, transformers' loading finds no place for it and fails
+    device_map: dict[str, str] = {f"{prefix}{n}": "cpu" for n, _ in module.named_buffers(recurse=False)}
     for child_name, child in module.named_children():
         device_map.update(_block_map(child, blocks, movable, f"{prefix}{child_name}."))
     return device_map

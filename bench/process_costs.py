@@ -1,6 +1,8 @@
 """What a verify process pays before and after its work: importing torch, transformers and a
 model's code with garbage collection running or paused (``verification.ladder.frozen_imports``),
-and ending the process with the interpreter torn down or not (``cli._exit``). Fresh processes
+with transformers kept from importing scikit-learn and SciPy or not
+(``cli.process.lean_transformers``), and ending the process with the interpreter torn down or not
+(``cli._exit``). Fresh processes
 measured whole by GNU time, the variants alternating, medians of ``--repeats``.
 
     python bench/process_costs.py [--repeats 5]
@@ -19,6 +21,9 @@ IMPORTS = """
 import gc
 if {paused}:
     gc.disable()
+if {lean}:
+    from d2export.cli.process import lean_transformers
+    lean_transformers()
 import d2export.verification.runner
 from transformers.models.llama import modeling_llama
 import accelerate
@@ -28,9 +33,10 @@ if {quick}:
     _exit(0)
 """
 VARIANTS = {
-    "imports, collection running; interpreter torn down": (False, False),
-    "imports, collection paused; interpreter torn down": (True, False),
-    "imports, collection paused; quick exit (verify now)": (True, True),
+    "imports, collection running; interpreter torn down": (False, False, False),
+    "imports, collection paused; interpreter torn down": (True, False, False),
+    "imports, collection paused; quick exit": (True, True, False),
+    "the same, sklearn and SciPy kept out (verify now)": (True, True, True),
 }
 
 
@@ -40,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs: dict[str, list] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
-        for name, (paused, quick) in VARIANTS.items():
-            measured = measure([sys.executable, "-c", IMPORTS.format(paused=paused, quick=quick)])
+        for name, (paused, quick, lean) in VARIANTS.items():
+            measured = measure([sys.executable, "-c", IMPORTS.format(paused=paused, quick=quick, lean=lean)])
             if measured.returncode != 0:
                 raise SystemExit(f"{name}: exit {measured.returncode}\n{measured.stderr_tail}")
             runs[name].append(measured)

@@ -9,7 +9,6 @@ import math
 import mmap
 import os
 import queue
-import shutil
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from .job import Job, prepare
 from .options import MergeOptions, with_settings
 from .plan import Action, MergePlan, TensorPlan
 from .progress import Progress, silent
-from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
-from .report import REPORT_NAME, build_report, input_files, write_report
-from .sidefiles import side_files
+from .reading import CONFIG_NAME, SAFE_INDEX
+from .report import build_report, input_files, write_report
+from .sidefiles import copy_side_files
 from .spec import Rescale
 from .st_modules import plan_modules, write_modules
 from .tokenizer_files import TrainedFiles
@@ -348,7 +347,7 @@ def merged_rows(plan: MergePlan, t: TensorPlan) -> Callable[[int, int], np.ndarr
         return None
     height, width = source.shape
     # the factors are made at a pass's first rows and dropped after its last, as a whole merge
-    # makes them: kept for every streamed tensor at once, they put 100 MB on the 7B peak
+    # makes them: kept, every streamed tensor's would stay for the model's whole life
     kept: list = []
 
     def rows(start: int, stop: int) -> np.ndarray:
@@ -370,21 +369,6 @@ def write_config(plan: MergePlan, folder: Path) -> None:
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
             config[key] = plan.out_dtype
     write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def copy_side_files(base: Path, folder: Path, skip: set[str] = frozenset()) -> None:
-    """Tokenizer, generation config and other small files travel with the model; weights, indexes
-    and the old config do not (they are rewritten), nor does a subfolder holding weights. Links
-    out of the base or looping back are refused (:func:`d2export.sidefiles.side_files`). Top-level
-    names in ``skip`` are not copied either (the adapter side brings its own)."""
-    skip = {*skip, CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
-    for source, relative in side_files(base, skip, WEIGHT_SUFFIXES):
-        target = folder / relative
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-        except OSError as exc:
-            raise D2ExportError(f"cannot copy {base / relative} into the output ({exc.strerror or exc})") from None
 
 
 def checked_cast(value: np.ndarray, source: np.ndarray, name: str) -> np.ndarray:

@@ -1,11 +1,14 @@
 """Which of a base folder's files travel with the merged model, found without following a symlink
-out of the base or around a loop."""
+out of the base or around a loop, and copying them."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from .errors import D2ExportError
+from .reading import CONFIG_NAME, SAFE_INDEX, WEIGHT_SUFFIXES
+from .report import REPORT_NAME
 
 _MAX_DEPTH = 16  # model folders nest one or two levels (1_Pooling/, tokenizer/)
 
@@ -68,3 +71,18 @@ class _Walk:
             raise D2ExportError(f"{item} is a symlink to {real}, outside the base folder; it is not copied "
                                 "into the output (copy the file itself into the base if it belongs there)")
         return real
+
+
+def copy_side_files(base: Path, folder: Path, skip: set[str] = frozenset()) -> None:
+    """Tokenizer, generation config and other small files travel with the model; weights, indexes
+    and the old config do not (they are rewritten), nor does a subfolder holding weights. Links
+    out of the base or looping back are refused (:func:`side_files`). Top-level
+    names in ``skip`` are not copied either (the adapter side brings its own)."""
+    skip = {*skip, CONFIG_NAME, SAFE_INDEX, "pytorch_model.bin.index.json", "README.md", REPORT_NAME}
+    for source, relative in side_files(base, skip, WEIGHT_SUFFIXES):
+        target = folder / relative
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        except OSError as exc:
+            raise D2ExportError(f"cannot copy {base / relative} into the output ({exc.strerror or exc})") from None

@@ -133,7 +133,7 @@ def lean_transformers() -> None:
     import of its generation and loss code, for what verify never runs on a model: assisted
     generation's confidence threshold (sklearn's ``roc_curve``) and detection models' matching
     losses (SciPy's ``linear_sum_assignment``). That import is on the path of every verify, before
-    the first model loads: 0.55 s and 72 MB of a Llama's code (bench/README.md). transformers reads
+    the first model loads (bench/README.md has its cost). transformers reads
     these flags through ``is_sklearn_available`` and ``is_scipy_available``. Process-wide, so only
     the command does it; a no-op where transformers keeps them otherwise."""
     with contextlib.suppress(ImportError):

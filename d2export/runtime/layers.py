@@ -17,7 +17,8 @@ from torch import nn
 from ..arrays import to_torch
 from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
-from .streaming import by_rows, hoist, is_streamed, materialized, override_weights
+from .rows import by_rows
+from .streaming import hoist, is_streamed, materialized, override_weights
 
 # Elements per block of the reference row norms, worked in one float64 scratch buffer per call:
 # 512 KB, so that it and the temporaries of the product and the norm stay below the size from which
@@ -43,7 +44,7 @@ class AdapterLayer(nn.Module):
         # (fixtures) builds layers without it and gets the scale of the current factors every time.
         self.fixed = fixed
         self._kept_scale: torch.Tensor | None = None
-        # the base's forward that reads a streamed weight by rows (streaming.by_rows), used here in
+        # the base's forward that reads a streamed weight by rows (rows.by_rows), used here in
         # place of the whole weight; None: ``base.weight`` is there whenever this layer runs
         self.by_rows = None
         self.embedding = isinstance(base, nn.Embedding)

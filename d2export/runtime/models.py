@@ -18,7 +18,8 @@ from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
 from .layers import inject_adapter
-from .streaming import is_streamed, keep_spill_folder, override_weights, read_by_rows, reuse_buffers, streaming_kwargs
+from .rows import read_by_rows
+from .streaming import is_streamed, keep_spill_folder, override_weights, reuse_buffers, streaming_kwargs
 
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,7 +92,7 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
                      stream_leaves: bool) -> nn.Module:
     streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides, stream_leaves)
     model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
-    return reuse_buffers(model) if streaming and dtype == torch.float32 else model
+    return read_by_rows(reuse_buffers(model)) if streaming and dtype == torch.float32 else model
 
 
 @torch.no_grad()

@@ -14,15 +14,14 @@ here:
 * :func:`materialized`: the same, for code run outside a forward (building the wrapper);
 * :func:`reuse_buffers`: streamed 16-bit weights converted into float32 buffers reused from block
   to block, and :func:`leave_offloaded_weights_unread`: transformers' loading does not read them;
-* :func:`read_by_rows`: linear layers and embeddings that read a block of weight rows at a time
-  instead of the whole weight, and :func:`by_rows`: the same for a wrapper (instead of
-  :func:`hoist`).
+
+and, in :mod:`.rows`, linear layers and embeddings that read a block of weight rows at a time
+instead of the whole weight.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 READ_CHUNK = 4 * 2**20  # bytes of a streamed 16-bit weight read and converted at a time
@@ -90,25 +88,22 @@ class _Reused(Mapping):
         self.inner, self.pool = inner, pool
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        check = getattr(_ON_LOAD, "check", None)
-        if check is not None:
-            check()
-        source = self._source(key)
-        stored = None if source is None else self._stored(*source)
+        check_stop()
+        stored = self.stored(key)
         if stored is None:
             return self.inner[key]
         file, offset, dtype, shape = stored
         out = self.buffer_for(key, shape)
         with open(file, "rb", buffering=0) as handle:
-            self._read(handle, offset, dtype, out.view(-1))
+            self.read_into(handle, offset, dtype, out.view(-1))
         return out
 
-    def _read(self, handle, offset: int, dtype: torch.dtype, out: torch.Tensor) -> None:
+    def read_into(self, handle, offset: int, dtype: torch.dtype, out: torch.Tensor) -> None:
         """Read ``out.numel()`` values of ``dtype`` at ``offset`` of the open file into the float32
         ``out``: a chunk at a time into one small reused buffer (safetensors' own reader would make
         a fresh tensor-sized one), each chunk converted into ``out``, so that a staging buffer the
         size of the largest tensor (an embedding) does not stay per model."""
-        raw = self._buffer(("raw", READ_CHUNK), torch.uint8)
+        raw = self.buffer(("raw", READ_CHUNK), torch.uint8)
         step = READ_CHUNK // dtype.itemsize
         handle.seek(offset)
         for start in range(0, out.numel(), step):
@@ -118,18 +113,11 @@ class _Reused(Mapping):
                 raise OSError(f"{handle.name}: file ends inside a tensor")
             out[start:start + count].copy_(chunk.view(dtype))
 
-    def rows(self, key: str, step: int) -> _FileRows | None:
-        """The weight ``key`` to be read from its file by rows, ``step`` rows at a time at most;
-        None where it is not a 16-bit or float32 safetensors tensor."""
-        source = self._source(key)
-        stored = None if source is None else self._stored(*source, with_float32=True)
-        return None if stored is None else _FileRows(self, *stored, step)
-
     def buffer_for(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 buffer for the weight ``key`` that no module holds any more."""
-        return self._buffer((key, shape), torch.float32, shared=True)
+        return self.buffer((key, shape), torch.float32, shared=True)
 
-    def _buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
+    def buffer(self, slot: tuple, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
         """A buffer of the pool's for ``slot`` (its size in bytes or its shape) that no other tensor
         holds (``shared``: handed out to a module; others are used here only), a new one kept in the
         pool when every one is held: a block loads all its weights at once (q, k, v and o share a
@@ -143,11 +131,16 @@ class _Reused(Mapping):
         buffers.append((buffer, _use_count(buffer)))
         return buffer
 
-    def _stored(self, file: str, name: str, with_float32: bool = False
-                ) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
-        """(file, byte offset, dtype, shape) of a 16-bit tensor (or a float32 one: ``with_float32``);
-        None for another dtype."""
+    def stored(self, key: str, with_float32: bool = False) -> tuple[str, int, torch.dtype, tuple[int, ...]] | None:
+        """(file, byte offset, dtype, shape) of the weight ``key`` where accelerate's loader would
+        read it from a safetensors file as a 16-bit tensor (or a float32 one: ``with_float32``);
+        None otherwise."""
         from ..reading import _header
+
+        source = self._source(key)
+        if source is None:
+            return None
+        file, name = source
 
         headers = self.pool.setdefault("headers", {})
         if file not in headers:
@@ -179,154 +172,14 @@ class _Reused(Mapping):
         return len(self.inner)
 
 
-class _FileRows:
-    """Rows of a weight in its file, read as float32 into buffers of the pool's: blocks of
-    contiguous rows (at most ``step``) or the rows of given ids."""
-
-    def __init__(self, reused: _Reused, file: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 step: int):
-        self.reused, self.file, self.offset, self.dtype = reused, file, offset, dtype
-        self.shape, self.step = shape, step
-        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop``, in a buffer reused at the next call."""
-        out = self.reused._buffer(("rows", (self.step, *self.shape[1:])), torch.float32)[:stop - start]
-        with open(self.file, "rb", buffering=0) as handle:
-            self.reused._read(handle, self.offset + start * self.row_bytes, self.dtype, out.view(-1))
-        return out
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows of the sorted ``ids``, in a new tensor."""
-        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.shape[0]:  # as torch's embedding says it
-            raise IndexError("index out of range in self")
-        out = torch.empty((len(ids), *self.shape[1:]), dtype=torch.float32)
-        with open(self.file, "rb", buffering=0) as handle:
-            for i, row in enumerate(ids.tolist()):
-                self.reused._read(handle, self.offset + row * self.row_bytes, self.dtype, out[i].view(-1))
-        return out
-
-
-class _TensorRows:
-    """The same as :class:`_FileRows`, of a weight in memory (resident, an overlay's value, or
-    read whole by accelerate's loader)."""
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value.float()
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        return self.value[start:stop]
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.value[ids]
-
-
-class _ComputedRows:
-    """The same as :class:`_FileRows`, of a weight computed a block of rows at a time (the
-    correctly rounded merge where verify cannot take the folder's tensors: computed at every pass,
-    and whole it was a fresh weight-sized array each time), converted into the pool's row buffer."""
-
-    def __init__(self, make: Callable[[int, int], torch.Tensor], reused: _Reused, step: int):
-        self.make, self.reused, self.step = make, reused, step
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        value = self.make(start, stop)
-        out = self.reused._buffer(("rows", (self.step, *value.shape[1:])), torch.float32)[:stop - start]
-        return out.copy_(value)
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.make(row, row + 1).float() for row in ids.tolist()])
-
-
-class _ByRows:
-    """The forward of a linear layer, or of a streamed embedding, of a model streamed in float32:
-    a linear layer computes its output features a block of weight rows at a time, an embedding
-    reads only the rows of its ids. accelerate's forward loads a streamed module's whole weight
-    first, and the largest are a model's embeddings and head (131 MB each in float32 at 320M,
-    524 MB at 7B) and its blocks' linear layers (808 MB a block at 7B): each model running held
-    them, in buffers kept for the next pass (docs/design.md §6, *Bounded memory*).
-
-    An embedding's rows are the same values either way. A block of output features of a product
-    need not be bit for bit the same columns of the whole product (BLAS may take another kernel
-    for a narrow block), so every linear layer of such a model takes this path, resident ones too,
-    with blocks set by its shape alone: the folder and the correctly rounded merge, which verify
-    requires to be equal to the bit, compute each layer alike wherever either holds the weight
-    (an embedding resized after loading stays resident in one and streams in the other). A
-    module whose hook does more than offload, or whose weight is tied, keeps accelerate's forward."""
-
-    def __init__(self, module: nn.Module, forward: Callable):
-        self.module, self.forward = module, forward
-        width = module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
-        self.step = max(1, READ_CHUNK // (2 * width))  # rows of about READ_CHUNK bytes of a 16-bit file
-
-    @staticmethod
-    def applies(module: nn.Module) -> bool:
-        """A module whose forward is the plain one of its class (an embedding with max_norm
-        rescales the rows it reads, in the weight)."""
-        if isinstance(module, nn.Embedding):
-            return type(module).forward is nn.Embedding.forward and module.max_norm is None
-        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-    def __call__(self, *args, **kwargs):
-        rows = self.rows() if len(args) == 1 and not kwargs else None
-        if rows is None:
-            return self.forward(*args, **kwargs)
-        (x,) = args
-        if isinstance(self.module, nn.Embedding):
-            ids, where = torch.unique(x, return_inverse=True)
-            return rows.gather(ids)[where]
-        return self.product(x, rows, self.bias())
-
-    def product(self, x: torch.Tensor, rows: _FileRows | _TensorRows, bias: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """``x`` times the transposed weight (plus ``bias``), a block of output features at a time."""
-        features = self.module.out_features
-        out = x.new_empty((*x.shape[:-1], features))
-        for start in range(0, features, self.step):
-            stop = min(start + self.step, features)
-            out[..., start:stop] = F.linear(x, rows.block(start, stop), None if bias is None else bias[start:stop])
-        return out
-
-    def bias(self) -> torch.Tensor | None:
-        bias = self.module.bias
-        return self.module._hf_hook.weights_map["bias"] if bias is not None and bias.is_meta else bias
-
-    def rows(self) -> _FileRows | _TensorRows | None:
-        """The weight's rows as this forward reads them (None: it takes accelerate's forward)."""
-        maps = self._weight_maps()
-        if not maps:
-            return None if maps is None else _TensorRows(self.module.weight)
-        check = getattr(_ON_LOAD, "check", None)
-        if check is not None:
-            check()
-        for overlay in maps[:-1]:
-            if "weight" in overlay.rows:
-                return _ComputedRows(overlay.rows["weight"], maps[-1], self.step)
-            if "weight" in overlay.values:
-                return _TensorRows(maps[0]["weight"])
-        return maps[-1].rows("weight", self.step) or _TensorRows(maps[-1]["weight"])
-
-    def _weight_maps(self) -> list[Mapping] | None:
-        """A streamed module's weight maps, outermost first, ending in a :class:`_Reused`; [] for a
-        resident linear layer (accelerate may hook it, to place its inputs); None otherwise."""
-        hook = getattr(self.module, "_hf_hook", None)
-        if not getattr(hook, "offload", False):
-            return None if isinstance(self.module, nn.Embedding) or self.module.weight.is_meta else []
-        maps = [hook.weights_map]
-        while isinstance(maps[-1], _Overlay):
-            maps.append(maps[-1].inner)
-        return maps if isinstance(maps[-1], _Reused) else None
-
-
-def by_rows(module: nn.Module) -> _ByRows | None:
-    """The forward of :func:`read_by_rows` of a linear layer that reads its weight by rows, for a
-    wrapper that computes with the weight itself (the run-time adapter layer); else None."""
-    forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, _ByRows) and isinstance(module, nn.Linear) and (
-        forward._weight_maps() is not None) else None
-
-
 _ON_LOAD = threading.local()
+
+
+def check_stop() -> None:
+    """The check of :func:`checked_on_load`, where this thread has one."""
+    check = getattr(_ON_LOAD, "check", None)
+    if check is not None:
+        check()
 
 
 @contextmanager
@@ -346,22 +199,12 @@ def _use_count(tensor: torch.Tensor) -> int:
 
 
 def reuse_buffers(model: nn.Module) -> nn.Module:
-    """Read ``model``'s streamed 16-bit weights into reused float32 buffers (:class:`_Reused`),
-    and its linear layers' and embeddings' by rows (:class:`_ByRows`)."""
+    """Read ``model``'s streamed 16-bit weights into reused float32 buffers (:class:`_Reused`)."""
     pool: dict = {}
     for module in model.modules():
         for hook in offload_hooks(module):
             if not getattr(hook, "tied_params_names", None):  # accelerate tracks tied weights by address
                 hook.weights_map = _Reused(hook.weights_map, pool)
-    return read_by_rows(model)
-
-
-def read_by_rows(model: nn.Module) -> nn.Module:
-    """Give ``model``'s linear layers and embeddings the forward of :class:`_ByRows`; for a model
-    whose weights :func:`reuse_buffers` reads, again after a module is replaced (a resized vocabulary)."""
-    for module in model.modules():
-        if _ByRows.applies(module) and not isinstance(module.forward, _ByRows):
-            module.forward = _ByRows(module, module.forward)
     return model
 
 
@@ -465,8 +308,8 @@ def leave_offloaded_weights_unread() -> None:
     it to the model's dtype and then drops the offloaded ones: accelerate reads them from the same
     file at each forward. Checkpoints ship a few large shards (5 GB is transformers' default), so
     a streamed model read and converted all its weights at load, and the mapped pages of a whole
-    shard counted in the process's memory (a 7B folder of three shards: 6.7 s to load and 3.9 GB
-    peak RSS for a model that then holds 0.4 GB; docs/design.md §6, *Bounded memory*). What is
+    shard counted in the process's memory (docs/design.md §6, *Bounded memory*, has the 7B
+    figures). What is
     skipped had no effect: an offloaded weight from safetensors is neither kept nor written.
     Installed once, process-wide; a no-op where transformers' internals are not the ones expected."""
     from transformers import modeling_utils
@@ -532,5 +375,5 @@ def keep_spill_folder(model: nn.Module, kwargs: dict) -> nn.Module:
     return model
 
 
-__all__ = ["by_rows", "checked_on_load", "hoist", "is_streamed", "materialized", "override_weights", "read_by_rows",
+__all__ = ["check_stop", "checked_on_load", "hoist", "is_streamed", "materialized", "override_weights",
            "reuse_buffers", "streaming_kwargs"]

@@ -1,4 +1,4 @@
-"""Streamed models read their linear layers and embeddings by rows (runtime/streaming.py,
+"""Streamed models read their linear layers and embeddings by rows (runtime/rows.py,
 ``_ByRows``), the unmerged model's adapter layers and the correctly rounded merge computed at
 every pass included: no whole weight is held, an embedding reads the same values, and what verify
 requires to be equal to the bit still is, with blocks of a few rows (the tiny fixtures' layers
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from d2export import verify
-from d2export.runtime import streaming
+from d2export.runtime import rows, streaming
 from d2export.runtime.calibration import config_batches
 from d2export.runtime.models import load_model, model_output
 
@@ -24,8 +24,8 @@ def few_rows(monkeypatch):
     counted."""
     monkeypatch.setattr(streaming, "READ_CHUNK", FEW_ROWS)
     counts = {"file": 0, "memory": 0, "computed": 0}
-    for cls, kind in ((streaming._FileRows, "file"), (streaming._TensorRows, "memory"),
-                      (streaming._ComputedRows, "computed")):
+    for cls, kind in ((rows._FileRows, "file"), (rows._TensorRows, "memory"),
+                      (rows._ComputedRows, "computed")):
         def counted(self, start, stop, block=cls.block, kind=kind):
             counts[kind] += 1
             return block(self, start, stop)
@@ -102,7 +102,7 @@ def test_a_streamed_embedding_refuses_an_id_outside_its_rows_as_a_whole_one_does
     _, out = merged("d2lora-llama-bf16")
     streamed = load_model(out, torch.float32, resident_bytes=1)
     embedding = streamed.get_input_embeddings()
-    assert isinstance(embedding.forward, streaming._ByRows)
+    assert isinstance(embedding.forward, rows._ByRows)
     with pytest.raises(IndexError, match="index out of range"):
         embedding(torch.tensor([[1, embedding.num_embeddings]]))
 

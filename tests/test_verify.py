@@ -303,13 +303,17 @@ def test_figures_do_not_depend_on_how_many_positions_are_compared_at_once(monkey
     reference = torch.randn(3, 7, 10, generator=generator)
     candidate = reference + 0.01 * torch.randn(3, 7, 10, generator=generator)
     candidate[0, 2, 4] = float("nan")  # a real position
-    figures = []
+    figures, agreements = [], []
     for elements in (comparison.COMPARE_ELEMENTS, 10, 25):  # all at once, one position, two and a half
         monkeypatch.setattr(comparison, "COMPARE_ELEMENTS", elements)
         result = OutputComparison()
         result.add(reference, candidate, batch.attention_mask)
         figures.append(result.to_dict())
+        agreements.append(result.agreement())
+        # one agreement tensor per batch, not one per chunk (kept chunk by chunk, they fragmented the heap)
+        assert len(result.top1_hits) == 1
     assert figures[0]["max_abs"] == float("inf") and figures[0]["worst"] == [0, 0, 2]
+    assert all(torch.equal(a, agreements[0]) for a in agreements) and agreements[0].numel() == batch.num_tokens
     for other in figures[1:]:
         assert other.keys() == figures[0].keys()
         for key, value in other.items():

@@ -10,6 +10,7 @@ import build
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import tamper_tensor
 
 from d2export import merge, verify
 from d2export.job import prepare
@@ -91,6 +92,49 @@ def test_more_dtypes_on_request(merged):
     report = verify(out, folder / "adapter", base=folder / "base", weights=False, dtypes="bf16,fp32")
     assert report.passed, report.failures
     assert [o.dtype for o in report.outputs if o.rung == "fidelity"] == ["bfloat16", "float32"]
+
+
+@pytest.mark.parametrize(("name", "exact"), [("d2lora-llama-bf16", True), ("lora-llama", True),
+                                             ("d2lora-llama-bf16", False)])
+def test_outputs_are_compared_as_they_come_and_kept_only_where_a_rung_needs_them(merged, tmp_path, monkeypatch,
+                                                                                name, exact):
+    """The fidelity rung takes each batch as both models have produced it. Of an exact folder's
+    outputs only the folder's first batch is kept (the loading rung's probe), and the unmerged
+    model's where PEFT's model is compared with them (a PEFT adapter on a model that fits); a
+    folder that is not exact keeps every output (the correctly rounded merge's full run is compared
+    with both). The figures are those of comparing all the outputs at the end."""
+    from d2export.verification import ladder
+    from d2export.verification.outputs import FOLDER, UNMERGED, ModelRun, compare_runs
+
+    folder, out = merged(name)
+    if not exact:
+        out = shutil.copytree(out, tmp_path / "bad")
+        tamper_tensor(out, "model.layers.1.mlp.up_proj.weight", lambda t: t.view(torch.int16)[5, 7].add_(8))
+    kept, at_end = [], []
+    folded = ladder._FidelityFold.folded
+
+    def spy(self):
+        kept.append({name: [o is not None for o in outputs] for name, outputs in self.outputs.items()})
+        if all(o is not None for outputs in self.outputs.values() for o in outputs):
+            at_end.append(compare_runs(ModelRun(self.outputs[UNMERGED]), ModelRun(self.outputs[FOLDER]), self.batches,
+                                       self.done, distributions=True).to_dict())
+        return folded(self)
+
+    monkeypatch.setattr(ladder._FidelityFold, "folded", spy)
+    report = verify(out, folder / "adapter", base=folder / "base")
+    assert report.passed == exact
+    assert any(o.rung == "references" for o in report.outputs) == name.startswith("lora")
+    (state,) = kept
+    count = len(state[FOLDER])
+    if exact:
+        assert state[FOLDER] == [True] + [False] * (count - 1)
+        assert state[UNMERGED] == [name.startswith("lora")] * count
+    else:
+        assert state == {FOLDER: [True] * count, UNMERGED: [True] * count}
+    monkeypatch.setattr(ladder._FidelityFold, "_drop", lambda self: None)  # every output kept to the end
+    whole = verify(out, folder / "adapter", base=folder / "base")
+    assert at_end[-1] == next(o for o in whole.outputs if o.rung == "fidelity").comparison.to_dict()
+    assert [o.to_dict() for o in report.outputs] == [o.to_dict() for o in whole.outputs]
 
 
 def _check(max_abs: float, top1: float = 1.0) -> OutputCheck:

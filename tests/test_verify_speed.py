@@ -367,15 +367,25 @@ def test_an_error_in_one_model_is_raised_and_stops_the_other(merged, monkeypatch
 
 @pytest.mark.parametrize("cut", [True, False])
 def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
-    """The continuation generated from the calibration batch's own key/value cache is the greedy
-    decoding of each prompt by full forwards (no cache), and a model teacher-forced along it picks
-    it at every step; with a cache that cannot be cut (``cut`` False) the prompts run again, with
-    the same tokens."""
+    """The continuation generated from the calibration batch's own key/value cache, which keeps only
+    the prompts' rows and length, is the greedy decoding of each prompt by full forwards (no cache),
+    and a model teacher-forced along it picks it at every step; with a cache that cannot be cut
+    (``cut`` False) the prompts run again, with the same tokens."""
     from d2export.runtime.models import greedy_tokens
     from d2export.verification import ladder, outputs
 
     if not cut:
+        monkeypatch.setattr(outputs, "_cut_cache", lambda model, prompts: None)
         monkeypatch.setattr(outputs, "_prompt_cache", lambda cache, prompts: None)
+    cached, greedy = [], outputs._greedy
+
+    def generating(model, prompts, first, cache, *args):
+        # the layers that kept only the cut as the forward went, not the whole batch's cache cut afterwards
+        assert cache is None or all(type(layer) is outputs._cut_layer_class() for layer in cache.layers)
+        cached.append(None if cache is None else {tuple(layer.keys.shape) for layer in cache.layers})
+        return greedy(model, prompts, first, cache, *args)
+
+    monkeypatch.setattr(outputs, "_greedy", generating)
     folder = fixture("d2lora-llama-bf16")
     with prepare(folder / "adapter", folder / "base") as job:
         batches = config_batches(job.base.config)
@@ -384,6 +394,11 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
     published = []
     run = outputs.run_model(model, batches, prompts=prompts, steps=8, publish=published.append)
     (tokens,) = published
+    # cut as the batch's forward makes it: only the prompts' rows and length are kept
+    batch_size, batch_length = batches[prompts.batch].input_ids.shape
+    assert prompts.rows.numel() < batch_size and prompts.length < batch_length
+    heads, width = model.config.num_key_value_heads, model.config.head_dim
+    assert cached == ([{(prompts.rows.numel(), heads, prompts.length, width)}] if cut else [None])
     assert tokens.shape == (3, 8) and run.followed is None
     assert [model_output(model, b).tolist() for b in batches] == [o.tolist() for o in run.outputs]
     for row, prompt in enumerate(prompts.tokens(batches)):

@@ -47,9 +47,11 @@ class OutputComparison:
     def mean_kl(self) -> float | None:
         return self.sum_kl / self.positions if self.distributions and self.positions else None
 
-    def add(self, reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def add(self, reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None, *,
+            batch: int | None = None) -> None:
         """Accumulate one batch. ``reference``/``candidate``: ``[B, T, D]`` with ``mask`` ``[B, T]``
-        (1 = compare), or ``[B, D]`` (one vector per sequence, e.g. a classifier's logits). Worked
+        (1 = compare), or ``[B, D]`` (one vector per sequence, e.g. a classifier's logits); ``batch``:
+        its index where batches are not added in order (default: how many came before). Worked
         through in float64 a few positions at a time: a whole batch of a 32K vocabulary in float64,
         with its differences and log-probabilities, is several hundred MB at once."""
         if reference.shape != candidate.shape:
@@ -91,7 +93,7 @@ class OutputComparison:
         batch_worst = float(per_position.max()) if per_position.numel() else 0.0
         if batch_worst > self.max_abs or self.worst is None:
             at = torch.unravel_index(per_position.argmax(), shape) if per_position.numel() else ()
-            self.worst = [self.batches, *(int(i) for i in at)]
+            self.worst = [self.batches if batch is None else batch, *(int(i) for i in at)]
         self.max_abs = max(self.max_abs, batch_worst)
         self.batches += 1
 

@@ -22,8 +22,10 @@ from ..options import MergeOptions, VerifyOptions
 from ..plan import build_plan
 from ..reading import ModelFolder
 from ..runtime.calibration import Batch
+from ..runtime.comparison import OutputComparison
 from ..runtime.imports import uncollected
 from ..runtime.models import (
+    PEFT_METHODS,
     TORCH_DTYPES,
     head_kind,
     import_model_code,
@@ -43,7 +45,10 @@ from .outputs import (
     ModelRun,
     OutputCheck,
     Prompts,
+    add_batch,
+    batch_order,
     compare_runs,
+    followed_figures,
     judge_fidelity,
     judge_loading,
     judge_references,
@@ -111,10 +116,14 @@ class Ladder:
         # question answering's start/end logits are distributions over positions, not over their last axis
         self.distributions = kind not in ("encoder", "question-answering")
         self.prompts = generation_prompts(batches, config) if kind == "causal-lm" else None
+        self.order = batch_order(len(batches), self.prompts)
         self.resident = options.resident
+        self.peft_reference = (options.peft_reference and job.spec.method in PEFT_METHODS
+                               and (self.resident is None or _float32_bytes(job.base) <= self.resident))
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
+        self.folds: dict[str, _FidelityFold] = {}
         self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
 
     def halt(self) -> None:
@@ -140,11 +149,13 @@ class Ladder:
         run as one model after *U* and *F* are done it left a core idle for most of that run
         (docs/design.md §6, *Cost*)."""
         generated: Future = Future()
+        fold = self.folds[dtype] = _FidelityFold(self, keep_unmerged=self._keeps_unmerged(dtype))
         with ThreadPoolExecutor(2, "models") as pool:
             try:
-                running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated),
-                           pool.submit(self._run, FOLDER, dtype, False, generated.result)]
+                running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated, fold=fold),
+                           pool.submit(self._run, FOLDER, dtype, False, generated.result, fold=fold)]
                 weights = self._weights_unless_failed(running)
+                fold.settle(weights is not None and weights.all_exact)
                 if weights is not None and weights.all_exact:
                     running.append(pool.submit(self._run, ROUNDED, dtype, True, generated.result))
                     parts = []
@@ -188,11 +199,13 @@ class Ladder:
                 continue
 
     def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
-             generated: Future | None = None, only: frozenset[int] | None = None) -> ModelRun:
+             generated: Future | None = None, only: frozenset[int] | None = None,
+             fold: _FidelityFold | None = None) -> ModelRun:
         """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
         greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
         The unmerged model generates it first and hands it to ``generated``. ``only``: a part of a
-        full run, these batches only (returned, not kept), the continuation with the prompts' batch."""
+        full run, these batches only (returned, not kept), the continuation with the prompts' batch.
+        ``fold``: the fidelity rung, handed each output as it comes."""
         torch_dtype, job = TORCH_DTYPES[dtype], self.job
 
         def publish(tokens: torch.Tensor | None) -> None:
@@ -216,7 +229,9 @@ class Ladder:
             with checked_on_load(self.halt):  # a large model's forward is long: stop between blocks
                 run = run_model(model, self.batches[:1] if probe else self.batches, halt=self.halt,
                                 prompts=None if probe else self.prompts, steps=GENERATION_STEPS, only=only,
-                                publish=publish if name == UNMERGED else None, follow=continuation)
+                                publish=publish if name == UNMERGED else None, follow=continuation,
+                                outputs=None if fold is None else fold.outputs[name],
+                                delivered=None if fold is None else fold.delivered)
         except BaseException as exc:
             if generated is not None and not generated.done():
                 generated.set_exception(exc)  # what the models waiting for the continuation raise too
@@ -253,20 +268,22 @@ class Ladder:
 
         return merged_model(plan, dtype, resident_bytes=self.resident, values=value)
 
-    def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False) -> OutputCheck:
+    def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False,
+                comparison: OutputComparison | None = None) -> OutputCheck:
+        """``comparison``: the outputs' figures where they are folded already (the fidelity rung)."""
         ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
-        if probe:
-            ref = ModelRun(ref.outputs[:1])
-        comparison, generation = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
-                                              distributions=self.distributions,
-                                              continuation=None if probe else self.continuation.get(dtype))
-        return OutputCheck(rung, candidate, reference, dtype, self.output, comparison,
-                           generation if reference == UNMERGED else None)
+        if comparison is None:
+            comparison = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
+                                      [0] if probe else self.order, distributions=self.distributions)
+        generation = None
+        if reference == UNMERGED and not probe:
+            generation = followed_figures(self.continuation.get(dtype), cand.followed)
+        return OutputCheck(rung, candidate, reference, dtype, self.output, comparison, generation)
 
     def checks(self, dtype: str, say) -> list[OutputCheck]:
         report, thresholds = self.report, self.options.thresholds
         self.side_by_side(dtype)
-        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype)
+        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype, comparison=self.folds.pop(dtype).folded())
         weights = self.weights()
         exact = weights is not None and weights.all_exact
         # When every tensor of the folder is the correctly rounded value, the folder *is* the
@@ -293,9 +310,13 @@ class Ladder:
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
                 f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
                 f"{percent(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
-        for key in [k for k in self.runs if k[1] == dtype and k[0] != UNMERGED]:
-            del self.runs[key]  # the unmerged run stays for the PEFT comparison in float32
+        for key in [k for k in self.runs if k[1] == dtype and (k[0] != UNMERGED or not self._keeps_unmerged(dtype))]:
+            del self.runs[key]
         return [fidelity, loading, cost]
+
+    def _keeps_unmerged(self, dtype: str) -> bool:
+        """Whether the unmerged model's run is kept past its dtype's rungs: for the PEFT comparison."""
+        return self.peft_reference and dtype == "float32"
 
     def peft_checks(self) -> list[OutputCheck]:
         """PEFT's unmerged model against ours in float32, where the model fits in memory whole."""
@@ -312,6 +333,56 @@ class Ladder:
         check.generation = None
         judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
         return [check]
+
+
+class _FidelityFold:
+    """The fidelity rung's figures (the folder against the unmerged model), folded batch by batch as
+    the two models, side by side, produce their outputs, each output then dropped unless a later
+    rung needs it. A 64-token batch of 32K-vocabulary logits is 33 MB in float32, and each model's
+    were kept to the end: at 320M the kept logits were the largest part of verify's peak above the
+    process itself (docs/design.md §6, *Bounded memory*). Until the weight check says whether the
+    folder is exact, everything is kept: the correctly rounded merge's full run needs both models'
+    outputs when it is not; when it is, only the folder's first batch (the loading rung's probe),
+    and the unmerged model's outputs where PEFT's model is compared with them (``keep_unmerged``)."""
+
+    def __init__(self, ladder: Ladder, keep_unmerged: bool):
+        count = len(ladder.batches)
+        self.batches, self.keep_unmerged = ladder.batches, keep_unmerged
+        self.outputs: dict[str, list[torch.Tensor | None]] = {UNMERGED: [None] * count, FOLDER: [None] * count}
+        self.comparison = OutputComparison(distributions=ladder.distributions)
+        self.pending, self.done = list(ladder.order), []  # in the order the models run them
+        self.exact: bool | None = None  # None until the weight check is done
+        self.lock = threading.Lock()
+
+    def delivered(self, _index: int) -> None:
+        """Called by either model's run with each output (on its thread): folds what both have."""
+        with self.lock:
+            reference, candidate = self.outputs[UNMERGED], self.outputs[FOLDER]
+            while self.pending and reference[self.pending[0]] is not None and candidate[self.pending[0]] is not None:
+                i = self.pending.pop(0)
+                add_batch(self.comparison, reference[i], candidate[i], self.batches[i], i)
+                self.done.append(i)
+            self._drop()
+
+    def settle(self, exact: bool) -> None:
+        """The weight check's answer: whether every tensor of the folder is the correctly rounded one."""
+        with self.lock:
+            self.exact = exact
+            self._drop()
+
+    def _drop(self) -> None:
+        if not self.exact:
+            return
+        for i in self.done:
+            if not self.keep_unmerged:
+                self.outputs[UNMERGED][i] = None
+            if i != 0:  # the loading rung's probe batch
+                self.outputs[FOLDER][i] = None
+
+    def folded(self) -> OutputComparison:
+        if self.pending:
+            raise RuntimeError(f"fidelity: batches {self.pending} were not compared")
+        return self.comparison
 
 
 def _joined(parts: list[ModelRun]) -> ModelRun:

@@ -18,6 +18,7 @@ writing the output dtype costs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -243,7 +244,8 @@ class Prompts:
 
 @torch.no_grad()
 def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prompts: Prompts | None = None,
-              steps: int = 0, publish=None, follow=None, only: Collection[int] | None = None) -> ModelRun:
+              steps: int = 0, publish=None, follow=None, only: Collection[int] | None = None,
+              outputs: list[torch.Tensor | None] | None = None, delivered=None) -> ModelRun:
     """The model's outputs on ``batches`` and, with ``prompts``, its part in the greedy check:
 
     * ``publish`` (the unmerged model): it generates ``steps`` greedy tokens after the prompts and
@@ -254,37 +256,98 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
     The prompts are a prefix of some rows of one calibration batch, so that batch's forward is
     their prompt forward too: its key/value cache, cut to the prompts' rows and length, carries the
     continuation (a cache that cannot be cut, e.g. sliding-window layers, means one forward of the
-    prompts again). Every model runs that batch first; a follower keeps the cut cache through its
-    other batches and follows last, by when the generator has usually published its tokens (it
-    generates while the follower runs those batches, instead of the follower waiting for it).
+    prompts again). Every model runs that batch first (:func:`batch_order`); a follower keeps the
+    cut cache through its other batches and follows last, by when the generator has usually
+    published its tokens (it generates while the follower runs those batches, instead of the
+    follower waiting for it).
     ``halt`` is called between forwards (it raises to stop the run). ``only``: the indices of the
-    batches to run (the others' outputs stay None); the greedy part comes with the prompts' batch."""
-    outputs: list[torch.Tensor | None] = [None] * len(batches)
-    order = [i for i in range(len(batches)) if only is None or i in only]
+    batches to run (the others' outputs stay None); the greedy part comes with the prompts' batch.
+    ``outputs``: the list to put the outputs in (default: a new one); ``delivered``: called with a
+    batch's index once its output is there (it may take the output out of ``outputs``)."""
+    if outputs is None:
+        outputs = [None] * len(batches)
+    order = [i for i in batch_order(len(batches), prompts) if only is None or i in only]
     if prompts is not None and prompts.batch not in order:
         prompts = None
-    if prompts is not None:
-        order.remove(prompts.batch)
-        order.insert(0, prompts.batch)
     followed = prompted = None
     for i in order:
         halt()
         if prompts is None or i != prompts.batch:
             outputs[i] = model_output(model, batches[i])
-            continue
-        out = model(**batches[i].model_inputs(), use_cache=True)
-        outputs[i] = out.logits
-        first = out.logits[prompts.rows, prompts.length - 1].argmax(-1, keepdim=True)  # [P, 1]
-        cache = _prompt_cache(out.past_key_values, prompts)
-        del out
-        if publish is not None:
-            publish(_greedy(model, prompts.tokens(batches), first, cache, steps, halt))
         else:
-            prompted = first, cache
+            cut = _cut_cache(model, prompts)
+            given = {} if cut is None else {"past_key_values": cut}
+            out = model(**batches[i].model_inputs(), use_cache=True, **given)
+            outputs[i] = out.logits
+            first = out.logits[prompts.rows, prompts.length - 1].argmax(-1, keepdim=True)  # [P, 1]
+            cache = out.past_key_values
+            prompted = first, cache if cut is not None and cache is cut else _prompt_cache(cache, prompts)
+            del out, cache, cut, given
+        if delivered is not None:
+            delivered(i)
+        if prompted is not None and publish is not None:
+            publish(_greedy(model, prompts.tokens(batches), *prompted, steps, halt))
+            prompted = None
     if prompted is not None:
         halt()
         followed = _followed(model, prompts.tokens(batches), *prompted, follow())
     return ModelRun(outputs, followed)
+
+
+def batch_order(count: int, prompts: Prompts | None) -> list[int]:
+    """The order every model runs the batches in, and every comparison takes them in: the prompts'
+    batch first, then the others. A follower running that batch last, instead of keeping its cache,
+    held the generator's outputs of it until then: the two models' largest outputs are compared, and
+    dropped, first (:class:`.ladder._FidelityFold`)."""
+    order = list(range(count))
+    if prompts is not None and prompts.batch in order:
+        order.remove(prompts.batch)
+        order.insert(0, prompts.batch)
+    return order
+
+
+def _cut_cache(model: nn.Module, prompts: Prompts):
+    """A key/value cache for the prompts' batch forward that keeps, of each layer's keys and values,
+    only the prompts' rows and length as the forward makes them; None where the model's own cache is
+    not made of plain dynamic layers (then :func:`_prompt_cache` cuts what the model returns). Kept
+    whole, the batch's cache is the size of its logits at 320M and several times them at 7B, and
+    both models hold it at once with their logits (docs/design.md §6, *Bounded memory*)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except (AttributeError, TypeError, ValueError):  # a config without a decoder's layer count
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cut_layer = _cut_layer_class()
+    cache.layers = [cut_layer(prompts) for _ in cache.layers]
+    return cache
+
+
+@functools.cache
+def _cut_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class CutLayer(DynamicLayer):
+        """A dynamic layer whose first update (the prompts' batch) keeps only the prompts' rows and
+        length, and hands the attention the whole batch's keys and values; later updates (greedy
+        steps, the teacher-forced continuation) append as any dynamic layer does."""
+
+        def __init__(self, prompts: Prompts):
+            super().__init__()
+            self.prompts: Prompts | None = prompts
+
+        def update(self, key_states, value_states, cache_kwargs=None):
+            if self.prompts is None:
+                return super().update(key_states, value_states, cache_kwargs)
+            rows, length = self.prompts.rows, self.prompts.length
+            self.prompts = None
+            self.lazy_initialization(key_states)
+            self.keys, self.values = (states[..., :length, :][rows] for states in (key_states, value_states))
+            return key_states, value_states
+
+    return CutLayer
 
 
 def _prompt_cache(cache, prompts: Prompts):
@@ -343,19 +406,30 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], *, distributions: bool,
-                 continuation: torch.Tensor | None) -> tuple[OutputComparison, Generation | None]:
-    """Figures of ``candidate`` against ``reference``; greedy agreement when the candidate followed
-    ``continuation`` (the unmerged model's tokens, ``[P, steps]``)."""
+def compare_runs(reference: ModelRun, candidate: ModelRun, batches: list[Batch], order: list[int], *,
+                 distributions: bool) -> OutputComparison:
+    """Figures of ``candidate`` against ``reference``, the batches taken in ``order``."""
     result = OutputComparison(distributions=distributions)
-    for ref, cand, batch in zip(reference.outputs, candidate.outputs, batches, strict=True):
-        result.add(ref, cand, batch.attention_mask if ref.dim() == 3 else None)
-    if continuation is None or candidate.followed is None:
-        return result, None
-    hits = continuation == candidate.followed
+    for i in order:
+        add_batch(result, reference.outputs[i], candidate.outputs[i], batches[i], i)
+    return result
+
+
+def add_batch(comparison: OutputComparison, reference: torch.Tensor, candidate: torch.Tensor, batch: Batch,
+              index: int) -> None:
+    """Batch ``index``'s outputs into ``comparison``."""
+    comparison.add(reference, candidate, batch.attention_mask if reference.dim() == 3 else None, batch=index)
+
+
+def followed_figures(continuation: torch.Tensor | None, followed: torch.Tensor | None) -> Generation | None:
+    """Greedy agreement of a model that followed ``continuation`` (the unmerged model's tokens,
+    ``[P, steps]``) with its own choices ``followed``."""
+    if continuation is None or followed is None:
+        return None
+    hits = continuation == followed
     generation = Generation(prompts=continuation.shape[0], steps=continuation.shape[1], hits=hits,
                             identical=int(hits.all(1).sum()))
     for row in hits:
         missed = (~row).nonzero()
         generation.first_divergence.append(int(missed[0]) if missed.numel() else None)
-    return result, generation
+    return generation

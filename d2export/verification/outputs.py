@@ -310,15 +310,15 @@ def _cut_cache(model: nn.Module, prompts: Prompts):
     """A key/value cache for the prompts' batch forward that keeps, of each layer's keys and values,
     only the prompts' rows and length as the forward makes them; None where the model's own cache is
     not made of plain dynamic layers (then :func:`_prompt_cache` cuts what the model returns). Kept
-    whole, the batch's cache is the size of its logits at 320M and several times them at 7B, and
-    both models hold it at once with their logits (docs/design.md §6, *Bounded memory*)."""
+    whole, the batch's cache is about the size of its logits at 320M and eight times them at 7B, and
+    both models hold theirs at once with their logits (docs/design.md §6, *Bounded memory*)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     try:
         cache = DynamicCache(config=model.config)
     except (AttributeError, TypeError, ValueError):  # a config without a decoder's layer count
         return None
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not getattr(cache, "layers", None) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     cut_layer = _cut_layer_class()
     cache.layers = [cut_layer(prompts) for _ in cache.layers]
@@ -327,6 +327,7 @@ def _cut_cache(model: nn.Module, prompts: Prompts):
 
 @functools.cache
 def _cut_layer_class():
+    """Made on first use: it derives from transformers' class, imported only when a model runs."""
     from transformers.cache_utils import DynamicLayer
 
     class CutLayer(DynamicLayer):
@@ -343,8 +344,7 @@ def _cut_layer_class():
                 return super().update(key_states, value_states, cache_kwargs)
             rows, length = self.prompts.rows, self.prompts.length
             self.prompts = None
-            self.lazy_initialization(key_states)
-            self.keys, self.values = (states[..., :length, :][rows] for states in (key_states, value_states))
+            super().update(key_states[..., :length, :][rows], value_states[..., :length, :][rows], cache_kwargs)
             return key_states, value_states
 
     return CutLayer

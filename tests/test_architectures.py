@@ -355,6 +355,28 @@ def test_merge_into_another_dtype_verifies(adapters, tmp_path, name, dora):
     assert loading.rule.startswith("equal outputs") and loading.comparison.max_abs == 0.0
 
 
+def test_a_model_transformers_cannot_run_in_the_dtype_asked_is_refused_in_one_line(adapters, tmp_path):
+    """DeBERTa (v1) loaded in bfloat16 keeps its query and value biases in float32, and its
+    attention then multiplies mixed dtypes: transformers' own forward fails, with no d2export code
+    in it. verify --dtypes bf16 says so (exit 2, one line), not "unexpected RuntimeError"; the
+    default float32 run passes."""
+    from d2export.runtime.models import load_model
+
+    base, adapter = adapters("deberta", False)
+    try:
+        load_model(base, torch.bfloat16)(**inputs(BY_NAME["deberta"]))
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("this transformers runs DeBERTa in bfloat16")
+    merged = tmp_path / "merged"
+    assert cli(["merge", str(adapter), "--base", str(base), "-o", str(merged), "--quiet"]).exit_code == 0
+    command = ["verify", str(merged), "--adapter", str(adapter), "--base", str(base), "--quiet"]
+    line = check_refused(cli([*command, "--dtypes", "bf16"]), ["transformers cannot run this model in bfloat16"])
+    assert "unexpected" not in line
+    assert cli(command).exit_code == 0
+
+
 @pytest.mark.parametrize("tied", ["shared", "lm_head"])
 def test_adapted_tied_t5_embedding_or_head_is_refused(bases, tmp_path, tied):
     """T5 scales its decoder output by d_model**-0.5 only while the head is tied to ``shared``, so

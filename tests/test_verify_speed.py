@@ -451,7 +451,7 @@ def test_a_folder_that_cannot_load_fails_without_waiting_for_the_weight_check(me
 
 AT_EXIT_MODULES = """
 import atexit, sys
-atexit.register(lambda: print("imported:", *sorted({"sklearn", "scipy", "transformers"} & set(sys.modules))))
+atexit.register(lambda: print("imported:", *sorted({"sklearn", "scipy", "torch", "transformers"} & set(sys.modules))))
 from d2export.cli import run
 sys.argv = ["d2export", "verify", *sys.argv[1:]]
 run()
@@ -470,5 +470,19 @@ def test_the_verify_command_runs_models_without_importing_sklearn_or_scipy(merge
     proc = subprocess.run([sys.executable, "-c", AT_EXIT_MODULES, str(out), "--adapter", str(folder / "adapter"),
                            "--base", str(folder / "base"), "-q"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "imported: transformers" in proc.stdout.splitlines()
+    assert "imported: torch transformers" in proc.stdout.splitlines()
     assert importlib.util.find_spec("sklearn") and importlib.util.find_spec("scipy")  # installed, and kept out
+
+
+def test_the_weight_check_runs_without_torch(merged):
+    """torch and transformers are imported only for the output checks, once the weight check has
+    started beside them: ``--weights-only`` imports neither (bench/README.md has what that saves)."""
+    import subprocess
+    import sys
+
+    folder, out = merged("lora-llama")
+    proc = subprocess.run([sys.executable, "-c", AT_EXIT_MODULES, str(out), "--adapter", str(folder / "adapter"),
+                           "--base", str(folder / "base"), "--weights-only", "-q"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported:" in proc.stdout.splitlines()

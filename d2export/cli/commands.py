@@ -203,17 +203,14 @@ def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options:
 
 def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,
             job=None, written: str = ""):
-    from ..runtime.imports import uncollected
+    from ..verification import verify
     from .process import lean_transformers, tune_malloc
 
-    with uncollected():  # torch's and transformers' imports
-        lean_transformers()
-        from ..verification import verify
     tune_malloc(streaming=True)
-
     with progress_display("verifying", quiet=quiet) as (progress, display), reported(display):
         try:
-            return verify(merged, adapter, base=base, job=job, options=options, progress=progress)
+            return verify(merged, adapter, base=base, job=job, options=options, progress=progress,
+                          before_imports=lean_transformers)
         except D2ExportError as exc:
             if not written:
                 raise

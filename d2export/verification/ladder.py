@@ -21,6 +21,7 @@ from ..job import Job
 from ..names import find_name
 from ..options import MergeOptions, VerifyOptions
 from ..plan import build_plan
+from ..progress import Stopped, stop_check
 from ..reading import ModelFolder
 from ..runtime.calibration import Batch
 from ..runtime.comparison import OutputComparison
@@ -61,18 +62,6 @@ from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .weights import WeightReport
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
-
-
-class Stopped(Exception):
-    """Raised inside a run (the weight check, a model's) once another part of verify has failed."""
-
-
-def stop_check(stop: threading.Event) -> Callable[..., None]:
-    """A function that raises :class:`Stopped` once ``stop`` is set (whatever it is called with)."""
-    def check(*_args) -> None:
-        if stop.is_set():
-            raise Stopped
-    return check
 
 
 @contextmanager

@@ -13,17 +13,17 @@ from threadpoolctl import threadpool_limits
 from ..basesource import BaseSource
 from ..errors import D2ExportError
 from ..job import Job, prepare
-from ..options import MergeOptions, VerifyOptions, with_settings
-from ..progress import Progress, silent
+from ..options import OUTPUT_DTYPES, MergeOptions, VerifyOptions, with_settings
+from ..progress import Progress, silent, stop_check
 from ..reading import ModelFolder, read_json_object
 from ..report import REPORT_NAME
-from ..runtime.calibration import model_batches, text_batches
-from ..runtime.models import PEFT_METHODS, TORCH_DTYPES, load_model, unmerged_model
-from .ladder import Ladder, frozen_imports, stop_check
-from .outputs import one_thread
+from ..runtime.imports import uncollected
 from .report import VerifyReport
-from .task import TaskResult, accuracy, load_task, predict, scoring
 from .weights import WeightReport, check_weights
+
+# torch, transformers and the model runs (``.ladder``, ``.task``, ``..runtime``) are imported only once
+# the weight check has started beside them: that import is a second or more of one core, which the
+# check uses meanwhile (docs/design.md §6, *Cost*).
 
 # Output checks run in float32 unless asked: the folder's weights load exactly, so the rounding
 # floor is what the folder's dtype costs and nothing else (no compute round-off on top), and CPUs
@@ -34,7 +34,7 @@ TASK_DTYPES = ("float32", "bfloat16", "float16")
 
 def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str | Path | None = None,
            job: Job | None = None, options: VerifyOptions | None = None, progress: Progress = silent,
-           **settings) -> VerifyReport:
+           before_imports: Callable[[], None] | None = None, **settings) -> VerifyReport:
     """Check the model folder ``merged`` against ``adapter`` applied to its base.
 
     Args:
@@ -46,6 +46,8 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
             so the adapter is not read nor the plan built again.
         options: a :class:`VerifyOptions`; ``settings`` (its field names as keywords) override it.
         progress: called with (stage, 0, 0) as the checks go.
+        before_imports: called once before the output checks import torch and transformers (the
+            command keeps libraries verify never uses out of the process there).
 
     Returns:
         A :class:`VerifyReport`; ``report.passed`` is the verdict. A failed check does not raise.
@@ -59,11 +61,12 @@ def verify(merged: str | Path, adapter: str | Path | None = None, *, base: str |
         if adapter is None:
             raise D2ExportError("verify needs the adapter (adapter) or the merge's job (job)")
         with prepare(adapter, base, MergeOptions(revision=options.revision)) as own_job:
-            return _verify(merged, own_job, options, progress)
-    return _verify(merged, job, options, progress)
+            return _verify(merged, own_job, options, progress, before_imports)
+    return _verify(merged, job, options, progress, before_imports)
 
 
-def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) -> VerifyReport:
+def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress,
+            before_imports: Callable[[], None] | None) -> VerifyReport:
     def say(stage: str) -> None:
         progress(stage, 0, 0)
 
@@ -74,9 +77,9 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
     with threadpool_limits(limits=1, user_api="blas"), ModelFolder.open(merged, "merged model") as folder, \
             ThreadPoolExecutor(1, "weights") as beside:
         merged_dtype = folder.main_float_dtype()
-        if merged_dtype not in TORCH_DTYPES:
+        if merged_dtype not in OUTPUT_DTYPES:
             raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
-                                f"{', '.join(TORCH_DTYPES)}")
+                                f"{', '.join(OUTPUT_DTYPES)}")
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
                               merged_dtype, options.thresholds, base_source=job.source)
         report.notes += _base_mismatch(merged, job.source)
@@ -101,10 +104,16 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress) 
         config = folder.config
         try:
             if options.outputs or options.task_data is not None:
+                with uncollected():
+                    if before_imports is not None:
+                        before_imports()
+                    from . import ladder, task  # noqa: F401  (torch and transformers: see above)
                 tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
                 if options.outputs:
                     _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
                 if options.task_data is not None:
+                    from .task import load_task
+
                     data = load_task(options.task_data)
                     for dtype in TASK_DTYPES:
                         say(f"task accuracy in {dtype}")
@@ -158,6 +167,11 @@ def _tokenizer(merged: Path, base: Path):
 
 def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenizer, options: VerifyOptions, say,
                    weights: Callable[..., WeightReport | None], stop: threading.Event) -> None:
+    from ..runtime.calibration import model_batches, text_batches
+    from ..runtime.models import PEFT_METHODS
+    from .ladder import Ladder, frozen_imports
+    from .outputs import one_thread
+
     config = folder.config
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
@@ -181,7 +195,10 @@ def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenize
             report.outputs += ladder.peft_checks()
 
 
-def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str) -> TaskResult:
+def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str):
+    from ..runtime.models import TORCH_DTYPES, load_model, unmerged_model
+    from .task import TaskResult, accuracy, predict, scoring
+
     dtype = TORCH_DTYPES[dtype_name]
     a = predict(unmerged_model(job.base.path, job.spec, dtype), tokenizer, config, data)
     b = predict(load_model(merged, dtype), tokenizer, config, data)

@@ -320,6 +320,34 @@ def test_figures_do_not_depend_on_how_many_positions_are_compared_at_once(monkey
             assert value == pytest.approx(figures[0][key], rel=1e-12, nan_ok=True), key
 
 
+def test_batches_compared_apart_and_assembled_give_the_figures_of_one_comparison():
+    """verify compares each batch as both models have it, in whatever order they come, and
+    assembles the figures in one order: the same figures, where they are, and the same per-position
+    agreement, as one comparison of the batches in that order (sums up to rounding)."""
+    generator = torch.Generator().manual_seed(2)
+    batches = random_batches(52, lengths=(5, 9, 3), batch_size=2)
+    outputs = []
+    for batch in batches:
+        reference = torch.randn(2, batch.input_ids.shape[1], 10, generator=generator)
+        outputs.append((reference, reference + 0.05 * torch.randn(reference.shape, generator=generator)))
+    outputs[1][1][1, 2, 7] += 3.0  # the worst difference, in the middle batch
+    order = [2, 0, 1]
+    whole = OutputComparison()
+    for i in order:
+        whole.add(*outputs[i], batches[i].attention_mask, batch=i)
+    parts = {}
+    for i in (1, 2, 0):  # as they come
+        parts[i] = OutputComparison()
+        parts[i].add(*outputs[i], batches[i].attention_mask, batch=i)
+    assembled = OutputComparison()
+    for i in order:
+        assembled.extend(parts[i])
+    a, b = assembled.to_dict(), whole.to_dict()
+    assert a.pop("worst") == b.pop("worst") == [1, 1, 2]
+    assert a == pytest.approx(b, rel=1e-12) and assembled.batches == whole.batches == 3
+    assert torch.equal(assembled.agreement(), whole.agreement())
+
+
 def test_spacing_matches_nextafter():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.tensor([1.0, 0.75, 3e-3, -2.5, 1e3], dtype=dtype)

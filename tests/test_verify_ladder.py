@@ -22,18 +22,23 @@ from d2export.verification.chance import sign_test
 from d2export.verification.outputs import FLOOR_CEILING_UNITS, Generation, OutputCheck, judge_fidelity
 
 
-def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path):
+@pytest.mark.parametrize("peft_reference", [True, False])
+def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, tmp_path, peft_reference):
     """Every tensor is right (the weight check passes), but config.json ties lm_head to the merged
-    embedding again: transformers loads a different model. Only the loading rung can see it."""
+    embedding again: transformers loads a different model. Only the loading rung can see it. Its
+    rounding cost then needs the unmerged model's outputs, dropped once the fidelity rung had them
+    unless PEFT's model is compared with them: that model runs again."""
     folder, out = merged("lora-llama-tied")
     assert not json.loads((out / "config.json").read_text())["tie_word_embeddings"]  # the merge untied it
     bad = shutil.copytree(out, tmp_path / "retied")
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    report = verify(bad, folder / "adapter", base=folder / "base")
+    report = verify(bad, folder / "adapter", base=folder / "base", peft_reference=peft_reference)
     assert report.weights.passed and report.weights.all_exact
     assert not report.passed
     assert any(f.startswith("outputs: loading: merged folder vs correctly rounded merge") for f in report.failures)
+    fidelity, cost = (next(o for o in report.outputs if o.rung == rung) for rung in ("fidelity", "rounding cost"))
+    assert cost.comparison.positions == fidelity.comparison.positions and cost.generation is not None
 
 
 def test_rounding_cost_is_reported_and_named_when_material(fixture, tmp_path):
@@ -98,11 +103,11 @@ def test_more_dtypes_on_request(merged):
                                              ("d2lora-llama-bf16", False)])
 def test_outputs_are_compared_as_they_come_and_kept_only_where_a_rung_needs_them(merged, tmp_path, monkeypatch,
                                                                                 name, exact):
-    """The fidelity rung takes each batch as both models have produced it. Of an exact folder's
+    """Each rung takes a batch as soon as both its models have produced it. Of an exact folder's
     outputs only the folder's first batch is kept (the loading rung's probe), and the unmerged
-    model's where PEFT's model is compared with them (a PEFT adapter on a model that fits); a
-    folder that is not exact keeps every output (the correctly rounded merge's full run is compared
-    with both). The figures are those of comparing all the outputs at the end."""
+    model's where PEFT's model is compared with them (a PEFT adapter on a model that fits); of a
+    folder that is not exact, each output until every rung that compares it has it (the correctly
+    rounded merge runs in full). The figures are those of comparing all the outputs at the end."""
     from d2export.verification import ladder
     from d2export.verification.outputs import FOLDER, UNMERGED, ModelRun, compare_runs
 
@@ -110,30 +115,37 @@ def test_outputs_are_compared_as_they_come_and_kept_only_where_a_rung_needs_them
     if not exact:
         out = shutil.copytree(out, tmp_path / "bad")
         tamper_tensor(out, "model.layers.1.mlp.up_proj.weight", lambda t: t.view(torch.int16)[5, 7].add_(8))
-    kept, at_end = [], []
-    folded = ladder._FidelityFold.folded
+    kept, at_end = [], {}
+    folded = ladder._Folds.folded
 
-    def spy(self):
-        kept.append({name: [o is not None for o in outputs] for name, outputs in self.outputs.items()})
-        if all(o is not None for outputs in self.outputs.values() for o in outputs):
-            at_end.append(compare_runs(ModelRun(self.outputs[UNMERGED]), ModelRun(self.outputs[FOLDER]), self.batches,
-                                       self.done, distributions=True).to_dict())
-        return folded(self)
+    def spy(self, rung):
+        if rung == "fidelity":  # every run done
+            kept.append({name: [o is not None for o in outputs] for name, outputs in self.outputs.items()})
+        candidate, reference = ladder._COMPARED[rung]
+        if all(o is not None for o in self.outputs[candidate] + self.outputs[reference]):
+            at_end[rung] = compare_runs(ModelRun(self.outputs[reference]), ModelRun(self.outputs[candidate]),
+                                        self.batches, list(range(len(self.batches))), distributions=True).to_dict()
+        return folded(self, rung)
 
-    monkeypatch.setattr(ladder._FidelityFold, "folded", spy)
+    monkeypatch.setattr(ladder._Folds, "folded", spy)
     report = verify(out, folder / "adapter", base=folder / "base")
     assert report.passed == exact
     assert any(o.rung == "references" for o in report.outputs) == name.startswith("lora")
-    (state,) = kept
+    state = kept[0]
     count = len(state[FOLDER])
     if exact:
         assert state[FOLDER] == [True] + [False] * (count - 1)
         assert state[UNMERGED] == [name.startswith("lora")] * count
-    else:
-        assert state == {FOLDER: [True] * count, UNMERGED: [True] * count}
-    monkeypatch.setattr(ladder._FidelityFold, "_drop", lambda self: None)  # every output kept to the end
+    else:  # every output, the correctly rounded merge's too, once the three rungs have compared it
+        assert state == {name: [False] * count for name in state}
+    monkeypatch.setattr(ladder._Folds, "_drop", lambda self: None)  # every output kept to the end
     whole = verify(out, folder / "adapter", base=folder / "base")
-    assert at_end[-1] == next(o for o in whole.outputs if o.rung == "fidelity").comparison.to_dict()
+    rungs = ["fidelity"] if exact else ["fidelity", "loading", "rounding cost"]
+    assert sorted(at_end) == sorted(rungs)
+    for rung in rungs:  # in batch order at the end, in the models' order as they come: the same figures
+        check = next(o for o in whole.outputs if o.rung == rung).comparison.to_dict()
+        assert at_end[rung].pop("worst") == check.pop("worst")
+        assert at_end[rung] == pytest.approx(check, rel=1e-12)
     assert [o.to_dict() for o in report.outputs] == [o.to_dict() for o in whole.outputs]
 
 

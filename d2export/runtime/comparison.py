@@ -97,6 +97,22 @@ class OutputComparison:
         self.max_abs = max(self.max_abs, batch_worst)
         self.batches += 1
 
+    def extend(self, later: OutputComparison) -> None:
+        """Add the figures of ``later``, a comparison of the batches that follow (``batch`` given
+        to its :meth:`add`): a comparison assembled from batches compared in another order. Sums
+        may differ from one comparison of every batch in the last bits."""
+        self.positions += later.positions
+        self.values += later.values
+        self.sum_abs += later.sum_abs
+        self.sum_kl += later.sum_kl
+        self.top1_agree += later.top1_agree
+        self.scale = max(self.scale, later.scale)
+        if later.worst is not None and (later.max_abs > self.max_abs or self.worst is None):
+            self.worst = later.worst
+        self.max_abs = max(self.max_abs, later.max_abs)
+        self.top1_hits += later.top1_hits
+        self.batches += later.batches
+
     def agreement(self) -> torch.Tensor | None:
         """Top-1 agreement per compared position (None where it was not recorded)."""
         return torch.cat(self.top1_hits) if self.top1_hits else None

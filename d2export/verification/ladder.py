@@ -114,7 +114,7 @@ class Ladder:
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
-        self.folds: dict[str, _FidelityFold] = {}
+        self.folds: dict[str, _Folds] = {}
         self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
 
     def halt(self) -> None:
@@ -124,8 +124,11 @@ class Ladder:
     def run(self, name: str, dtype: str, probe: bool = False) -> ModelRun:
         """One model's run, kept for other comparisons; the model itself is dropped at once.
         ``probe``: on the first calibration batch only, without the continuation."""
-        if probe and (name, dtype, False) in self.runs:  # the full run's first batch is that probe
-            return ModelRun(self.runs[name, dtype, False].outputs[:1])
+        whole = self.runs.get((name, dtype, False))
+        if whole is not None and any(output is None for output in whole.outputs[:1 if probe else None]):
+            del self.runs[name, dtype, False]  # outputs dropped as no rung then needed them: run it again
+        elif probe and whole is not None:  # the full run's first batch is that probe
+            return ModelRun(whole.outputs[:1])
         if (name, dtype, probe) not in self.runs:
             if name != UNMERGED and not probe and dtype not in self.continuation:
                 self.run(UNMERGED, dtype)  # the continuation it follows
@@ -140,7 +143,7 @@ class Ladder:
         run as one model after *U* and *F* are done it left a core idle for most of that run
         (docs/design.md §6, *Cost*)."""
         generated: Future = Future()
-        fold = self.folds[dtype] = _FidelityFold(self, keep_unmerged=self._keeps_unmerged(dtype))
+        fold = self.folds[dtype] = _Folds(self, keep_unmerged=self._keeps_unmerged(dtype))
         with ThreadPoolExecutor(2, "models") as pool:
             try:
                 running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated, fold=fold),
@@ -151,7 +154,7 @@ class Ladder:
                     running.append(pool.submit(self._run, ROUNDED, dtype, True, generated.result))
                     parts = []
                 else:
-                    parts = [pool.submit(self._run, ROUNDED, dtype, False, generated.result, only=part)
+                    parts = [pool.submit(self._run, ROUNDED, dtype, False, generated.result, only=part, fold=fold)
                              for part in self._halves()]
                 for future in as_completed(running + parts):
                     future.result()  # the first error, as it happened (the others then stop)
@@ -191,12 +194,12 @@ class Ladder:
 
     def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
              generated: Future | None = None, only: frozenset[int] | None = None,
-             fold: _FidelityFold | None = None) -> ModelRun:
+             fold: _Folds | None = None) -> ModelRun:
         """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
         greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
         The unmerged model generates it first and hands it to ``generated``. ``only``: a part of a
         full run, these batches only (returned, not kept), the continuation with the prompts' batch.
-        ``fold``: the fidelity rung, handed each output as it comes."""
+        ``fold``: the rungs, handed each output as it comes."""
         torch_dtype, job = TORCH_DTYPES[dtype], self.job
 
         def publish(tokens: torch.Tensor | None) -> None:
@@ -261,11 +264,14 @@ class Ladder:
 
     def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False,
                 comparison: OutputComparison | None = None) -> OutputCheck:
-        """``comparison``: the outputs' figures where they are folded already (the fidelity rung)."""
-        ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
+        """``comparison``: the outputs' figures where they are folded already (:class:`_Folds`; the
+        full runs are done, and their outputs may be gone)."""
         if comparison is None:
+            ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
             comparison = compare_runs(ref, cand, self.batches[:1] if probe else self.batches,
                                       [0] if probe else self.order, distributions=self.distributions)
+        else:
+            cand = self.runs[candidate, dtype, False]
         generation = None
         if reference == UNMERGED and not probe:
             generation = followed_figures(self.continuation.get(dtype), cand.followed)
@@ -280,19 +286,23 @@ class Ladder:
                 raise D2ExportError(f"transformers cannot run this model in {dtype} ({exc}); the output checks run "
                                     "in float32 unless --dtypes asks otherwise") from exc
             raise
-        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype, comparison=self.folds.pop(dtype).folded())
+        folds = self.folds.pop(dtype)
+        fidelity = self.compare("fidelity", FOLDER, UNMERGED, dtype, comparison=folds.folded("fidelity"))
         weights = self.weights()
         exact = weights is not None and weights.all_exact
         # When every tensor of the folder is the correctly rounded value, the folder *is* the
         # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
         # head, an ignored tensor or a wrong dtype changes every output), and the folder's own
         # figures are then the floor, so the merge is not run over every input a second time.
-        loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact)
+        loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact,
+                               comparison=None if exact else folds.folded("loading"))
         judge_loading(loading, exact)
         if exact and loading.passed:
             cost = replace(fidelity, rung="rounding cost", candidate=ROUNDED)
-        else:
+        elif exact:  # the folder's outputs were taken as the merge's: the merge and the reference run again
             cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype)
+        else:
+            cost = self.compare("rounding cost", ROUNDED, UNMERGED, dtype, comparison=folds.folded("rounding cost"))
         cost.rule = "figures only: what writing the folder's dtype costs"
         explicit = thresholds.atol is not None or thresholds.min_top1 is not None
         scale = fidelity.comparison.scale
@@ -343,33 +353,44 @@ class Ladder:
         return [check]
 
 
-class _FidelityFold:
-    """The fidelity rung's figures (the folder against the unmerged model), folded batch by batch as
-    the two models, side by side, produce their outputs, each output then dropped unless a later
-    rung needs it. A 64-token batch of 32K-vocabulary logits is 33 MB in float32, and each model's
-    were kept to the end: at 320M the kept logits were the largest part of verify's peak above the
-    process itself (docs/design.md §6, *Bounded memory*). Until the weight check says whether the
-    folder is exact, everything is kept: the correctly rounded merge's full run needs both models'
-    outputs when it is not; when it is, only the folder's first batch (the loading rung's probe),
-    and the unmerged model's outputs where PEFT's model is compared with them (``keep_unmerged``)."""
+# each rung's models: (candidate, reference)
+_COMPARED = {"fidelity": (FOLDER, UNMERGED), "loading": (FOLDER, ROUNDED), "rounding cost": (ROUNDED, UNMERGED)}
+
+
+class _Folds:
+    """The rungs' figures, folded batch by batch as the models produce their outputs, each output
+    then dropped once no rung to come needs it. A 64-token batch of 32K-vocabulary logits is 33 MB
+    in float32, and every model's were kept to the end: at 320M the kept logits were the largest
+    part of verify's peak above the process itself (docs/design.md §6, *Bounded memory*).
+
+    The fidelity rung (the folder against the unmerged model) folds as *U* and *F* run side by
+    side. Until the weight check says whether the folder is exact, everything is kept. When it is,
+    only the folder's first batch stays (the loading rung's probe), and the unmerged model's
+    outputs where PEFT's model is compared with them (``keep_unmerged``); when it is not, the
+    correctly rounded merge runs in full, and the loading and rounding-cost rungs fold as its
+    batches come, each output dropped once every rung that compares it has it."""
 
     def __init__(self, ladder: Ladder, keep_unmerged: bool):
         count = len(ladder.batches)
         self.batches, self.keep_unmerged = ladder.batches, keep_unmerged
-        self.outputs: dict[str, list[torch.Tensor | None]] = {UNMERGED: [None] * count, FOLDER: [None] * count}
-        self.comparison = OutputComparison(distributions=ladder.distributions)
-        self.pending, self.done = list(ladder.order), []  # in the order the models run them
+        self.outputs: dict[str, list[torch.Tensor | None]] = {name: [None] * count
+                                                             for name in (UNMERGED, FOLDER, ROUNDED)}
+        self.order, self.distributions = ladder.order, ladder.distributions
+        # each rung's figures by batch, as its two models have produced it (the correctly rounded
+        # merge's two parts run their batches in no common order), assembled in the models' order
+        self.compared: dict[str, dict[int, OutputComparison]] = {rung: {} for rung in _COMPARED}
         self.exact: bool | None = None  # None until the weight check is done
         self.lock = threading.Lock()
 
-    def delivered(self, _index: int) -> None:
-        """Called by either model's run with each output (on its thread): folds what both have."""
+    def delivered(self, i: int) -> None:
+        """Called by a model's run with batch ``i``'s output (on its thread): compares it where the
+        other model of a rung has it."""
         with self.lock:
-            reference, candidate = self.outputs[UNMERGED], self.outputs[FOLDER]
-            while self.pending and reference[self.pending[0]] is not None and candidate[self.pending[0]] is not None:
-                i = self.pending.pop(0)
-                add_batch(self.comparison, reference[i], candidate[i], self.batches[i], i)
-                self.done.append(i)
+            for rung, (candidate, reference) in _COMPARED.items():
+                ours, theirs = self.outputs[candidate][i], self.outputs[reference][i]
+                if ours is not None and theirs is not None and i not in self.compared[rung]:
+                    figures = self.compared[rung][i] = OutputComparison(distributions=self.distributions)
+                    add_batch(figures, theirs, ours, self.batches[i], i)
             self._drop()
 
     def settle(self, exact: bool) -> None:
@@ -379,18 +400,27 @@ class _FidelityFold:
             self._drop()
 
     def _drop(self) -> None:
-        if not self.exact:
+        if self.exact is None:
             return
-        for i in self.done:
-            if not self.keep_unmerged:
-                self.outputs[UNMERGED][i] = None
-            if i != 0:  # the loading rung's probe batch
-                self.outputs[FOLDER][i] = None
+        rungs = ["fidelity"] if self.exact else list(_COMPARED)
+        for name, outputs in self.outputs.items():
+            if name == UNMERGED and self.keep_unmerged:
+                continue
+            compared_in = [self.compared[rung] for rung in rungs if name in _COMPARED[rung]]
+            for i, output in enumerate(outputs):
+                if output is not None and compared_in and all(i in compared for compared in compared_in) and (
+                        not (self.exact and name == FOLDER and i == 0)):  # the loading rung's probe
+                    outputs[i] = None
 
-    def folded(self) -> OutputComparison:
-        if self.pending:
-            raise RuntimeError(f"fidelity: batches {self.pending} were not compared")
-        return self.comparison
+    def folded(self, rung: str) -> OutputComparison:
+        """The rung's figures over every batch, taken in the models' order."""
+        missing = [i for i in self.order if i not in self.compared[rung]]
+        if missing:
+            raise RuntimeError(f"{rung}: batches {missing} were not compared")
+        result = OutputComparison(distributions=self.distributions)
+        for i in self.order:
+            result.extend(self.compared[rung][i])
+        return result
 
 
 def _joined(parts: list[ModelRun]) -> ModelRun:

@@ -298,7 +298,7 @@ def batch_order(count: int, prompts: Prompts | None) -> list[int]:
     """The order every model runs the batches in, and every comparison takes them in: the prompts'
     batch first, then the others. A follower running that batch last, instead of keeping its cache,
     held the generator's outputs of it until then: the two models' largest outputs are compared, and
-    dropped, first (:class:`.ladder._FidelityFold`)."""
+    dropped, first (:class:`.ladder._Folds`)."""
     order = list(range(count))
     if prompts is not None and prompts.batch in order:
         order.remove(prompts.batch)

@@ -486,3 +486,22 @@ def test_the_weight_check_runs_without_torch(merged):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "imported:" in proc.stdout.splitlines()
+
+
+def test_the_factor_cache_is_emptied_once_every_module_has_been_read(merged, monkeypatch):
+    """The cache of recent factor loads serves one module's blocks; the weight check and an
+    unmerged model's construction read every module in turn and leave it full for the rest of the
+    process (beside the models of the output checks) unless they empty it."""
+    from d2export.formats import stored
+
+    monkeypatch.setattr(stored, "KEEP_BYTES", 0)  # every factor read from the file on use, through the cache
+    folder, out = merged("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job, ModelFolder.open(out, "merged model") as folder_open:
+        terms = [t.update.terms[0] for t in job.plan.tensors if t.update is not None]
+        assert all(isinstance(term.A, stored.StoredTensor) for term in terms)
+        check_weights(job.plan, folder_open)
+        assert not stored._RECENT
+        unmerged_model(job.base.path, job.spec, torch.float32)
+        assert not stored._RECENT
+        terms[0].A.load()
+        assert stored._RECENT  # the cache itself still works

@@ -30,6 +30,15 @@ _RECENT_LOCK = threading.Lock()
 _SCAN_CHUNK = 8 * 2**20
 
 
+def forget_recent() -> None:
+    """Drop the cache of recent loads. A step that has read every module's factors in turn (the
+    weight check, the construction of an unmerged model) leaves up to :data:`RECENT_BYTES` of
+    copies there that nothing reads again, for the rest of the process: in verify, beside two
+    models running (a 320M LoRA's factors are 25 MB, and fit it whole)."""
+    with _RECENT_LOCK:
+        _RECENT.clear()
+
+
 class LazyArray:
     """A tensor whose data is read on use (``load()``, defined by each kind): numpy conversions go
     through it, so callers treat it as an array without anyone holding the data."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..arrays import to_torch
 from ..errors import D2ExportError
+from ..formats.stored import forget_recent
 from ..names import find_name
 from ..reading import read_config
 from ..spec import AdapterSpec
@@ -132,6 +133,8 @@ def unmerged_model(base: Path, spec: AdapterSpec, dtype: torch.dtype, *, referen
         return inject_adapter(model, spec, reference_norms=reference_norms).eval()
     except KeyError as exc:  # a module the plan check did not catch; say it as bad input
         raise D2ExportError(f"{spec.path}: {exc.args[0]}") from None
+    finally:
+        forget_recent()  # every module's factors were read once, into the layers
 
 
 def adapted_base(base: Path, spec: AdapterSpec, dtype: torch.dtype, **kwargs) -> nn.Module:

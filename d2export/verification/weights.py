@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from ..algebra import merged_bias_exact, merged_rows, round_to_dtype, stacked_factors
 from ..arrays import bfloat16, dtype_name, float16, float32, float64, is_float
+from ..formats.stored import forget_recent
 from ..merging import WORKERS
 from ..names import find_name
 from ..plan import Action, MergePlan, TensorPlan
@@ -176,6 +177,7 @@ def check_weights(
                     found.add(name)
         finally:  # an error (or a progress callback that stops it) leaves the tensors not yet begun
             pool.shutdown(wait=True, cancel_futures=True)
+            forget_recent()
             _hand_back_free_heap()
     report.extra = sorted(set(merged.tensors) - found)
     return report

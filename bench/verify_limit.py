@@ -5,7 +5,8 @@ also in a bf16 run); then verify's peak RSS and time on the 7B shape. Beside the
 D2-LoRA adapter's merge (two signed branches, rows rescaled to their original norms: the unmerged
 reference computes row norms).
 At 320M verify and the by-hand check also run with the CPU held to AVX2, the machine class the
-target was set on (``AVX2_ONLY``).
+target was set on (``AVX2_ONLY``), and ``verify --weights-only`` runs in the same rotation (the
+weight check alone, which imports no torch).
 
 Each command is a fresh process measured whole by GNU time (wall time and peak RSS). The commands
 alternate and repeat, and medians are reported: other work on the machine moves absolute times, so
@@ -33,6 +34,7 @@ D2LORA = "d2export verify, D2-LoRA"  # the same, of a D2-LoRA adapter's merge (r
 PEFT = "d2export verify, PEFT's merge"  # the same adapter merged by PEFT's merge_and_unload
 PEFT_BF16 = "d2export verify --dtypes bf16, PEFT's merge"
 PEFT_BF16_FACTORS = "d2export verify, PEFT's merge, bf16 factors"  # a unit off in many elements: not correctable
+WEIGHTS_ONLY = "d2export verify --weights-only"  # the weight check alone: no torch imported
 TIME_TARGET = 1.5  # verify / by-hand, 320M
 # The CPU held to AVX2 (PyTorch's, oneDNN's and MKL's documented switches): the class of machine issue
 # 12 was measured on. Where the CPU has bf16 dot-product units (AVX512-BF16), the by-hand check's bf16
@@ -84,6 +86,7 @@ def run_shape(args, key: str) -> dict:
             commands["by hand"] = [sys.executable, str(BY_HAND), str(base), str(adapter), str(ours)]
             commands["d2export verify" + MASKED] = verify_command(ours, base, adapter)
             commands["by hand" + MASKED] = commands["by hand"]
+            commands[WEIGHTS_ONLY] = verify_command(ours, base, adapter, "--weights-only")
         repeats = args.repeats if key == "320m" else 1
         runs: dict[str, list] = {}
         for rep in range(repeats):

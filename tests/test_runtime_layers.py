@@ -75,3 +75,27 @@ def test_a_fixed_layer_keeps_its_row_scale_and_a_training_layer_follows_its_fact
         torch.testing.assert_close(training(x), x @ merged.T + training.bias, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(training.row_scale(), kept, rtol=1e-3)  # the step moved the scale
         assert fixed.row_scale() is kept
+
+
+def test_a_layer_from_files_holds_the_adapters_own_float32_factors(fixture):
+    """The reader keeps small factors in memory as float32 arrays: the run-time layer takes them as
+    they are (no second copy beside the running model), and its product is unchanged."""
+    import numpy as np
+
+    from d2export.job import prepare
+    from d2export.runtime.models import unmerged_model
+
+    folder = fixture("lora-llama")
+    with prepare(folder / "adapter", folder / "base") as job:
+        model = unmerged_model(job.base.path, job.spec, torch.float32)
+        layers = {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
+        shared = 0
+        for update in job.spec.updates.values():
+            layer = next(m for n, m in layers.items() if n.endswith(update.module))
+            for term in update.terms:
+                for kept, param in ((term.A, layer.A[term.name]), (term.B, layer.B[term.name])):
+                    assert torch.equal(param, torch.from_numpy(np.asarray(kept, dtype=np.float32)))
+                    if isinstance(kept, np.ndarray) and kept.dtype == np.float32:
+                        assert param.data_ptr() == kept.ctypes.data
+                        shared += 1
+        assert shared

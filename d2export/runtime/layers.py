@@ -10,6 +10,7 @@ matmuls, as during training. fixtures/build.py trains the D2-LoRA fixtures with 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,16 @@ from .streaming import hoist, is_streamed, materialized, override_weights
 # verify's heap maps blocks afresh (cli.process.tune_malloc), where each would be page-faulted at
 # every block (docs/design.md §6, *Cost*).
 NORM_CHUNK_ELEMENTS = 2**16
+
+
+def _factor(value, placeholder: nn.Parameter) -> nn.Parameter:
+    """A factor as the layer's parameter: the adapter's own float32 array where it is one (the
+    reader keeps small factors in memory, and a copy of each doubled them beside the running model),
+    else a float32 copy of it."""
+    tensor = to_torch(np.asarray(value))
+    if tuple(tensor.shape) != tuple(placeholder.shape):
+        raise ValueError(f"factor of shape {tuple(tensor.shape)} where {tuple(placeholder.shape)} is expected")
+    return nn.Parameter(tensor.float(), requires_grad=placeholder.requires_grad)
 
 
 class AdapterLayer(nn.Module):
@@ -85,8 +96,8 @@ class AdapterLayer(nn.Module):
                     reference_norms=reference_norms, fixed=True)
         with torch.no_grad():
             for term in update.terms:
-                layer.A[term.name].copy_(to_torch(term.A))
-                layer.B[term.name].copy_(to_torch(term.B))
+                layer.A[term.name] = _factor(term.A, layer.A[term.name])
+                layer.B[term.name] = _factor(term.B, layer.B[term.name])
             if update.magnitude is not None:
                 layer.magnitude.copy_(to_torch(update.magnitude))
         if update.bias_delta is not None:

@@ -403,7 +403,7 @@ def test_the_continuation_carried_by_the_batch_cache_is_greedy_decoding(bases, n
     from d2export.runtime.calibration import config_batches
     from d2export.runtime.models import greedy_tokens, load_model
     from d2export.verification.ladder import GENERATION_STEPS, generation_prompts
-    from d2export.verification.outputs import run_model
+    from d2export.verification.runs import run_model
 
     base = bases(name)
     config = read_config(base)

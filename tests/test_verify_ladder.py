@@ -108,26 +108,27 @@ def test_outputs_are_compared_as_they_come_and_kept_only_where_a_rung_needs_them
     model's where PEFT's model is compared with them (a PEFT adapter on a model that fits); of a
     folder that is not exact, each output until every rung that compares it has it (the correctly
     rounded merge runs in full). The figures are those of comparing all the outputs at the end."""
-    from d2export.verification import ladder
-    from d2export.verification.outputs import FOLDER, UNMERGED, ModelRun, compare_runs
+    from d2export.verification import folds
+    from d2export.verification.outputs import FOLDER, UNMERGED, compare_runs
+    from d2export.verification.runs import ModelRun
 
     folder, out = merged(name)
     if not exact:
         out = shutil.copytree(out, tmp_path / "bad")
         tamper_tensor(out, "model.layers.1.mlp.up_proj.weight", lambda t: t.view(torch.int16)[5, 7].add_(8))
     kept, at_end = [], {}
-    folded = ladder._Folds.folded
+    folded = folds.Folds.folded
 
     def spy(self, rung):
         if rung == "fidelity":  # every run done
             kept.append({name: [o is not None for o in outputs] for name, outputs in self.outputs.items()})
-        candidate, reference = ladder._COMPARED[rung]
+        candidate, reference = folds.COMPARED[rung]
         if all(o is not None for o in self.outputs[candidate] + self.outputs[reference]):
             at_end[rung] = compare_runs(ModelRun(self.outputs[reference]), ModelRun(self.outputs[candidate]),
                                         self.batches, list(range(len(self.batches))), distributions=True).to_dict()
         return folded(self, rung)
 
-    monkeypatch.setattr(ladder._Folds, "folded", spy)
+    monkeypatch.setattr(folds.Folds, "folded", spy)
     report = verify(out, folder / "adapter", base=folder / "base")
     assert report.passed == exact
     assert any(o.rung == "references" for o in report.outputs) == name.startswith("lora")
@@ -138,7 +139,7 @@ def test_outputs_are_compared_as_they_come_and_kept_only_where_a_rung_needs_them
         assert state[UNMERGED] == [name.startswith("lora")] * count
     else:  # every output, the correctly rounded merge's too, once the three rungs have compared it
         assert state == {name: [False] * count for name in state}
-    monkeypatch.setattr(ladder._Folds, "_drop", lambda self: None)  # every output kept to the end
+    monkeypatch.setattr(folds.Folds, "_drop", lambda self: None)  # every output kept to the end
     whole = verify(out, folder / "adapter", base=folder / "base")
     rungs = ["fidelity"] if exact else ["fidelity", "loading", "rounding cost"]
     assert sorted(at_end) == sorted(rungs)

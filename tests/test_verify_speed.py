@@ -26,7 +26,7 @@ from d2export.runtime.calibration import config_batches
 from d2export.runtime.models import load_model, merged_model, model_output, unmerged_model
 from d2export.runtime.streaming import offload_hooks
 from d2export.verification import weights
-from d2export.verification.outputs import one_thread
+from d2export.verification.runs import one_thread
 from d2export.verification.weights import check_weights, spacing
 
 
@@ -277,11 +277,11 @@ def test_an_error_in_the_output_checks_stops_the_weight_check_beside(merged, mon
 def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch):
     """Two models at once, each on its own thread, the folder following the unmerged model's greedy
     continuation; garbage collection is back to normal afterwards."""
-    from d2export.verification import ladder, outputs
+    from d2export.verification import ladder, runs
 
     folder, out = merged("d2lora-llama-bf16")
     threads: dict[str, set[str]] = {"greedy": set(), "followed": set()}
-    greedy, followed = outputs._greedy, outputs._followed
+    greedy, followed = runs._greedy, runs._followed
 
     def generating(*args):
         threads["greedy"].add(threading.current_thread().name)
@@ -291,8 +291,8 @@ def test_the_unmerged_model_and_the_folder_run_side_by_side(merged, monkeypatch)
         threads["followed"].add(threading.current_thread().name)
         return followed(*args)
 
-    monkeypatch.setattr(outputs, "_greedy", generating)
-    monkeypatch.setattr(outputs, "_followed", following)
+    monkeypatch.setattr(runs, "_greedy", generating)
+    monkeypatch.setattr(runs, "_followed", following)
     report = verify(out, folder / "adapter", base=folder / "base")
     assert report.passed, report.failures
     fidelity = next(o for o in report.outputs if o.rung == "fidelity")
@@ -372,27 +372,27 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
     and a model teacher-forced along it picks it at every step; with a cache that cannot be cut
     (``cut`` False) the prompts run again, with the same tokens."""
     from d2export.runtime.models import greedy_tokens
-    from d2export.verification import ladder, outputs
+    from d2export.verification import ladder, runs
 
     if not cut:
-        monkeypatch.setattr(outputs, "_cut_cache", lambda model, prompts: None)
-        monkeypatch.setattr(outputs, "_prompt_cache", lambda cache, prompts: None)
-    cached, greedy = [], outputs._greedy
+        monkeypatch.setattr(runs, "_cut_cache", lambda model, prompts: None)
+        monkeypatch.setattr(runs, "_prompt_cache", lambda cache, prompts: None)
+    cached, greedy = [], runs._greedy
 
     def generating(model, prompts, first, cache, *args):
         # the layers that kept only the cut as the forward went, not the whole batch's cache cut afterwards
-        assert cache is None or all(type(layer) is outputs._cut_layer_class() for layer in cache.layers)
+        assert cache is None or all(type(layer) is runs._cut_layer_class() for layer in cache.layers)
         cached.append(None if cache is None else {tuple(layer.keys.shape) for layer in cache.layers})
         return greedy(model, prompts, first, cache, *args)
 
-    monkeypatch.setattr(outputs, "_greedy", generating)
+    monkeypatch.setattr(runs, "_greedy", generating)
     folder = fixture("d2lora-llama-bf16")
     with prepare(folder / "adapter", folder / "base") as job:
         batches = config_batches(job.base.config)
         prompts = ladder.generation_prompts(batches, job.base.config)
         model = unmerged_model(job.base.path, job.spec, torch.float32)
     published = []
-    run = outputs.run_model(model, batches, prompts=prompts, steps=8, publish=published.append)
+    run = runs.run_model(model, batches, prompts=prompts, steps=8, publish=published.append)
     (tokens,) = published
     # cut as the batch's forward makes it: only the prompts' rows and length are kept
     batch_size, batch_length = batches[prompts.batch].input_ids.shape
@@ -403,7 +403,7 @@ def test_the_prompts_batch_carries_the_continuation(fixture, monkeypatch, cut):
     assert [model_output(model, b).tolist() for b in batches] == [o.tolist() for o in run.outputs]
     for row, prompt in enumerate(prompts.tokens(batches)):
         assert greedy_tokens(model, prompt, 8).tolist() == tokens[row].tolist()
-    follower = outputs.run_model(model, batches, prompts=prompts, steps=8, follow=lambda: tokens)
+    follower = runs.run_model(model, batches, prompts=prompts, steps=8, follow=lambda: tokens)
     assert torch.equal(follower.followed, tokens)
 
 

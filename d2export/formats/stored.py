@@ -34,7 +34,7 @@ def forget_recent() -> None:
     """Drop the cache of recent loads. A step that has read every module's factors in turn (the
     weight check, the construction of an unmerged model) leaves up to :data:`RECENT_BYTES` of
     copies there that nothing reads again, for the rest of the process: in verify, beside two
-    models running (a 320M LoRA's factors are 25 MB, and fit it whole)."""
+    models running (a small model's whole adapter fits it)."""
     with _RECENT_LOCK:
         _RECENT.clear()
 

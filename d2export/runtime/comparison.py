@@ -63,7 +63,7 @@ class OutputComparison:
         per_position = torch.empty(ref_all.shape[0], dtype=torch.float64)  # -1 where not compared
         # One agreement tensor per batch, filled chunk by chunk: a tiny tensor kept from each chunk
         # sits between the chunks' freed temporaries, and the heap grew by about one temporary per
-        # chunk (tens of MB over a 32K vocabulary's batch) instead of reusing them.
+        # chunk instead of reusing them (docs/design.md §6, *Bounded memory*).
         agree = torch.empty(ref_all.shape[0] if keep is None else int(keep.sum()), dtype=torch.bool)
         compared = 0
         step = max(1, COMPARE_ELEMENTS // max(1, width))

@@ -39,26 +39,23 @@ from ..runtime.models import (
     unmerged_model,
 )
 from ..runtime.streaming import checked_on_load
+from .folds import Folds
 from .outputs import (
     FLOOR_CEILING_UNITS,
     FOLDER,
     PEFT,
     ROUNDED,
     UNMERGED,
-    ModelRun,
     OutputCheck,
-    Prompts,
-    add_batch,
-    batch_order,
     compare_runs,
     followed_figures,
     judge_fidelity,
     judge_loading,
     judge_references,
     percent,
-    run_model,
 )
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
+from .runs import ModelRun, Prompts, batch_order, run_model
 from .weights import WeightReport
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
@@ -90,7 +87,7 @@ class Ladder:
     """The models of the reference ladder (:mod:`.outputs`), each run once per dtype and compared.
 
     The unmerged model and the folder run side by side, each on its own thread with torch on one
-    thread (:func:`.outputs.one_thread`): a streamed forward is a chain of small operations that two
+    thread (:func:`.runs.one_thread`): a streamed forward is a chain of small operations that two
     threads of one model spend waiting on each other, while two models keep both cores busy. The
     folder follows the unmerged model's greedy continuation as soon as it is generated; the
     correctly rounded merge runs once the weight check says how to build it. Models are loaded one
@@ -114,7 +111,7 @@ class Ladder:
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
-        self.folds: dict[str, _Folds] = {}
+        self.folds: dict[str, Folds] = {}
         self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
 
     def halt(self) -> None:
@@ -143,7 +140,7 @@ class Ladder:
         run as one model after *U* and *F* are done it left a core idle for most of that run
         (docs/design.md §6, *Cost*)."""
         generated: Future = Future()
-        fold = self.folds[dtype] = _Folds(self, keep_unmerged=self._keeps_unmerged(dtype))
+        fold = self.folds[dtype] = Folds(self, keep_unmerged=self._keeps_unmerged(dtype))
         with ThreadPoolExecutor(2, "models") as pool:
             try:
                 running = [pool.submit(self._run, UNMERGED, dtype, False, generated.result, generated, fold=fold),
@@ -194,7 +191,7 @@ class Ladder:
 
     def _run(self, name: str, dtype: str, probe: bool, continuation: Callable[[], torch.Tensor | None],
              generated: Future | None = None, only: frozenset[int] | None = None,
-             fold: _Folds | None = None) -> ModelRun:
+             fold: Folds | None = None) -> ModelRun:
         """Load ``name``, run it on the batches and, for a full run, along the unmerged model's
         greedy ``continuation`` (a function: it waits until the unmerged model has generated it).
         The unmerged model generates it first and hands it to ``generated``. ``only``: a part of a
@@ -264,7 +261,7 @@ class Ladder:
 
     def compare(self, rung: str, candidate: str, reference: str, dtype: str, probe: bool = False,
                 comparison: OutputComparison | None = None) -> OutputCheck:
-        """``comparison``: the outputs' figures where they are folded already (:class:`_Folds`; the
+        """``comparison``: the outputs' figures where they are folded already (:class:`Folds`; the
         full runs are done, and their outputs may be gone)."""
         if comparison is None:
             ref, cand = self.run(reference, dtype, probe), self.run(candidate, dtype, probe)
@@ -351,76 +348,6 @@ class Ladder:
         check.generation = None
         judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)
         return [check]
-
-
-# each rung's models: (candidate, reference)
-_COMPARED = {"fidelity": (FOLDER, UNMERGED), "loading": (FOLDER, ROUNDED), "rounding cost": (ROUNDED, UNMERGED)}
-
-
-class _Folds:
-    """The rungs' figures, folded batch by batch as the models produce their outputs, each output
-    then dropped once no rung to come needs it. A 64-token batch of 32K-vocabulary logits is 33 MB
-    in float32, and every model's were kept to the end: at 320M the kept logits were the largest
-    part of verify's peak above the process itself (docs/design.md §6, *Bounded memory*).
-
-    The fidelity rung (the folder against the unmerged model) folds as *U* and *F* run side by
-    side. Until the weight check says whether the folder is exact, everything is kept. When it is,
-    only the folder's first batch stays (the loading rung's probe), and the unmerged model's
-    outputs where PEFT's model is compared with them (``keep_unmerged``); when it is not, the
-    correctly rounded merge runs in full, and the loading and rounding-cost rungs fold as its
-    batches come, each output dropped once every rung that compares it has it."""
-
-    def __init__(self, ladder: Ladder, keep_unmerged: bool):
-        count = len(ladder.batches)
-        self.batches, self.keep_unmerged = ladder.batches, keep_unmerged
-        self.outputs: dict[str, list[torch.Tensor | None]] = {name: [None] * count
-                                                             for name in (UNMERGED, FOLDER, ROUNDED)}
-        self.order, self.distributions = ladder.order, ladder.distributions
-        # each rung's figures by batch, as its two models have produced it (the correctly rounded
-        # merge's two parts run their batches in no common order), assembled in the models' order
-        self.compared: dict[str, dict[int, OutputComparison]] = {rung: {} for rung in _COMPARED}
-        self.exact: bool | None = None  # None until the weight check is done
-        self.lock = threading.Lock()
-
-    def delivered(self, i: int) -> None:
-        """Called by a model's run with batch ``i``'s output (on its thread): compares it where the
-        other model of a rung has it."""
-        with self.lock:
-            for rung, (candidate, reference) in _COMPARED.items():
-                ours, theirs = self.outputs[candidate][i], self.outputs[reference][i]
-                if ours is not None and theirs is not None and i not in self.compared[rung]:
-                    figures = self.compared[rung][i] = OutputComparison(distributions=self.distributions)
-                    add_batch(figures, theirs, ours, self.batches[i], i)
-            self._drop()
-
-    def settle(self, exact: bool) -> None:
-        """The weight check's answer: whether every tensor of the folder is the correctly rounded one."""
-        with self.lock:
-            self.exact = exact
-            self._drop()
-
-    def _drop(self) -> None:
-        if self.exact is None:
-            return
-        rungs = ["fidelity"] if self.exact else list(_COMPARED)
-        for name, outputs in self.outputs.items():
-            if name == UNMERGED and self.keep_unmerged:
-                continue
-            compared_in = [self.compared[rung] for rung in rungs if name in _COMPARED[rung]]
-            for i, output in enumerate(outputs):
-                if output is not None and compared_in and all(i in compared for compared in compared_in) and (
-                        not (self.exact and name == FOLDER and i == 0)):  # the loading rung's probe
-                    outputs[i] = None
-
-    def folded(self, rung: str) -> OutputComparison:
-        """The rung's figures over every batch, taken in the models' order."""
-        missing = [i for i in self.order if i not in self.compared[rung]]
-        if missing:
-            raise RuntimeError(f"{rung}: batches {missing} were not compared")
-        result = OutputComparison(distributions=self.distributions)
-        for i in self.order:
-            result.extend(self.compared[rung][i])
-        return result
 
 
 def _joined(parts: list[ModelRun]) -> ModelRun:

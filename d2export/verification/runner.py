@@ -170,7 +170,7 @@ def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenize
     from ..runtime.calibration import model_batches, text_batches
     from ..runtime.models import PEFT_METHODS
     from .ladder import Ladder, frozen_imports
-    from .outputs import one_thread
+    from .runs import one_thread
 
     config = folder.config
     if options.calibration is not None:

@@ -92,6 +92,31 @@ def test_verify_streamed_matches_verify_whole(merged):
     assert any(is_streamed(m) for m in load_model(out, torch.float32, resident_bytes=1).modules())
 
 
+def test_the_peft_reference_says_why_it_did_not_run_and_keeps_nothing_for_it(merged, monkeypatch):
+    """A PEFT adapter whose model is larger in float32 than the resident budget: no PEFT comparison,
+    a note naming the budget, and the unmerged model's outputs not kept for it. Turned off
+    (``--no-peft``), no note either."""
+    from d2export.verification import folds
+
+    kept, init = [], folds.Folds.__init__
+
+    def spy(self, ladder, keep_unmerged):
+        kept.append(keep_unmerged)
+        init(self, ladder, keep_unmerged)
+
+    monkeypatch.setattr(folds.Folds, "__init__", spy)
+    folder, out = merged("lora-llama")
+    small = verify(out, folder / "adapter", base=folder / "base", resident=1, weights=False)
+    assert small.passed and not any(o.rung == "references" for o in small.outputs)
+    assert [n for n in small.notes if n.startswith("PEFT reference not run: PEFT needs the whole model")]
+    off = verify(out, folder / "adapter", base=folder / "base", peft_reference=False, weights=False)
+    assert not any(o.rung == "references" for o in off.outputs)
+    assert not [n for n in off.notes if n.startswith("PEFT reference")]
+    whole = verify(out, folder / "adapter", base=folder / "base", weights=False)
+    assert any(o.rung == "references" for o in whole.outputs)
+    assert kept == [False, False, True]
+
+
 def test_more_dtypes_on_request(merged):
     folder, out = merged("d2lora-llama-bf16")
     report = verify(out, folder / "adapter", base=folder / "base", weights=False, dtypes="bf16,fp32")

@@ -106,8 +106,7 @@ class Ladder:
         self.prompts = generation_prompts(batches, config) if kind == "causal-lm" else None
         self.order = batch_order(len(batches), self.prompts)
         self.resident = options.resident
-        self.peft_reference = (options.peft_reference and job.spec.method in PEFT_METHODS
-                               and (self.resident is None or _float32_bytes(job.base) <= self.resident))
+        self.peft_reference, self.peft_note = self._peft_reference(options)
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
@@ -333,17 +332,28 @@ class Ladder:
         """Whether the unmerged model's run is kept past its dtype's rungs: for the PEFT comparison."""
         return self.peft_reference and dtype == "float32"
 
-    def peft_checks(self) -> list[OutputCheck]:
-        """PEFT's unmerged model against ours in float32, where the model fits in memory whole."""
-        size = _float32_bytes(self.job.base)
+    def _peft_reference(self, options: VerifyOptions) -> tuple[bool, str | None]:
+        """Whether PEFT's unmerged model is compared with ours (a PEFT method, not turned off, PEFT
+        can load the adapter, the model fits in memory whole), and the report's note where it was
+        asked for and cannot run."""
+        if not (options.peft_reference and self.job.spec.method in PEFT_METHODS):
+            return False, None
         if not peft_usable(self.job.spec):
-            self.report.notes.append("PEFT reference not run: peft is not installed or cannot load this adapter")
-            return []
+            return False, "PEFT reference not run: peft is not installed or cannot load this adapter"
+        size = _float32_bytes(self.job.base)
         if self.resident is not None and size > self.resident:
-            self.report.notes.append(
-                f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in float32, "
-                f"more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with --resident)")
+            return False, (f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in "
+                           f"float32, more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with "
+                           "--resident)")
+        return True, None
+
+    def peft_checks(self, say) -> list[OutputCheck]:
+        """PEFT's unmerged model against ours in float32, where :meth:`_peft_reference` allows."""
+        if self.peft_note is not None:
+            self.report.notes.append(self.peft_note)
+        if not self.peft_reference:
             return []
+        say("PEFT reference in float32")
         check = self.compare("references", PEFT, UNMERGED, "float32")
         check.generation = None
         judge_references(check, FP32_OUTPUT_RTOL * check.comparison.scale)

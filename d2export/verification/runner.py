@@ -168,7 +168,6 @@ def _tokenizer(merged: Path, base: Path):
 def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenizer, options: VerifyOptions, say,
                    weights: Callable[..., WeightReport | None], stop: threading.Event) -> None:
     from ..runtime.calibration import model_batches, text_batches
-    from ..runtime.models import PEFT_METHODS
     from .ladder import Ladder, frozen_imports
     from .runs import one_thread
 
@@ -190,9 +189,7 @@ def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenize
         for dtype in options.dtypes or DEFAULT_RUN_DTYPES:
             say(f"outputs in {dtype}")
             report.outputs += ladder.checks(dtype, say)
-        if job.spec.method in PEFT_METHODS and options.peft_reference:
-            say("PEFT reference in float32")
-            report.outputs += ladder.peft_checks()
+        report.outputs += ladder.peft_checks(say)
 
 
 def _task(merged: Path, job: Job, config: dict, tokenizer, data, dtype_name: str):

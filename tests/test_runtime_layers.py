@@ -99,3 +99,32 @@ def test_a_layer_from_files_holds_the_adapters_own_float32_factors(fixture):
                         assert param.data_ptr() == kept.ctypes.data
                         shared += 1
         assert shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_streamed_model_reads_the_factors_its_reader_left_in_the_file_at_each_forward(fixture, monkeypatch, dtype):
+    """A streamed base's adapter layers hold no factor the adapter's reader left in its file (their
+    parameters are placeholders on the meta device) and read them at each forward, with the same
+    outputs to the bit as the layers holding them."""
+    from d2export.formats import stored
+    from d2export.job import prepare
+    from d2export.runtime import layers as layers_module
+    from d2export.runtime.calibration import config_batches
+    from d2export.runtime.models import model_output, unmerged_model
+
+    monkeypatch.setattr(stored, "KEEP_BYTES", 0)  # every factor a file reference, as large ones are
+    folder = fixture("d2lora-llama-bf16")
+    with prepare(folder / "adapter", folder / "base") as job:
+        batch = config_batches(job.base.config)[1]
+        streamed = unmerged_model(job.base.path, job.spec, dtype, resident_bytes=1)
+        adapted = [m for m in streamed.modules() if isinstance(m, AdapterLayer)]
+        assert adapted and all(len(m.stored) == 2 * len(m.branches) for m in adapted)
+        assert all(p.is_meta for m in adapted for p in [*m.A.values(), *m.B.values()])
+        assert all(p.dtype == dtype for m in adapted for p in m.A.values())
+        got = model_output(streamed, batch)
+        from_update = AdapterLayer.from_update.__func__
+        monkeypatch.setattr(layers_module.AdapterLayer, "from_update", classmethod(
+            lambda cls, base, update, **kwargs: from_update(cls, base, update, **{**kwargs, "stream": False})))
+        held = unmerged_model(job.base.path, job.spec, dtype, resident_bytes=1)
+        assert not any(m.stored for m in held.modules() if isinstance(m, AdapterLayer))
+        assert torch.equal(got, model_output(held, batch))

@@ -88,13 +88,18 @@ class StoredTensor(LazyArray):
             if cached is not None:
                 _RECENT[(self.path, self.offset)] = cached  # now the most recent
                 return cached.copy()
-        value = read_array(self.path, self.offset, self.dtype, self.shape)
-        check_finite(value, self.key, self.path)  # the file may have changed since it was scanned
+        value = self.read()
         if value.nbytes <= RECENT_BYTES:
             with _RECENT_LOCK:
                 _RECENT[(self.path, self.offset)] = value.copy()
                 while sum(v.nbytes for v in _RECENT.values()) > RECENT_BYTES:
                     _RECENT.pop(next(iter(_RECENT)))
+        return value
+
+    def read(self) -> np.ndarray:
+        """The data, from the file (not the cache, which it leaves as it is)."""
+        value = read_array(self.path, self.offset, self.dtype, self.shape)
+        check_finite(value, self.key, self.path)  # the file may have changed since it was scanned
         return value
 
     def reshape(self, *shape) -> np.ndarray:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arrays import to_torch
+from ..formats.stored import StoredTensor
 from ..names import name_variants
 from ..spec import AdapterSpec, ModuleUpdate, Rescale
 from .rows import by_rows
@@ -33,9 +34,13 @@ def _factor(value, placeholder: nn.Parameter) -> nn.Parameter:
     reader keeps small factors in memory, and a copy of each doubled them beside the running model),
     else a float32 copy of it."""
     tensor = to_torch(np.asarray(value))
-    if tuple(tensor.shape) != tuple(placeholder.shape):
-        raise ValueError(f"factor of shape {tuple(tensor.shape)} where {tuple(placeholder.shape)} is expected")
+    _check_shape(tensor.shape, placeholder)
     return nn.Parameter(tensor.float(), requires_grad=placeholder.requires_grad)
+
+
+def _check_shape(shape, placeholder: nn.Parameter) -> None:
+    if tuple(shape) != tuple(placeholder.shape):
+        raise ValueError(f"factor of shape {tuple(shape)} where {tuple(placeholder.shape)} is expected")
 
 
 class AdapterLayer(nn.Module):
@@ -66,6 +71,9 @@ class AdapterLayer(nn.Module):
         self.rescale = rescale
         self.A = nn.ParameterDict({b: nn.Parameter(torch.zeros(rank, inp)) for b in self.branches})
         self.B = nn.ParameterDict({b: nn.Parameter(torch.zeros(out, rank)) for b in self.branches})
+        # factors left in the adapter's file, read at each use (their parameters are placeholders
+        # on the meta device, for their shape and dtype): see ``from_update``
+        self.stored: dict[tuple[str, str], StoredTensor] = {}
         self.tau = None if tau is None else nn.Parameter(torch.tensor(float(tau)), requires_grad=learn_tau)
         self.magnitude = nn.Parameter(torch.ones(out)) if rescale is Rescale.MAGNITUDE else None
         self.bias_delta: nn.Parameter | None = None
@@ -87,8 +95,13 @@ class AdapterLayer(nn.Module):
             return getattr(super().__getattr__("base"), name)
 
     @classmethod
-    def from_update(cls, base: nn.Module, update: ModuleUpdate, *, reference_norms: bool = True) -> AdapterLayer:
-        """The layer of an adapter read from its files, to be run (``fixed``)."""
+    def from_update(cls, base: nn.Module, update: ModuleUpdate, *, reference_norms: bool = True,
+                    stream: bool = False) -> AdapterLayer:
+        """The layer of an adapter read from its files, to be run (``fixed``). ``stream`` (the base
+        module's weight is read from its file at each forward): factors the adapter's reader left in
+        its file stay there and are read at each forward too (docs/design.md §6, *Bounded memory*).
+        A module held in memory keeps its factors in memory, so that a model held whole costs what
+        users' unmerged models cost (the benchmark times it)."""
         names = tuple(t.name for t in update.terms)
         scale = update.terms[0].coefficient
         tau = -update.terms[1].coefficient / scale if len(update.terms) == 2 else None
@@ -96,8 +109,14 @@ class AdapterLayer(nn.Module):
                     reference_norms=reference_norms, fixed=True)
         with torch.no_grad():
             for term in update.terms:
-                layer.A[term.name] = _factor(term.A, layer.A[term.name])
-                layer.B[term.name] = _factor(term.B, layer.B[term.name])
+                for kind, value in (("A", term.A), ("B", term.B)):
+                    factors = getattr(layer, kind)
+                    if stream and isinstance(value, StoredTensor):
+                        _check_shape(value.shape, factors[term.name])
+                        factors[term.name] = nn.Parameter(factors[term.name].to("meta"), requires_grad=False)
+                        layer.stored[kind, term.name] = value
+                    else:
+                        factors[term.name] = _factor(value, factors[term.name])
             if update.magnitude is not None:
                 layer.magnitude.copy_(to_torch(update.magnitude))
         if update.bias_delta is not None:
@@ -111,9 +130,20 @@ class AdapterLayer(nn.Module):
     def coefficient(self, branch: str) -> torch.Tensor | float:
         return -self.tau * self.scale if branch == "neg" else self.scale
 
-    def delta(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The canonical low-rank update, of ``rows`` (only used for the row norms, as DoRA does)."""
-        return sum(self.coefficient(b) * (self.B[b][rows] @ self.A[b]) for b in self.branches)
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each branch's ``(A, B)``, those left in the adapter's file read now."""
+        return {b: (self._factor("A", b), self._factor("B", b)) for b in self.branches}
+
+    def _factor(self, kind: str, branch: str) -> torch.Tensor:
+        parameter = getattr(self, kind)[branch]
+        stored = self.stored.get((kind, branch))
+        return parameter if stored is None else to_torch(stored.read()).to(parameter.dtype)
+
+    def delta(self, rows: slice = slice(None), factors=None) -> torch.Tensor:
+        """The canonical low-rank update, of ``rows`` (only used for the row norms, as DoRA does).
+        ``factors``: :meth:`factors`, read once by a caller that asks for many row blocks."""
+        factors = self.factors() if factors is None else factors
+        return sum(self.coefficient(b) * (B[rows] @ A) for b, (A, B) in factors.items())
 
     def row_scale(self) -> torch.Tensor | None:
         if self.rescale is Rescale.NONE:
@@ -123,7 +153,8 @@ class AdapterLayer(nn.Module):
         if self._kept_scale is not None:
             return self._kept_scale
         # norms of the adapted rows in float64, so the reference itself adds no rounding worth speaking of
-        norms = self._row_norms(self.delta)
+        factors = self.factors()
+        norms = self._row_norms(lambda rows: self.delta(rows, factors))
         scale = (self._target().double() / norms).to(self.base.weight.dtype)
         if self.fixed and not torch.is_grad_enabled():
             self._kept_scale = scale
@@ -169,12 +200,13 @@ class AdapterLayer(nn.Module):
         return self._target().to(dtype) / norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = self.factors()
         if self.embedding:
             base = self.base
             y = F.embedding(x, base.weight, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)
-            for b in self.branches:
-                y = y + self.coefficient(b) * (F.embedding(x, self.A[b].T) @ self.B[b].T)
+            for b, (A, B) in factors.items():
+                y = y + self.coefficient(b) * (F.embedding(x, A.T) @ B.T)
             bias = None
         else:
             if self.by_rows is not None:
@@ -182,8 +214,9 @@ class AdapterLayer(nn.Module):
             else:
                 bias = self.base.bias
                 y = x @ self.base.weight if self.transposed else F.linear(x, self.base.weight)
-            for b in self.branches:
-                y = y + self.coefficient(b) * ((x @ self.A[b].T) @ self.B[b].T)
+            for b, (A, B) in factors.items():
+                y = y + self.coefficient(b) * ((x @ A.T) @ B.T)
+        del factors
         g = self.row_scale()
         if g is not None:
             y = y * g
@@ -248,13 +281,14 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        # built from the module's shape and dtype, which a streamed module has without its values
-        layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms)
-        layer.to(module.weight.dtype)
-        set_module(model, path, layer)
         # a streamed weight read by rows, as the merged models read it; else loaded whole around the
         # layer's forward (the norms in the weight's dtype take the whole weight)
-        layer.by_rows = by_rows(module) if reference_norms else None
+        rows = by_rows(module) if reference_norms else None
+        # built from the module's shape and dtype, which a streamed module has without its values
+        layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms, stream=is_streamed(module))
+        layer.to(module.weight.dtype)
+        set_module(model, path, layer)
+        layer.by_rows = rows
         if layer.by_rows is None:
             hoist(layer, module)
     return model

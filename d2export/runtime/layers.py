@@ -281,14 +281,13 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
         if not update.selected:
             continue
         path, module = _resolve_module(model, update.module)
-        # a streamed weight read by rows, as the merged models read it; else loaded whole around the
-        # layer's forward (the norms in the weight's dtype take the whole weight)
-        rows = by_rows(module) if reference_norms else None
         # built from the module's shape and dtype, which a streamed module has without its values
         layer = AdapterLayer.from_update(module, update, reference_norms=reference_norms, stream=is_streamed(module))
         layer.to(module.weight.dtype)
         set_module(model, path, layer)
-        layer.by_rows = rows
+        # a streamed weight read by rows, as the merged models read it; else loaded whole around the
+        # layer's forward (the norms in the weight's dtype take the whole weight)
+        layer.by_rows = by_rows(module) if reference_norms else None
         if layer.by_rows is None:
             hoist(layer, module)
     return model

@@ -260,6 +260,34 @@ def test_peft_merge_with_wrong_scale_fails(fixture, tmp_path):
     assert all(o.passed for o in report.outputs if o.rung == "references")
 
 
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_config_declaring_a_narrower_dtype_than_the_weights_fails(merged, tmp_path, key):
+    """verify runs the folder in the dtypes it names, so the config's dtype changes no figure; but
+    ``from_pretrained(dtype="auto")`` reads it, and a float32 folder declared bfloat16 loads as
+    another model. A 16-bit folder declared float32 loads as the same weights: a note."""
+    folder, out = merged("d2lora-llama")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get(key, "float32") == "float32"
+    bad = shutil.copytree(out, tmp_path / "bad")
+    (bad / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert report.failures == [f'config: config.json declares "{key}": "bfloat16" but the weights are float32: '
+                               'from_pretrained(dtype="auto") and serving stacks that read it load the model rounded '
+                               'to bfloat16, not the float32 model verified; set it to "float32"']
+    result = runner.invoke(app, ["verify", str(bad), "--adapter", str(folder / "adapter"), "--base",
+                                 str(folder / "base"), "--weights-only"])
+    assert result.exit_code == 1, result.output
+    folder16, out16 = merged("d2lora-llama-bf16")
+    wide = shutil.copytree(out16, tmp_path / "wide")
+    (wide / "config.json").write_text(json.dumps({**json.loads((out16 / "config.json").read_text()),
+                                                  key: "torch.float32"}))
+    report = verify(wide, folder16 / "adapter", base=folder16 / "base", outputs=False)
+    assert report.passed
+    assert any(note.startswith(f'config.json declares "{key}": "float32" but the weights are bfloat16')
+               for note in report.notes)
+    assert verify(out16, folder16 / "adapter", base=folder16 / "base", outputs=False).notes == []
+
+
 def test_missing_tensor_and_output_thresholds(merged, tmp_path):
     folder, out = merged("d2lora-llama-bf16")
     strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))
@@ -443,3 +471,10 @@ def test_rounding_floor_passes_a_correct_merge_the_fixed_limits_fail(merged, tmp
         tamper_tensor(bad, name, lambda w: w.mul_(1.05))  # 5% on two tensors: a few rounding floors
     failed = verify(bad, folder / "adapter", weights=False)
     assert not failed.passed and any(o.floor is not None for o in failed.outputs)
+
+
+def test_the_share_of_correctly_rounded_elements_reads_100_percent_only_when_it_is():
+    from d2export.cli.render import share
+
+    assert share(1.0) == "100.00%" and share(0.5) == "50.00%"
+    assert share(1 - 1 / 600_000) == "> 99.99%"  # one element off in a model's worth

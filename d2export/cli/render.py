@@ -116,6 +116,13 @@ def print_onnx(report: dict, out_dir: Path) -> None:
               "[bold red]ONNX validation FAILED[/]" if validation else "ONNX export not validated")
 
 
+def share(fraction: float) -> str:
+    """A fraction as a percentage that reads 100.00% only when it is 1: one element off in a million
+    is not every element."""
+    text = f"{fraction:.2%}"
+    return "> 99.99%" if fraction < 1 and text == "100.00%" else text
+
+
 def print_verify(report, console: Console) -> None:
     console.print(f"[bold]verify[/] {escape(str(report.merged))} ({report.merged_dtype}, written by "
                   f"{escape(report.merged_by)}) against the {report.method} adapter {escape(str(report.adapter))} "
@@ -125,8 +132,9 @@ def print_verify(report, console: Console) -> None:
     if w is not None:
         s = w.summary()
         console.print(f"weights: {s['adapted_tensors']} adapted tensors, max error {s['max_units']:.2f} units "
-                      f"(max abs {s['max_abs']:.2e}), {s['exact_fraction']:.2%} of elements correctly rounded; "
-                      f"{s['copies_identical']}/{s['copied_tensors']} other tensors identical to the base",
+                      f"(max abs {s['max_abs']:.2e}), {share(s['exact_fraction'])} of elements correctly rounded; "
+                      f"{s['copies_identical']}/{s['copied_tensors']} other tensors identical to the base's "
+                      f"(in the folder's dtype)",
                       highlight=False)
     if report.outputs:
         console.print(f"outputs on {escape(report.calibration)}:", highlight=False)

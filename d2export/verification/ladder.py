@@ -288,7 +288,7 @@ class Ladder:
         exact = weights is not None and weights.all_exact
         # When every tensor of the folder is the correctly rounded value, the folder *is* the
         # correctly rounded merge, provided it loads as that model: one batch shows that (a re-tied
-        # head, an ignored tensor or a wrong dtype changes every output), and the folder's own
+        # head or an ignored tensor changes every output), and the folder's own
         # figures are then the floor, so the merge is not run over every input a second time.
         loading = self.compare("loading", FOLDER, ROUNDED, dtype, probe=exact,
                                comparison=None if exact else folds.folded("loading"))

@@ -111,7 +111,7 @@ def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
     """The folder loaded by transformers against the correctly rounded merge, through the same code
     in the same dtype. When every tensor of the folder equals the correctly rounded merge, their
     outputs must be equal too: any difference is how the folder loads (a config that re-ties the
-    head, a tensor the loader ignores or renames, a wrong dtype), which nothing else can see. When
+    head, a tensor the loader ignores or renames), which nothing else can see. When
     the tensors differ (another tool's merge, within the weight bound), fidelity decides."""
     if not weights_exact:
         check.rule = "not judged: the folder's tensors are not all the correctly rounded values"

@@ -77,10 +77,11 @@ class VerifyReport:
     task: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     base_source: BaseSource | None = None  # how the base checked against was found
+    config_failures: list[str] = field(default_factory=list)  # config.json against the tensors (.declared)
 
     @property
     def failures(self) -> list[str]:
-        lines = []
+        lines = [f"config: {problem}" for problem in self.config_failures]
         if self.weights is not None:
             lines += [f"weights: {t.name}: {t.problem}" for t in self.weights.failures]
         lines += [f"outputs: {o.problem}" for o in self.outputs if o.problem]

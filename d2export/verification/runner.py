@@ -18,6 +18,7 @@ from ..progress import Progress, silent, stop_check
 from ..reading import ModelFolder, read_json_object
 from ..report import REPORT_NAME
 from ..runtime.imports import uncollected
+from .declared import dtype_problems
 from .report import VerifyReport
 from .weights import WeightReport, check_weights
 
@@ -83,6 +84,8 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress,
         report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
                               merged_dtype, options.thresholds, base_source=job.source)
         report.notes += _base_mismatch(merged, job.source)
+        report.config_failures, notes = dtype_problems(folder.config, merged_dtype)
+        report.notes += notes
         pending: Future | None = None
         stop = threading.Event()  # set when the output checks end in an error: the check beside stops too
 

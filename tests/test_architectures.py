@@ -355,6 +355,23 @@ def test_merge_into_another_dtype_verifies(adapters, tmp_path, name, dora):
     assert loading.rule.startswith("equal outputs") and loading.comparison.max_abs == 0.0
 
 
+def test_a_vision_classifier_exports_to_onnx_validated_on_images(adapters, tmp_path):
+    """ViT's classifier is exported for image-classification (inferred from the architecture) and
+    validated with ONNX Runtime on random images of the config's size, as verify feeds it; a task
+    the validator cannot check is exported only with --no-validate."""
+    from d2export.onnx import export_onnx
+
+    base, adapter = adapters("vit", False)
+    merged = merge(adapter, base=base, out=tmp_path / "merged").out
+    result = export_onnx(merged, tmp_path / "onnx")
+    assert result.passed and result.report["task"] == "image-classification"
+    assert result.report["validation"]["calibration"]["image"] == [3, 32, 32]
+    logits = result.report["validation"]["graphs"]["model.onnx"]["outputs"]["logits"]
+    assert logits["positions"] > 0 and logits["relative"] <= 1e-4 and logits["top1"] == 1.0
+    command = ["onnx", str(merged), "--task", "image-segmentation", "-o", str(tmp_path / "seg")]
+    check_refused(cli(command), ["cannot", "image-segmentation"])
+
+
 def test_a_model_transformers_cannot_run_in_the_dtype_asked_is_refused_in_one_line(adapters, tmp_path):
     """DeBERTa (v1) loaded in bfloat16 keeps its query and value biases in float32, and its
     attention then multiplies mixed dtypes: transformers' own forward fails, with no d2export code

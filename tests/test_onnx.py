@@ -456,3 +456,23 @@ def test_cli_merge_then_onnx(fixture, tmp_path):
     report = json.loads((tmp_path / "m-onnx" / REPORT_NAME).read_text())
     assert report["passed"] and report["task"] == "text-generation-with-past"
     assert "PASSED" in result.output and "ONNX export validated" in result.output
+
+
+def test_a_classifier_over_a_sentence_transformers_base_exports_without_its_modules(merged_model, tmp_path):
+    """A classifier merged over a sentence-transformers base keeps the base's modules.json (it still
+    loads as embeddings with SentenceTransformer), but the classifier's graph has no
+    last_hidden_state for SentenceTransformer(backend="onnx"): the export leaves the modules out and
+    says how to get an embedding graph, instead of failing a check that could never pass."""
+    folder = shutil.copytree(merged_model("lora-bert-cls"), tmp_path / "cls")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                    "pooling_mode_mean_tokens": True}))
+    result = export_onnx(folder, tmp_path / "cls-onnx")
+    assert result.passed and result.report["task"] == "text-classification"
+    assert "sentence_transformers" not in result.report and "sentence_transformers" not in result.report["validation"]
+    assert not (result.out / "modules.json").exists()
+    assert any(n.startswith("sentence-transformers modules not carried: the graph is text-classification")
+               for n in result.report["notes"])

@@ -25,6 +25,7 @@ from .files import quiet
 from .validate import GraphCheck, session_options
 
 OUTPUT = "sentence_embedding"
+EMBEDDING_TASK = "feature-extraction"  # the only graph it loads as module 0 (it reads last_hidden_state)
 # Real sentences of uneven lengths, encoded in one batch: the tokenizer, its padding and the
 # max_seq_length setting take part as in serving (the random-token batches skip the tokenizer).
 TEXTS = (
@@ -50,7 +51,7 @@ class EmbeddingCheck:
     """One ``.onnx`` file loaded by ``SentenceTransformer(backend="onnx")`` against the PyTorch one."""
 
     graph: GraphCheck
-    min_cosine: float = 1.0
+    min_cosine: float | None = None  # None: no sequence was compared (the graph could not run)
     sequences: int = 0
 
     @property
@@ -97,7 +98,8 @@ def validate_embeddings(onnx_dir: Path, model_dir: Path, batches: list[Batch], g
             for expected, got in _embeddings(reference, model, batches):
                 comparison.add(expected, got)
                 cosine = torch.nn.functional.cosine_similarity(expected.double(), got.double(), dim=-1)
-                check.min_cosine = min(check.min_cosine, float(cosine.min()))
+                low = float(cosine.min())
+                check.min_cosine = low if check.min_cosine is None else min(check.min_cosine, low)
                 check.sequences += len(expected)
         except Exception as exc:  # whatever stops sentence-transformers from serving the graph fails it
             check.graph.failures.append(f"SentenceTransformer(backend='onnx') cannot run {file}: {_first_line(exc)}")

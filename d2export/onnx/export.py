@@ -25,7 +25,7 @@ from ..reading import ModelFolder
 from ..runtime.calibration import config_batches
 from ..st_modules import is_sentence_transformers
 from ..writing import atomic_output, check_output_location, current_umask, write_json
-from .embeddings import carry_sentence_transformers, validate_embeddings
+from .embeddings import EMBEDDING_TASK, carry_sentence_transformers, validate_embeddings
 from .files import (
     MODEL_NAME,
     QUANTIZED_NAME,
@@ -93,7 +93,7 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
     model_dir, config = weights.path, weights.config
     if config.get("is_encoder_decoder"):
         raise D2ExportError(f"{model_dir}: encoder-decoder models (several ONNX graphs) are not supported yet")
-    task, notes = resolve_task(config, options.task, options.past)
+    task, notes = resolve_task(config, options.task, options.past, options.validate)
     check_output_location(out, [model_dir], options.force)
     if options.optimize is not None:
         _check_optimizable(config["model_type"], options.optimize)
@@ -107,7 +107,14 @@ def _export(weights: ModelFolder, out: Path, options: OnnxOptions, say) -> OnnxR
     with atomic_output(out, replace=options.force) as tmp:
         started = time.perf_counter()
         _write_graphs(model_dir, tmp, task, options, want_external, say)
-        sentence_transformers = carry_sentence_transformers(model_dir, tmp)  # modules.json, 1_Pooling/, 2_Dense/...
+        sentence_transformers = None
+        if task == EMBEDDING_TASK:
+            sentence_transformers = carry_sentence_transformers(model_dir, tmp)  # modules.json, 1_Pooling/, ...
+        elif is_sentence_transformers(model_dir):
+            # SentenceTransformer(backend="onnx") reads the graph's last_hidden_state: with another
+            # task's graph (a classifier merged over a sentence-transformers base) it cannot run
+            notes.append(f"sentence-transformers modules not carried: the graph is {task}; export with --task "
+                         f"{EMBEDDING_TASK} for SentenceTransformer(backend='onnx')")
         report = {
             "tool": "d2export", "version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -163,7 +170,7 @@ def _validate(tmp: Path, weights: ModelFolder, task: str, options: OnnxOptions, 
     validation = validate_export(tmp, weights, task, progress=say, approximate=options.optimize == "O3")
     report["validation"] = validation.to_dict()
     passed = validation.passed
-    if is_sentence_transformers(weights.path):  # also through SentenceTransformer(backend="onnx")
+    if "sentence_transformers" in report:  # also through SentenceTransformer(backend="onnx")
         say("validating sentence embeddings")
         graphs = {c.file: (c.precision, c.approximate) for c in validation.checks}
         embeddings = validate_embeddings(tmp, weights.path, config_batches(weights.config), graphs)

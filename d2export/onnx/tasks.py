@@ -12,12 +12,13 @@ ARCHITECTURE_TASKS = (
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
     ("ForMaskedLM", "fill-mask"),
+    ("ForImageClassification", "image-classification"),
     ("Model", "feature-extraction"),  # bare encoders/decoders: BertModel, LlamaModel, ...
 )
 # Tasks whose single-graph outputs the validator below knows how to check.
 VALIDATED_TASKS = {
     "text-generation", "text-generation-with-past", "text-classification", "token-classification",
-    "question-answering", "fill-mask", "feature-extraction",
+    "question-answering", "fill-mask", "feature-extraction", "image-classification",
 }
 # head_kind() of the shared loader for the tasks it loads with the right Auto class.
 
@@ -33,8 +34,9 @@ def infer_task(config: dict, past: bool = True) -> str:
     raise OptionError("task", f"is needed: no ONNX task is known for architecture {arch}")
 
 
-def resolve_task(config: dict, task: str | None, past: bool) -> tuple[str, list[str]]:
-    """The task to export (checked against what optimum supports for the model type) and notes."""
+def resolve_task(config: dict, task: str | None, past: bool, validate: bool = True) -> tuple[str, list[str]]:
+    """The task to export (checked against what optimum supports for the model type) and notes.
+    ``validate`` False: a task the validator cannot check is exported unchecked, as asked."""
     from optimum.exporters.tasks import TasksManager
 
     _register_onnx_configs()
@@ -59,9 +61,11 @@ def resolve_task(config: dict, task: str | None, past: bool) -> tuple[str, list[
             raise OptionError("task", f"{task} contradicts past=False (no past key/values); use {base}")
     if task not in supported:
         raise D2ExportError(f"optimum cannot export {model_type} for {task}; supported: {', '.join(supported)}")
-    if task not in VALIDATED_TASKS:
+    if task not in VALIDATED_TASKS and validate:
         known = ", ".join(sorted(VALIDATED_TASKS))
-        raise D2ExportError(f"d2export cannot validate a {task} export; it validates: {known}")
+        article = "an" if task[0] in "aeiou" else "a"
+        raise D2ExportError(f"d2export cannot validate {article} {task} export (it validates: {known}); "
+                            "--no-validate exports it unchecked")
     return task, notes
 
 

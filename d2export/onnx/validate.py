@@ -11,14 +11,14 @@ import torch
 
 from ..errors import D2ExportError
 from ..reading import ModelFolder
-from ..runtime.calibration import Batch, config_batches
+from ..runtime.calibration import Batch, model_batches
 from ..runtime.comparison import OutputComparison
 from ..runtime.models import head_kind, load_model
 from .files import graph_precision, quiet
 
 # head_kind() of the shared loader for the tasks it loads with the right Auto class.
 SHARED_LOADER_KINDS = {"text-generation": "causal-lm", "text-classification": "sequence-classification",
-                       "feature-extraction": "encoder"}
+                       "feature-extraction": "encoder", "image-classification": "image-classification"}
 
 # --- tolerances -------------------------------------------------------------------------------
 
@@ -141,13 +141,17 @@ def validate_export(onnx_dir: Path, model: ModelFolder, task: str, *, approximat
     say = progress or (lambda stage: None)
     config = model.config
     reference = load_reference(model.path, config, task)
-    batches = config_batches(config)
-    validation = Validation(
-        reference=f"{type(reference).__name__} (PyTorch, float32)",
-        calibration={"kind": "seeded random tokens, right-padded", "batches": len(batches),
-                     "lengths": [int(b.input_ids.shape[1]) for b in batches],
-                     "batch_size": int(batches[0].input_ids.shape[0]),
-                     "tokens": sum(b.num_tokens for b in batches)})
+    batches = model_batches(config)
+    if batches[0].pixel_values is not None:
+        calibration = {"kind": "seeded random images", "batches": len(batches),
+                       "batch_size": int(batches[0].pixel_values.shape[0]),
+                       "image": list(batches[0].pixel_values.shape[1:])}
+    else:
+        calibration = {"kind": "seeded random tokens, right-padded", "batches": len(batches),
+                       "lengths": [int(b.input_ids.shape[1]) for b in batches],
+                       "batch_size": int(batches[0].input_ids.shape[0]),
+                       "tokens": sum(b.num_tokens for b in batches)}
+    validation = Validation(reference=f"{type(reference).__name__} (PyTorch, float32)", calibration=calibration)
     for file in sorted(p.name for p in onnx_dir.glob("*.onnx")):
         say(f"validating {file}")
         graph = OnnxGraph(onnx_dir / file)
@@ -190,7 +194,7 @@ class OnnxGraph:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_inputs = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.precision = graph_precision(path)
-        known = {"input_ids", "attention_mask", "token_type_ids", "position_ids", *self.past_inputs}
+        known = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", *self.past_inputs}
         unknown = sorted(set(self.inputs) - known)
         if unknown:
             raise D2ExportError(f"{path.name}: the validator does not know how to feed inputs {unknown}")
@@ -243,7 +247,10 @@ def compare_graph(graph: OnnxGraph, reference: torch.nn.Module, batches: list[Ba
     """Every output the graph shares with the PyTorch model, on the real positions of every batch;
     for a graph with past inputs also one decode step fed the past it returned."""
     for batch in batches:
-        feeds = graph.feeds(batch.input_ids, batch.attention_mask)
+        if batch.pixel_values is not None:
+            feeds = {"pixel_values": batch.pixel_values.numpy()}
+        else:
+            feeds = graph.feeds(batch.input_ids, batch.attention_mask)
         onnx_out = graph.run(feeds)
         kwargs = {k: torch.from_numpy(v) for k, v in feeds.items() if not k.startswith("past_key_values.")}
         if graph.past_inputs:

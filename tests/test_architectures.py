@@ -368,8 +368,12 @@ def test_a_vision_classifier_exports_to_onnx_validated_on_images(adapters, tmp_p
     assert result.report["validation"]["calibration"]["image"] == [3, 32, 32]
     logits = result.report["validation"]["graphs"]["model.onnx"]["outputs"]["logits"]
     assert logits["positions"] > 0 and logits["relative"] <= 1e-4 and logits["top1"] == 1.0
-    command = ["onnx", str(merged), "--task", "image-segmentation", "-o", str(tmp_path / "seg")]
-    check_refused(cli(command), ["cannot", "image-segmentation"])
+    command = ["onnx", str(merged), "--task", "masked-im", "-o", str(tmp_path / "masked")]
+    check_refused(cli(command), ["cannot validate a masked-im export", "--no-validate exports it unchecked"])
+    unchecked = cli([*command, "--no-validate", "--quiet"])
+    assert unchecked.exit_code == 0, unchecked.output
+    report = json.loads((tmp_path / "masked" / "onnx_report.json").read_text())
+    assert report["task"] == "masked-im" and "not validated (validate=False)" in report["notes"]
 
 
 def test_a_model_transformers_cannot_run_in_the_dtype_asked_is_refused_in_one_line(adapters, tmp_path):

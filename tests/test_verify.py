@@ -86,6 +86,8 @@ def test_peft_merge_and_unload_folder_passes_and_is_compared_with_ours(fixture, 
     # equal outputs are required only where every tensor is the correctly rounded value
     loading = next(o for o in report.outputs if o.rung == "loading")
     assert loading.rule.startswith("equal outputs" if report.weights.all_exact else "not judged")
+    assert loading.judged == report.weights.all_exact == loading.to_dict()["judged"]
+    assert not next(o for o in report.outputs if o.rung == "rounding cost").judged
     # PEFT's float32 merge rounds several times; it is within the float32 limit but not exact.
     assert 0.0 < report.weights.summary()["max_units"] <= 32
 
@@ -401,6 +403,12 @@ def test_cli_verify_json_and_exit_codes(merged, tmp_path):
     assert failed.exit_code == 1
     assert "FAIL weights: model.layers.0.mlp.down_proj.weight: element" in failed.output
     assert "FAILED" in failed.output
+    table = runner.invoke(app, ["verify", str(bad), "--adapter", str(folder / "adapter"), "--base",
+                                str(folder / "base")])
+    assert table.exit_code == 1
+    rows = {line.split()[0]: line for line in table.output.splitlines() if line.startswith(" ") and line.split()}
+    # the loading rung of a folder whose tensors are not all exact has no verdict: no "ok" beside it
+    assert rows["loading"].split()[-1] not in ("ok", "FAIL") and rows["fidelity"].split()[-1] == "FAIL"
 
     missing = runner.invoke(app, ["verify", str(tmp_path / "nope"), "--adapter", str(folder / "adapter")])
     assert missing.exit_code == 2 and "merged model folder not found" in missing.output

@@ -142,7 +142,7 @@ def print_verify(report, console: Console) -> None:
                       "greedy", "", box=None, header_style="bold")
         for o in report.outputs:
             c, g = o.comparison, o.generation
-            verdict = "" if o.rung == "rounding cost" else "[green]ok[/]" if o.passed else "[red]FAIL[/]"
+            verdict = "" if not o.judged else "[green]ok[/]" if o.passed else "[red]FAIL[/]"
             table.add_row(o.rung, o.candidate, o.reference, o.dtype, f"{c.max_abs:.2e}", f"{c.scale:.3g}",
                           f"{c.relative:.1e}", f"{c.mean_abs:.1e}", "-" if c.top1 is None else f"{c.top1:.2%}",
                           "-" if c.mean_kl is None else f"{c.mean_kl:.1e}",

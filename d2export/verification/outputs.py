@@ -95,6 +95,12 @@ class OutputCheck:
     def passed(self) -> bool:
         return self.problem is None
 
+    @property
+    def judged(self) -> bool:
+        """Whether the rung gives a verdict: the rounding cost is figures only, and the loading rung
+        of a folder whose tensors are not all exact is reported for fidelity to decide."""
+        return not self.rule.startswith(("not judged", "figures only"))
+
     def fail(self, what: str) -> None:
         self.problem = f"{self.rung}: {self.candidate} vs {self.reference} ({self.dtype}): {what}"
 
@@ -102,7 +108,7 @@ class OutputCheck:
         return {"rung": self.rung, "candidate": self.candidate, "reference": self.reference, "dtype": self.dtype,
                 "output": self.output, **self.comparison.to_dict(),
                 "generation": self.generation.to_dict() if self.generation else None,
-                "rule": self.rule, "passed": self.passed,
+                "rule": self.rule, "judged": self.judged, "passed": self.passed,
                 "rounding_floor": self.floor.to_dict() if self.floor is not None else None,
                 "sign_test": self.sign_test}
 

@@ -41,6 +41,23 @@ def test_a_folder_whose_config_reties_the_head_fails_loading_only_there(merged, 
     assert cost.comparison.positions == fidelity.comparison.positions and cost.generation is not None
 
 
+def test_a_head_saved_as_the_tied_embedding_says_the_tie_is_why_it_is_missing(merged, tmp_path):
+    """A tool that saves the adapted model with its tie kept (PEFT's merge_and_unload of an adapter
+    on a tied embedding) writes no lm_head and ties it in config.json: the weight check names the
+    tie, not only the missing tensor."""
+    folder, out = merged("lora-llama-tied")
+    bad = shutil.copytree(out, tmp_path / "retied")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(bad / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "lm_head.weight"}, bad / "model.safetensors",
+              metadata={"format": "pt"})
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert report.failures == ["weights: lm_head.weight: missing from the merged folder; the adapter unties it from "
+                               "the embedding, but the folder's config.json keeps tie_word_embeddings true, so it "
+                               "loads as the merged embedding"]
+
+
 def test_rounding_cost_is_reported_and_named_when_material(fixture, tmp_path):
     """An update smaller than half a bf16 unit of the base weights is erased by any bf16 merge:
     the merge is correct (it passes), and the note says what was lost, where, and what to do."""

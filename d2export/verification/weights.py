@@ -199,7 +199,13 @@ def _check_tensor(plan: MergePlan, merged: ModelFolder, max_units: float | None,
     # the folder may be saved with or without the base-model prefix (BertModel vs BertFor...)
     name = find_name(t.name, merged.tensors, plan.arch.base_model_prefix)
     if name is None:
-        return TensorCheck(t.name, t.action.value, "-", problem="missing from the merged folder"), None
+        problem = "missing from the merged folder"
+        untied = plan.config_updates.get("tie_word_embeddings") is False
+        if untied and merged.config.get("tie_word_embeddings") is True:
+            # a tool that saved the adapted model with its tie kept writes the head as the embedding
+            problem += ("; the adapter unties it from the embedding, but the folder's config.json keeps "
+                        "tie_word_embeddings true, so it loads as the merged embedding")
+        return TensorCheck(t.name, t.action.value, "-", problem=problem), None
     info = merged.tensors[name]
     check = TensorCheck(t.name, t.action.value, dtype_name(info.dtype), elements=math.prod(info.shape))
     if info.shape != t.shape:

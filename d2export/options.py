@@ -197,7 +197,10 @@ class VerifyOptions:
             _set(self, "dtypes", tuple(dict.fromkeys(dtype_choice("dtypes", n.strip(), OUTPUT_DTYPES) for n in names)))
         if self.resident is not None:
             whole = str(self.resident).lower() == "all"
-            _set(self, "resident", None if whole else parse_size(self.resident, "resident"))
+            try:
+                _set(self, "resident", None if whole else parse_size(self.resident, "resident"))
+            except OptionError as exc:
+                raise OptionError("resident", f"{exc.message}, or 'all' to load whole") from None
 
 
 @dataclass(frozen=True)

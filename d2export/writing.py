@@ -257,10 +257,13 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
     if target == cwd or target in cwd.parents:
         raise OptionError("out", f"{out} is the current folder or holds it; name a new folder")
     parent = target.parent
-    for folder in (parent, *parent.parents):  # the first one that exists must be a folder
+    for folder in (parent, *parent.parents):  # the first one that exists must be a folder we may write in
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
                 raise OptionError("out", f"{out}: {folder} exists and is not a folder")
+            why = _unwritable(folder)
+            if why is not None:
+                raise OptionError("out", f"{out}: cannot write in {folder} ({why})")
             break
     if len(os.fsencode(target.name)) > _name_max(parent):
         raise OptionError("out", f"{out}: the folder name is too long for the file system")
@@ -268,6 +271,17 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
         raise OptionError("force", f"is not set and the output {out} already exists")
     if out.exists() and not out.is_dir():
         raise D2ExportError(f"output {out} exists and is not a folder")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no folder can be made in ``folder``, as far as the system tells before trying (None: it
+    can): so that ``merge --dry-run`` refuses what the merge would, and the merge before its work."""
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
 
 
 def _resolved(path: Path) -> Path:

@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,25 @@ def test_sigterm_is_like_ctrl_c(fixture, tmp_path, monkeypatch):
     check_refused(result, ["terminated (SIGTERM)", "no output was written"], code=128 + signal.SIGTERM)
     assert tree_state(tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) == handler  # the command's handler does not outlive it
+
+
+def test_sigterm_during_merge_verify_says_the_folder_was_written_and_not_verified(fixture, tmp_path, monkeypatch):
+    """The merge is complete and published when verify starts: a stop then leaves the folder (it is
+    the merge's whole output), and the line says so, instead of the bare "terminated"."""
+    import d2export.verification as verification
+
+    c = make_ctx(fixture, "lora-llama", tmp_path, monkeypatch)
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(verification, "verify", stopped)
+    result = cli([*c.argv(), "--verify"])
+    monkeypatch.undo()
+    check_refused(result, ["terminated (SIGTERM)", f"the merged folder {c.out} was written; it was not verified"],
+                  code=128 + signal.SIGTERM)
+    assert (c.out / "config.json").is_file()
 
 
 KILLED = """

@@ -214,6 +214,25 @@ def test_dry_run_checks_everything_and_writes_nothing(fixture, tmp_path):
     result = runner.invoke(app, ["merge", str(adapter), "--base", str(folder / "base"), "--out", str(tmp_path / "m"),
                                  "--dry-run"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --force is not set")
+    # ...and a folder it could not write in (a read-only file system, as statvfs reports it)
+    import os
+
+    real = os.statvfs
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.result = real(path)
+
+        def __getattr__(self, name):
+            return self.result.f_flag | os.ST_RDONLY if name == "f_flag" else getattr(self.result, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "statvfs", lambda path: ReadOnly(path) if Path(path) == readonly else real(path))
+        result = runner.invoke(app, ["merge", str(adapter), "--base", str(folder / "base"), "--out",
+                                     str(readonly / "m"), "--dry-run"])
+    assert result.exit_code == 2 and "cannot write in" in result.stderr and "read-only file system" in result.stderr
 
 
 def test_python_dash_m_runs_the_command():

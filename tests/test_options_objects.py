@@ -140,6 +140,8 @@ def test_verify_options(tmp_path):
     refused("seed", lambda: VerifyOptions(seed="3"))
     refused("seed", lambda: VerifyOptions(seed=True))
     assert VerifyOptions(seed=7).seed == 7
+    assert VerifyOptions(resident="all").resident is None and VerifyOptions(resident="1KiB").resident == 1024
+    refused("resident", lambda: VerifyOptions(resident="lots"), "or 'all' to load whole")
 
 
 # --- OnnxOptions ----------------------------------------------------------------------------------------

@@ -207,7 +207,8 @@ def _verify(merged: Path, adapter: Path | None, base: Path | None, options: Veri
     from .process import lean_transformers, tune_malloc
 
     tune_malloc(streaming=True)
-    with progress_display("verifying", quiet=quiet) as (progress, display), reported(display):
+    stopped = f"interrupted: {written}it was not verified" if written else "interrupted"
+    with progress_display("verifying", quiet=quiet) as (progress, display), reported(display, stopped):
         try:
             return verify(merged, adapter, base=base, job=job, options=options, progress=progress,
                           before_imports=lean_transformers)

@@ -92,6 +92,49 @@ def _labels(adapter: Path, num_labels: int) -> dict[int, str]:
     return labels if sorted(labels) == list(range(num_labels)) else {i: f"LABEL_{i}" for i in range(num_labels)}
 
 
+# Architectures whose head's first dimension is the label count (config.json's id2label).
+CLASSIFIER_ENDINGS = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
+                      "ForAudioClassification")
+
+
+def label_count(config: dict) -> int | None:
+    labels = config.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else None
+
+
+def relabels(new: tuple[int, ...], old: tuple[int, ...], config: dict) -> bool:
+    """Whether an adapter's full tensor of shape ``new`` over the base's ``old`` is a classifier's
+    head at another label count: the base is a classifier with ``old[0]`` labels and only that
+    dimension changes (PEFT's ``modules_to_save`` classifier trained with ``ignore_mismatched_sizes``
+    for a new label set over a classifier base, as PEFT's image classification guide does)."""
+    architecture = (config.get("architectures") or [""])[0]
+    return (architecture.endswith(CLASSIFIER_ENDINGS) and label_count(config) == old[0] != vocab_size_of(config)
+            and len(new) == len(old) and new[1:] == old[1:] and new[0] != old[0])
+
+
+def new_label_count(tensors: list, relabeled: dict[str, tuple[int, ...]], config: dict) -> int | None:
+    """The adapter's label count, when it relabels the base's classifier: one count for every
+    relabeled tensor, and none of the base's head tensors left at the old count (it would not load)."""
+    if not relabeled:
+        return None
+    by_name = {t.name: t for t in tensors}
+    counts = {by_name[n].shape[0] for n in relabeled}
+    old = label_count(config)
+    left = sorted(t.name for t in tensors if t.name not in relabeled and t.shape and t.shape[0] == old
+                  and any(t.name.rpartition(".")[0] == n.rpartition(".")[0] for n in relabeled))
+    if len(counts) > 1 or left:
+        raise D2ExportError(f"the adapter changes the classifier's labels inconsistently: "
+                            f"{', '.join(sorted(relabeled))} have {sorted(counts)} rows"
+                            + (f", {', '.join(left)} keeps the base's {old}" if left else ""))
+    return counts.pop()
+
+
+def labels_config(adapter: Path, num_labels: int) -> dict:
+    """config.json's label keys for ``num_labels`` labels (names as :func:`_labels` finds them)."""
+    id2label = _labels(adapter, num_labels)
+    return {"id2label": {str(k): v for k, v in id2label.items()}, "label2id": {v: k for k, v in id2label.items()}}
+
+
 def vocab_size_of(config: dict) -> int | None:
     value = config.get("vocab_size")
     return value if isinstance(value, int) and not isinstance(value, bool) else None

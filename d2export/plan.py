@@ -15,7 +15,7 @@ from .architecture import RESCALED_WHEN_TIED, Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
 from .formats.saved import TokenRows
-from .heads import TaskHead, task_head, vocab_size_of
+from .heads import TaskHead, label_count, labels_config, new_label_count, relabels, task_head, vocab_size_of
 from .names import find_name
 from .options import MergeOptions
 from .reading import ModelFolder
@@ -93,6 +93,11 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
     if vocab is not None:  # the adapter side's tokenizer, which knows the added tokens, ships (tokenizer_files.py)
         config_updates["vocab_size"] = vocab
         notes.append(f"vocabulary resized from {base.config.get('vocab_size')} to {vocab} tokens (the adapter's)")
+    labels = new_label_count(tensors, targets.relabeled, base.config)
+    if labels is not None:
+        config_updates.update(labels_config(spec.path, labels))
+        notes.append(f"the base's {label_count(base.config)} labels replaced by the adapter's {labels} (its "
+                     f"{', '.join(sorted(targets.relabeled))}): written as a {labels}-label classifier")
     if head is not None:
         tensors += head_tensors(head, targets.head_only, base, out_dtype)
         dropped = rename_for_head(tensors, head)
@@ -118,6 +123,7 @@ class _Targets:
     replacements: dict[str, np.ndarray]
     head_only: dict[str, np.ndarray] = field(default_factory=dict)  # full tensors the base has no place for
     resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output name -> the base's shape
+    relabeled: dict[str, tuple[int, ...]] = field(default_factory=dict)  # classifier tensors at a new label count
 
     @classmethod
     def of(cls, spec: AdapterSpec, resolve: _Resolver) -> _Targets:
@@ -163,8 +169,11 @@ class _Targets:
             if isinstance(value, TokenRows):
                 value = _bind_rows(value, plan, base)
             if tuple(value.shape) != plan.shape:
-                _check_resize(name, tuple(value.shape), plan.shape, base.config)
-                self.resized[name] = plan.shape
+                if relabels(tuple(value.shape), plan.shape, base.config):
+                    self.relabeled[name] = plan.shape
+                else:
+                    _check_resize(name, tuple(value.shape), plan.shape, base.config)
+                    self.resized[name] = plan.shape
             plan.action, plan.replacement, plan.shape = Action.REPLACE, value, tuple(value.shape)
             if isinstance(value, TokenRows) and name in self.weights:
                 raise D2ExportError(f"{name}: trainable tokens and a LoRA update on one weight cannot be merged")
@@ -323,8 +332,12 @@ def _check_resize(name: str, new: tuple[int, ...], old: tuple[int, ...], config:
     dimension, which is the config's ``vocab_size``."""
     vocab = vocab_size_of(config)
     if len(new) != len(old) or new[1:] != old[1:] or old[0] != vocab:
-        raise D2ExportError(f"adapter tensor for {name} has shape {new}, the base has {old}"
-                            f" (only a resized vocabulary, the first dimension of {vocab}, may change a shape)")
+        allowed = "a resized vocabulary" if vocab is None else f"a resized vocabulary (a first dimension of {vocab})"
+        labels = label_count(config)
+        if labels is not None:
+            allowed += f" or a classifier's label count (a first dimension of {labels})"
+        raise D2ExportError(f"adapter tensor for {name} has shape {new}, the base has {old} (only {allowed} may "
+                            "change a shape)")
 
 
 def resized_vocab(tensors: list[TensorPlan], base: ModelFolder, resized: dict[str, tuple[int, ...]]) -> int | None:

@@ -376,6 +376,50 @@ def test_a_vision_classifier_exports_to_onnx_validated_on_images(adapters, tmp_p
     assert report["task"] == "masked-im" and "not validated (validate=False)" in report["notes"]
 
 
+@pytest.mark.parametrize("name", ["vit", "roberta"])
+def test_a_classifier_trained_for_a_new_label_set_over_a_classifier_base(bases, tmp_path, name):
+    """PEFT's recipe for a new label set over a classifier base (its image classification guide):
+    the base loaded with the new num_labels and ignore_mismatched_sizes, the head trained whole as
+    modules_to_save. The merge writes a classifier with the adapter's label count, which verify
+    (PEFT's own model among the references) and PEFT's unmerged model agree with."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    arch = BY_NAME[name]
+    base = bases(name)
+    labels = json.loads((base / "config.json").read_text())["id2label"]
+    new = len(labels) + 2
+    cls = getattr(transformers, arch.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(base, num_labels=new, ignore_mismatched_sizes=True)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets_of(arch, model.config.model_type),
+                            modules_to_save=["classifier"])
+        peft = get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for key, param in peft.named_parameters():
+                if "lora_B" in key or "modules_to_save" in key:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+        peft.save_pretrained(tmp_path / "adapter")
+    merged = merge(tmp_path / "adapter", base=base, out=tmp_path / "merged")
+    note = f"the base's {len(labels)} labels replaced by the adapter's {new}"
+    assert any(n.startswith(note) for n in merged.plan.notes)
+    assert len(read_config(merged.out)["id2label"]) == new
+    report = verify(merged.out, tmp_path / "adapter", base=base, resident="all")
+    assert report.passed, report.failures
+    assert {o.rung for o in report.outputs} == {"fidelity", "loading", "rounding cost", "references"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = PeftModel.from_pretrained(cls.from_pretrained(base, num_labels=new, ignore_mismatched_sizes=True),
+                                              tmp_path / "adapter").eval()
+        folder = cls.from_pretrained(merged.out).eval()
+    batch = inputs(arch)
+    with torch.no_grad():
+        expected, got = reference(**batch).logits, folder(**batch).logits
+    assert got.shape[-1] == new and (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_a_model_transformers_cannot_run_in_the_dtype_asked_is_refused_in_one_line(adapters, tmp_path):
     """DeBERTa (v1) loaded in bfloat16 keeps its query and value biases in float32, and its
     attention then multiplies mixed dtypes: transformers' own forward fails, with no d2export code

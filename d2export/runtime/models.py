@@ -14,6 +14,7 @@ from torch import nn
 from ..arrays import to_torch
 from ..errors import D2ExportError
 from ..formats.stored import forget_recent
+from ..heads import label_count
 from ..names import find_name
 from ..reading import read_config
 from ..spec import AdapterSpec
@@ -58,11 +59,12 @@ def head_kind(config: dict) -> str:
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
-               stream_leaves: bool = True, **config_overrides) -> nn.Module:
+               stream_leaves: bool = True, relabeled: bool = False, **config_overrides) -> nn.Module:
     """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode.
     ``resident_bytes``: stream the weights beyond that many bytes from the folder's files, layer by
     layer (:mod:`.streaming`); None: load them all. ``stream_leaves`` False: embeddings and heads
-    stay in memory whatever their size."""
+    stay in memory whatever their size. ``relabeled``: the overrides give the classifier another
+    label count, so its head is left out of the loading (the adapter's head replaces it)."""
     import transformers
     from transformers.utils import logging as transformers_logging
 
@@ -72,7 +74,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides, stream_leaves)
+            model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides, stream_leaves,
+                                     {"ignore_mismatched_sizes": True} if relabeled else {})
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
@@ -90,9 +93,10 @@ def import_model_code(folder: Path) -> None:
 
 
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict,
-                     stream_leaves: bool) -> nn.Module:
+                     stream_leaves: bool, loading: dict) -> nn.Module:
     streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides, stream_leaves)
-    model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **overrides), streaming)
+    model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **loading, **overrides),
+                              streaming)
     return read_by_rows(reuse_buffers(model)) if streaming and dtype == torch.float32 else model
 
 
@@ -157,10 +161,12 @@ def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes
     size); the new rows are then set from the adapter's tensors by the caller."""
     changes = dict(changes)
     vocab = changes.pop("vocab_size", None)
+    relabeled = False
     if "id2label" in changes:  # JSON keys are strings; transformers' configs take ints
         changes["id2label"] = {int(k): v for k, v in changes["id2label"].items()}
-    model = load_model(base, dtype, resident_bytes=resident_bytes, stream_leaves=vocab is None, **changes,
-                       **config_overrides)
+        relabeled = label_count(read_config(base)) not in (None, len(changes["id2label"]))
+    model = load_model(base, dtype, resident_bytes=resident_bytes, stream_leaves=vocab is None, relabeled=relabeled,
+                       **changes, **config_overrides)
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
         if dtype == torch.float32 and any(is_streamed(m) for m in model.modules()):

@@ -342,9 +342,8 @@ class Ladder:
             return False, "PEFT reference not run: peft is not installed or cannot load this adapter"
         size = _float32_bytes(self.job.base)
         if self.resident is not None and size > self.resident:
-            return False, (f"PEFT reference not run: PEFT needs the whole model in memory ({size / 2**20:.0f} MiB in "
-                           f"float32, more than the resident budget of {self.resident / 2**20:.0f} MiB; raise it with "
-                           "--resident)")
+            return False, (f"PEFT reference not run: PEFT needs the whole model in memory ({_mib(size)} in float32, "
+                           f"more than the resident budget of {_mib(self.resident)}; raise it with --resident)")
         return True, None
 
     def peft_checks(self, say) -> list[OutputCheck]:
@@ -365,6 +364,10 @@ def _joined(parts: list[ModelRun]) -> ModelRun:
     outputs = [next((p.outputs[i] for p in parts if p.outputs[i] is not None), None)
                for i in range(len(parts[0].outputs))]
     return ModelRun(outputs, next((p.followed for p in parts if p.followed is not None), None))
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _float32_bytes(folder: ModelFolder) -> int:

@@ -271,6 +271,18 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
         raise OptionError("force", f"is not set and the output {out} already exists")
     if out.exists() and not out.is_dir():
         raise D2ExportError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not _a_model_folder(out):
+        raise OptionError("force", f"replaces a model folder or an earlier output; {out} holds neither (no "
+                          f"{', '.join(REPLACEABLE)}): choose another folder, or empty it first")
+
+
+# What a folder --force may replace holds one of these: a model folder (ours or another tool's), an
+# ONNX export. A folder of other files (someone's notes, a checkout) is refused instead of deleted.
+REPLACEABLE = ("config.json", "d2export_report.json", "onnx_report.json", "model.onnx")
+
+
+def _a_model_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in REPLACEABLE)
 
 
 def _unwritable(folder: Path) -> str | None:

@@ -250,6 +250,18 @@ def test_one_bit_in_an_untouched_tensor_fails(merged, tmp_path):
     assert report.failures == ["weights: model.norm.weight: not adapted but differs from the base (1.56% of elements)"]
 
 
+def test_a_changed_replaced_tensor_fails_against_the_adapters_tensor(merged, tmp_path):
+    """A tensor the adapter replaces whole (a modules_to_save classifier) is judged against the
+    adapter's own values, and the failure says so, not "the exact merge"."""
+    folder, out = merged("lora-bert-cls")
+    bad = shutil.copytree(out, tmp_path / "bad")
+    tamper_tensor(bad, "classifier.weight", lambda t: t[0, 1].add_(0.5))
+    report = verify(bad, folder / "adapter", base=folder / "base", outputs=False)
+    assert len(report.failures) == 1
+    assert report.failures[0].startswith("weights: classifier.weight: element [0, 1] is ")
+    assert " off the adapter's tensor (limit " in report.failures[0]
+
+
 def test_peft_merge_with_wrong_scale_fails(fixture, tmp_path):
     folder = fixture("lora-llama")
     wrong = copy_adapter(folder / "adapter", tmp_path / "alpha", config={"lora_alpha": 9})  # scale 2.25, not 2

@@ -209,6 +209,12 @@ def test_check_output_location(tmp_path):
     with pytest.raises(OptionError, match="already exists") as info:
         check_output_location(existing, [adapter, base], force=False)
     assert info.value.option == "force"
+    check_output_location(existing, [adapter, base], force=True)  # empty: fine
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(OptionError, match="holds neither") as info:  # not a model folder: not deleted
+        check_output_location(existing, [adapter, base], force=True)
+    assert info.value.option == "force"
+    (existing / "config.json").write_text("{}")  # an earlier output (or another tool's model folder)
     check_output_location(existing, [adapter, base], force=True)
     file = tmp_path / "file"
     file.write_text("x")

@@ -301,8 +301,9 @@ def _check_adapted(plan: MergePlan, t: TensorPlan, stored: np.ndarray, check: Te
     check.corrections = corrections.result()
     check.leaning = leaning.votes()
     if not check.max_units <= check.max_units_allowed:
-        check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off the exact "
-                         f"merge (limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
+        exact = "the adapter's tensor" if t.action is Action.REPLACE else "the exact merge"
+        check.problem = (f"element {check.worst} is {check.max_units:.1f} units of {check.dtype} off {exact} "
+                         f"(limit {check.max_units_allowed:g}); max abs error {check.max_abs:.3g}")
     else:
         check.problem = leaning.problem()
 

@@ -302,6 +302,27 @@ def test_a_config_declaring_a_narrower_dtype_than_the_weights_fails(merged, tmp_
     assert verify(out16, folder16 / "adapter", base=folder16 / "base", outputs=False).notes == []
 
 
+def test_an_adapter_d2export_reads_wrongly_is_caught_by_peft_s_own_model(fixture, tmp_path, monkeypatch):
+    """If d2export misread an adapter (here: rsLoRA's alpha/sqrt(r) taken as alpha/r), its merge,
+    its unmerged reference and its weight check would all share the mistake and agree: only PEFT's
+    own model, which shares no code with d2export, sees it. The references rung fails."""
+    from d2export.formats.common import Scaling
+
+    folder = fixture("rslora-llama-patterns")
+    of = Scaling.of
+
+    def misread(self, module):
+        r, alpha, _ = of(self, module)
+        return r, alpha, alpha / r
+
+    monkeypatch.setattr(Scaling, "of", misread)
+    out = merge(folder / "adapter", base=folder / "base", out=tmp_path / "misread", hash_inputs=False).out
+    report = verify(out, folder / "adapter", base=folder / "base", resident="all")
+    assert report.weights.passed
+    assert [o.rung for o in report.outputs if not o.passed] == ["references"]
+    assert report.failures[0].startswith("outputs: references: PEFT unmerged vs unmerged model (float32)")
+
+
 def test_missing_tensor_and_output_thresholds(merged, tmp_path):
     folder, out = merged("d2lora-llama-bf16")
     strict = verify(out, folder / "adapter", base=folder / "base", weights=False, thresholds=Thresholds(atol=1e-6))

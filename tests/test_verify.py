@@ -321,6 +321,36 @@ def test_an_adapter_d2export_reads_wrongly_is_caught_by_peft_s_own_model(fixture
     assert report.weights.passed
     assert [o.rung for o in report.outputs if not o.passed] == ["references"]
     assert report.failures[0].startswith("outputs: references: PEFT unmerged vs unmerged model (float32)")
+    # a model too large for PEFT's whole model in memory: PEFT's reading of the adapter catches it
+    streamed = verify(out, folder / "adapter", base=folder / "base", resident=1, weights=False)
+    assert all(o.passed for o in streamed.outputs) and not any(o.rung == "references" for o in streamed.outputs)
+    assert streamed.peft_reading.modules == len(streamed.failures) == 14
+    assert streamed.failures[0] == ("references: PEFT's reading of the adapter: model.layers.0.mlp.down_proj: PEFT "
+                                    "reads rank 2, scale 5.65685; d2export rank 2, scale 4")
+
+
+def test_peft_s_reading_of_the_adapter_agrees_where_its_model_does_not_fit(fixture, tmp_path, monkeypatch):
+    """Every PEFT adapter format the fixtures have (rsLoRA with patterns, DoRA, GPT-2's Conv1D, a
+    classifier head, a tied head) is read by PEFT's layers on an empty model as d2export reads it;
+    where PEFT cannot build them, a note says so and nothing fails."""
+    import peft
+
+    for name in ("rslora-llama-patterns", "dora-gpt2", "lora-bert-cls", "lora-llama-tied"):
+        folder = fixture(name)
+        result = merge(folder / "adapter", base=folder / "base", out=tmp_path / name, hash_inputs=False)
+        report = verify(result.out, folder / "adapter", base=folder / "base", resident=1, weights=False)
+        assert report.passed, report.failures
+        assert report.peft_reading.problems == []
+        assert report.peft_reading.modules == len(result.job.spec.updates) > 0
+
+    def fails(*args, **kwargs):
+        raise ValueError("no layers here")
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", fails)
+    report = verify(result.out, folder / "adapter", base=folder / "base", resident=1, weights=False)
+    assert report.passed and report.peft_reading.error == "ValueError: no layers here"
+    assert "PEFT's reading of the adapter not compared: PEFT could not build its layers on an empty model " \
+           "(ValueError: no layers here)" in report.notes
 
 
 def test_missing_tensor_and_output_thresholds(merged, tmp_path):

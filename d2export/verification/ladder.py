@@ -54,11 +54,13 @@ from .outputs import (
     judge_references,
     percent,
 )
+from .peft_reading import read_by_peft
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .runs import ModelRun, Prompts, batch_order, run_model
 from .weights import WeightReport
 
 GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
+PEFT_TOO_LARGE = "PEFT reference not run: PEFT needs the whole model in memory"
 
 
 @contextmanager
@@ -112,6 +114,13 @@ class Ladder:
         self.continuation: dict[str, torch.Tensor | None] = {}
         self.folds: dict[str, Folds] = {}
         self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
+        # too large for PEFT's whole model: PEFT's reading of the adapter is compared instead, read
+        # while the models run (this thread only waits for them then)
+        self.peft_reading: Future | None = None
+        if self.peft_note is not None and self.peft_note.startswith(PEFT_TOO_LARGE):
+            reader = ThreadPoolExecutor(1, "peft")
+            self.peft_reading = reader.submit(self._read_by_peft)
+            reader.shutdown(wait=False)  # the thread ends with its one task
 
     def halt(self) -> None:
         """Called between forwards and blocks: ends a run once another part of verify has failed."""
@@ -342,14 +351,25 @@ class Ladder:
             return False, "PEFT reference not run: peft is not installed or cannot load this adapter"
         size = _float32_bytes(self.job.base)
         if self.resident is not None and size > self.resident:
-            return False, (f"PEFT reference not run: PEFT needs the whole model in memory ({_mib(size)} in float32, "
-                           f"more than the resident budget of {_mib(self.resident)}; raise it with --resident)")
+            return False, (f"{PEFT_TOO_LARGE} ({_mib(size)} in float32, more than the resident budget of "
+                           f"{_mib(self.resident)}; raise it with --resident); PEFT's reading of the adapter (rank, "
+                           "scale and DoRA of every module) is compared with d2export's instead")
         return True, None
+
+    def _read_by_peft(self):
+        with self.loading:  # as a model's loading: transformers sets process-wide state there
+            return read_by_peft(self.job)
 
     def peft_checks(self, say) -> list[OutputCheck]:
         """PEFT's unmerged model against ours in float32, where :meth:`_peft_reference` allows."""
         if self.peft_note is not None:
             self.report.notes.append(self.peft_note)
+        if self.peft_reading is not None:
+            say("PEFT's reading of the adapter")
+            reading = self.report.peft_reading = self.peft_reading.result()
+            if reading.error is not None:
+                self.report.notes.append(f"PEFT's reading of the adapter not compared: PEFT could not build its "
+                                         f"layers on an empty model ({reading.error})")
         if not self.peft_reference:
             return []
         say("PEFT reference in float32")

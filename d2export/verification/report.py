@@ -44,6 +44,7 @@ from .weights import WeightReport
 
 if TYPE_CHECKING:  # torch's: verify imports it only for the output checks, after the weight check starts
     from .outputs import OutputCheck
+    from .peft_reading import PeftReading
     from .task import TaskResult
 
 ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
@@ -78,6 +79,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     base_source: BaseSource | None = None  # how the base checked against was found
     config_failures: list[str] = field(default_factory=list)  # config.json against the tensors (.declared)
+    peft_reading: PeftReading | None = None  # PEFT's reading of the adapter, where its model was too large
 
     @property
     def failures(self) -> list[str]:
@@ -85,6 +87,8 @@ class VerifyReport:
         if self.weights is not None:
             lines += [f"weights: {t.name}: {t.problem}" for t in self.weights.failures]
         lines += [f"outputs: {o.problem}" for o in self.outputs if o.problem]
+        if self.peft_reading is not None:
+            lines += [f"references: PEFT's reading of the adapter: {p}" for p in self.peft_reading.problems]
         lines += [f"task ({r.dtype}): accuracy gap {r.gap_pp:+.2f} pp exceeds {self.thresholds.max_task_gap_pp:g} pp"
                   for r in self.task if abs(r.gap_pp) > self.thresholds.max_task_gap_pp]
         return lines
@@ -125,6 +129,7 @@ class VerifyReport:
             "weights": self.weights.to_dict() if self.weights is not None else None,
             "rounding_cost": self.rounding_cost(),
             "outputs": [o.to_dict() for o in self.outputs],
+            "peft_reading": self.peft_reading.to_dict() if self.peft_reading is not None else None,
             "task": [r.to_dict() for r in self.task],
             "notes": self.notes,
         }

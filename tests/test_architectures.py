@@ -24,6 +24,7 @@ from support import check_refused, cli, tamper_tensor
 
 from d2export import merge, verify
 from d2export.reading import read_config
+from d2export.verification.peft_reading import read_by_peft
 from d2export.verification.report import FP32_OUTPUT_RTOL
 
 VOCAB = 128
@@ -283,6 +284,9 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
     assert report.weights.summary()["exact_fraction"] == 1.0
     assert {o.rung for o in report.outputs} == {"fidelity", "loading", "rounding cost", "references"}
     assert all(o.comparison.positions > 0 for o in report.outputs)
+    # PEFT's reading of the adapter on an empty model, what verify compares where PEFT's model does not fit
+    reading = read_by_peft(result.job)
+    assert reading.error is None and reading.problems == [] and reading.modules == len(result.job.spec.updates)
     if arch.family == "vision":
         assert report.calibration.startswith("random images")
     # On its own: the folder through transformers against PEFT's own unmerged model.

@@ -215,6 +215,61 @@ def test_the_floor_excuses_rounding_but_not_a_plan_that_computes_another_model()
     assert not float32.passed
 
 
+def test_a_model_that_amplifies_rounding_is_judged_on_its_floor_as_far_as_a_unit_moves_it():
+    """An ill-conditioned model (its exact float32 merge 1e-3 from the unmerged model, where the
+    fixed limit is 1e-4): a merge nudged a unit per element moving the outputs by 4e-4 says the model
+    amplifies rounding that far, and the floor is consulted; a nudge moving them by 1e-6 (a plan
+    that computes another model, in a well-conditioned one) leaves the fixed limits."""
+    amplified = _check(1e-3)
+    judge_fidelity(amplified, _check(1e-3), fixed_abs=1e-4, min_top1=0.99, explicit=False, ceiling=None,
+                   sensitivity=4e-4)
+    assert amplified.passed, amplified.problem
+    assert "rounding amplified by the model" in amplified.rule
+    plan = _check(1e-3)
+    judge_fidelity(plan, _check(1e-3), fixed_abs=1e-4, min_top1=0.99, explicit=False, ceiling=None,
+                   sensitivity=1e-6)
+    assert not plan.passed and f"more than {FLOOR_CEILING_UNITS}x what a merge nudged" in plan.rule
+    given = _check(1e-3)  # limits the user gave are final
+    judge_fidelity(given, _check(1e-3), fixed_abs=1e-4, min_top1=0.99, explicit=True, ceiling=None,
+                   sensitivity=4e-4)
+    assert not given.passed
+
+
+def test_the_nudged_merge_runs_where_the_floor_is_past_the_fixed_limits(merged, monkeypatch):
+    """With fixed limits below a float32 folder's floor (as an ill-conditioned model's are), verify
+    runs the correctly rounded merge nudged a unit per element and reports how far it moves the
+    outputs; the verdict follows the rule with that figure."""
+    from d2export.verification import ladder
+
+    monkeypatch.setattr(ladder, "output_rtol", lambda run_dtype, merged_dtype: 1e-12)
+    folder, out = merged("d2lora-llama")
+    report = verify(out, folder / "adapter", base=folder / "base", peft_reference=False)
+    probe = next(o for o in report.outputs if o.rung == "rounding sensitivity")
+    fidelity = next(o for o in report.outputs if o.rung == "fidelity")
+    assert probe.candidate == "merge nudged a unit" and probe.reference == "merged folder" and not probe.judged
+    assert probe.comparison.max_abs > 0 and probe.comparison.positions == fidelity.comparison.positions
+    assert fidelity.passed == (fidelity.floor.max_abs <= FLOOR_CEILING_UNITS * probe.comparison.max_abs)
+    assert fidelity.passed, fidelity.rule
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_nudge_moves_elements_a_unit_at_most_never_across_zero(dtype):
+    import numpy as np
+
+    from d2export.arrays import numpy_dtype
+    from d2export.verification.rounding import nudged, spacing
+
+    values = np.random.default_rng(0).normal(size=10_000).astype(numpy_dtype(dtype))
+    values[:10] = 0
+    moved = nudged(values, seed=1)
+    wide = values.astype(np.float64)
+    steps = np.abs(moved.astype(np.float64) - wide) / spacing(wide, values.dtype)
+    assert set(np.unique(np.round(steps, 6))) <= {0.0, 0.5, 1.0}  # a unit, or half one at a power of two
+    assert 0.6 < np.mean(steps > 0) < 0.73  # 2 in 3 elements
+    assert (moved[:10] == 0).all() and (np.signbit(moved) == np.signbit(values)).all()
+    assert np.array_equal(moved, nudged(values, seed=1)) and not np.array_equal(moved, nudged(values, seed=2))
+
+
 def _bf16_run(misses: list[int], positions: int = 312, steps_missed: tuple[tuple[int, int], ...] = ()) -> OutputCheck:
     """A bf16 run's comparison with the unmerged model whose top-1 differs at ``misses``, and whose
     teacher-forced greedy choices (3 prompts, 8 steps) differ at ``steps_missed`` (prompt, step)."""

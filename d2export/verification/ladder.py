@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from ..errors import D2ExportError
 from ..job import Job
 from ..names import find_name
 from ..options import MergeOptions, VerifyOptions
-from ..plan import build_plan
+from ..plan import Action, build_plan
 from ..progress import Stopped, stop_check
 from ..reading import ModelFolder
 from ..runtime.calibration import Batch
@@ -43,6 +44,7 @@ from .folds import Folds
 from .outputs import (
     FLOOR_CEILING_UNITS,
     FOLDER,
+    NUDGED,
     PEFT,
     ROUNDED,
     UNMERGED,
@@ -56,6 +58,7 @@ from .outputs import (
 )
 from .peft_reading import read_by_peft
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
+from .rounding import nudged
 from .runs import ModelRun, Prompts, batch_order, run_model
 from .weights import WeightReport
 
@@ -217,8 +220,8 @@ class Ladder:
                 self.halt()
                 if name == UNMERGED:
                     model = unmerged_model(job.base.path, job.spec, torch_dtype, resident_bytes=self.resident)
-                elif name == ROUNDED:
-                    model = self._rounded(torch_dtype)
+                elif name in (ROUNDED, NUDGED):
+                    model = self._rounded(torch_dtype, nudge=name == NUDGED)
                 elif name == FOLDER:
                     model = load_model(self.report.merged, torch_dtype, resident_bytes=self.resident)
                 else:
@@ -241,14 +244,16 @@ class Ladder:
         gc.collect()
         return run
 
-    def _rounded(self, dtype: torch.dtype):
+    def _rounded(self, dtype: torch.dtype, nudge: bool = False):
         """The correctly rounded merge. When the weight check found every tensor of the folder equal
         to its correctly rounded value, those tensors *are* that merge's: the model is assembled
         from the base with the folder's tensors read in (d2export's own assembly, not transformers'
         loading of the folder), instead of computing every merged tensor a second time. When it
         found a few elements off (another tool's merge), it kept their correctly rounded values,
         and the folder's tensors with those set are that merge's, likewise. (Streamed, a computed
-        merge is computed again at every pass over the model.)"""
+        merge is computed again at every pass over the model.) ``nudge``: every merged tensor's
+        elements then moved a unit at random (:func:`.rounding.nudged`; only where the folder's
+        tensors give the merge)."""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
         if weights is None or not weights.correctable:  # an exact folder is correctable, with nothing to correct
@@ -258,12 +263,13 @@ class Ladder:
 
         def value(t) -> np.ndarray:
             stored = folder.read(find_name(t.name, folder.tensors, prefix))
-            if t.name not in corrections:
-                return stored
-            where, rounded = corrections[t.name]
-            corrected = np.array(stored)
-            corrected.reshape(-1)[where] = rounded.astype(corrected.dtype)
-            return corrected
+            if t.name in corrections:
+                where, rounded = corrections[t.name]
+                stored = np.array(stored)
+                stored.reshape(-1)[where] = rounded.astype(stored.dtype)
+            if nudge and t.action is Action.MERGE:
+                return nudged(np.asarray(stored), seed=zlib.crc32(t.name.encode()))
+            return stored
 
         return merged_model(plan, dtype, resident_bytes=self.resident, values=value)
 
@@ -314,17 +320,34 @@ class Ladder:
         fixed_abs = thresholds.atol if thresholds.atol is not None else output_rtol(dtype, report.merged_dtype) * scale
         min_top1 = thresholds.min_top1 if thresholds.min_top1 is not None else MIN_TOP1[dtype]
         unit = ULP.get(report.merged_dtype)
-        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit,
-                       ceiling=None if unit is None else FLOOR_CEILING_UNITS * unit * scale)
-        c = fidelity.comparison
+        ceiling = None if unit is None else FLOOR_CEILING_UNITS * unit * scale
+        checks = [fidelity, loading, cost]
+        sensitivity = None
+        c, f = fidelity.comparison, cost.comparison
+        beyond_fixed = c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)
+        weights = self.weights()
+        if (not explicit and beyond_fixed and (ceiling is None or f.max_abs > ceiling) and weights is not None
+                and weights.correctable and (loading.passed or not exact)):
+            # the floor is past what rounding explains at this scale: how far does the model move for
+            # rounding-sized changes? (outputs.FLOOR_CEILING_UNITS)
+            probe = self.compare("rounding sensitivity", NUDGED, FOLDER if exact else ROUNDED, dtype)
+            probe.rule = "figures only: how far the outputs move when every merged element moves a unit"
+            probe.generation = None
+            sensitivity = probe.comparison.max_abs
+            checks.append(probe)
+        judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit, ceiling=ceiling,
+                       sensitivity=sensitivity)
         if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
             report.notes.append(
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
                 f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
-                f"{percent(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge")
+                f"{percent(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge"
+                + ("" if sensitivity is None else
+                   f", amplified by this model (a merge nudged a unit per element moves its outputs by "
+                   f"{sensitivity:.3g})"))
         for key in [k for k in self.runs if k[1] == dtype and (k[0] != UNMERGED or not self._keeps_unmerged(dtype))]:
             del self.runs[key]
-        return [fidelity, loading, cost]
+        return checks
 
     def _fails_in_transformers(self, dtype: str) -> bool:
         """Whether the folder, loaded by transformers alone (no d2export layer in it), fails its first

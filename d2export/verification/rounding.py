@@ -32,6 +32,19 @@ TIE_DOUBT = 0.125
 DIRECTION_ALPHA = 1e-6
 
 
+def nudged(values: np.ndarray, seed: int) -> np.ndarray:
+    """A copy of ``values`` (a float array) with each nonzero element moved to the next value of its
+    dtype up or down, or left, at random (a third each): changes of the size rounding makes, to
+    measure how far a model's outputs move with them (:data:`.outputs.FLOOR_CEILING_UNITS`). A step
+    that would leave the finite range, or cross zero, is not taken."""
+    bits = {2: np.int16, 4: np.int32, 8: np.int64}[values.dtype.itemsize]
+    raw = np.array(values).view(bits)  # sign and magnitude: +1 is a unit away from zero, -1 toward it
+    step = np.random.default_rng(seed).integers(-1, 2, size=raw.shape, dtype=bits)
+    moved = (raw + step).view(values.dtype)
+    keep = (values == 0) | ~np.isfinite(moved.astype(float64)) | (np.signbit(moved) != np.signbit(values))
+    return np.where(keep, values, moved)
+
+
 def spacing(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The gap between adjacent ``dtype`` values at ``|magnitude|`` (float64), subnormals included."""
     magnitude = np.asarray(magnitude, dtype=float64)

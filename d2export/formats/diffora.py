@@ -64,7 +64,16 @@ def _grid(value, rows: int, cols: int, path: Path, name: str, kinds) -> tuple[tu
 
 
 def apply_selection(spec: AdapterSpec, selection: DamSelection, path: Path) -> None:
-    """Mark the modules the DAM leaves out; modules outside the DAM grid are merged as usual."""
+    """Mark the modules the DAM leaves out; modules outside the DAM grid are merged as usual. A cell
+    the DAM selects must have the adapter's factors: a selected module type the adapter lacks (a
+    misspelt type, another model's DAM) would merge nothing where DiffoRA trained an update."""
+    present = {module_position(module) for module in spec.updates}
+    missing = [f"layer {layer} {kind}" for layer in range(selection.num_layers) for kind in selection.module_types
+               if selection.is_selected(layer, kind) and (layer, kind) not in present]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise D2ExportError(f"{path}: the DAM selects modules the adapter has no factors for: "
+                            f"{', '.join(missing[:3])}{more}")
     for module, update in list(spec.updates.items()):
         layer, module_type = module_position(module)
         if layer is None or module_type not in selection.module_types:

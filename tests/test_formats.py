@@ -332,7 +332,7 @@ def test_diffora_selected_cells_need_the_adapters_factors(tmp_path):
     """A DAM that selects a module type the adapter has no factors for (misspelt, another model's)
     would merge nothing there: refused, naming the cells."""
     misspelt = {"module_types": ["q_proj", "v_prj"], "selected": [[False, True], [True, False]]}
-    with pytest.raises(D2ExportError, match="the DAM selects modules the adapter has no factors for: layer 0 v_prj$"):
+    with pytest.raises(D2ExportError, match=r"the DAM selects modules the adapter has no factors for: layer 0 v_prj$"):
         load_adapter(diffora_adapter(tmp_path / "a", misspelt))
     unselected = {"module_types": ["q_proj", "v_prj"], "selected": [[True, False], [True, False]]}
     assert len(selected(load_adapter(diffora_adapter(tmp_path / "b", unselected)))) == 4  # v_prj never selected

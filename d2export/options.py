@@ -54,7 +54,9 @@ def dtype_choice(option: str, value: str, allowed: tuple[str, ...], *, auto: boo
     if name in allowed or (auto and name == "auto"):
         return name
     choices = (["auto"] if auto else []) + list(allowed)
-    raise OptionError(option, f"must be {', '.join(choices)} (or bf16, fp16, fp32); got {value!r}")
+    short = [k for k, v in SHORT_DTYPES.items() if v in allowed]  # only the short names of allowed ones
+    aliases = f" (or {', '.join(short)})" if short else ""
+    raise OptionError(option, f"must be {', '.join(choices)}{aliases}; got {value!r}")
 
 
 def parse_size(text: str | int, option: str = "max_shard_size") -> int:

@@ -261,7 +261,7 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
                 raise OptionError("out", f"{out}: {folder} exists and is not a folder")
-            why = _unwritable(folder)
+            why = unwritable(folder)
             if why is not None:
                 raise OptionError("out", f"{out}: cannot write in {folder} ({why})")
             break
@@ -285,7 +285,7 @@ def _a_model_folder(folder: Path) -> bool:
     return any((folder / name).is_file() for name in REPLACEABLE)
 
 
-def _unwritable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """Why no folder can be made in ``folder``, as far as the system tells before trying (None: it
     can): so that ``merge --dry-run`` refuses what the merge would, and the merge before its work."""
     with contextlib.suppress(OSError):

@@ -259,3 +259,17 @@ def test_plot_without_matplotlib_fails_before_timing(merged, tmp_path, monkeypat
     assert result.exit_code == 2
     assert "pip install 'd2export[plot]'" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_plot_in_a_missing_folder_fails_before_timing(merged, tmp_path, monkeypatch):
+    import d2export.bench as bench
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run_bench", timed)
+    folder, out = merged("d2lora-llama")
+    result = runner.invoke(app, ["bench", str(out), "--adapter", str(folder / "adapter"), "--base",
+                                 str(folder / "base"), "--plot", str(tmp_path / "nowhere" / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --plot") and "does not exist" in result.stderr

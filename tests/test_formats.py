@@ -273,6 +273,15 @@ def test_d2lora_broken_modules(tmp_path):
         load_adapter(write_adapter(tmp_path / "c", d2lora_config(), other_shape))
 
 
+def test_a_factor_that_is_not_float_is_refused_naming_its_file(tmp_path):
+    module = ATTN.format(layer=0, kind="q_proj")
+    tensors = d2lora_tensors([module], 2)
+    tensors[f"{module}.lora_A_pos.weight"] = tensors[f"{module}.lora_A_pos.weight"].astype(np.int32)
+    folder = write_adapter(tmp_path / "a", d2lora_config(), tensors)
+    with pytest.raises(D2ExportError, match=r"adapter_model\.safetensors: .*lora_A_pos has dtype int32, not a float"):
+        load_adapter(folder)
+
+
 # --- DiffoRA --------------------------------------------------------------------------------------------
 
 TYPES = ["q_proj", "v_proj"]

@@ -177,6 +177,18 @@ def merge_cmd(
         raise typer.Exit(1)
 
 
+def _check_plot_location(plot: Path) -> None:
+    from ..errors import OptionError
+    from ..writing import unwritable
+
+    folder = plot.absolute().parent
+    if not folder.is_dir():
+        raise OptionError("plot", f"{plot}: the folder {folder} does not exist")
+    why = unwritable(folder)
+    if why is not None:
+        raise OptionError("plot", f"{plot}: cannot write in {folder} ({why})")
+
+
 def _verify_written(result, options: VerifyOptions, quiet: bool):
     """merge --verify: check the folder just written, reusing the merge's job, and record the
     verdict in its report."""
@@ -319,7 +331,8 @@ def bench_cmd(
         options = BenchOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, warmup=warmup, repeats=repeats,
                                threads=threads, dtype=dtype, revision=revision)
         if plot is not None:
-            require_matplotlib()  # fail before minutes of timing, not after
+            require_matplotlib()  # fail before minutes of timing, not after, as a place it cannot write
+            _check_plot_location(plot)
     with progress_display("benchmark", quiet=quiet) as (progress, display), reported(display):
         report = run_bench(merged, adapter, base=base, onnx_dir=onnx_dir, options=options, progress=progress)
     if as_json:

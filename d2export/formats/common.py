@@ -39,6 +39,11 @@ class RawAdapter:
     files: list[Path]
     hashes: dict[Path, str] = field(default_factory=dict)  # sha256 of files hashed as they were read
 
+    @property
+    def weights_file(self) -> Path:
+        """The file the tensors came from (what an error about one of them names)."""
+        return next((f for f in self.files if f.name != "adapter_config.json"), self.path)
+
 
 def find_adapter_dir(path: str | Path, checkpoint: str | None = None) -> Path:
     """The folder with ``adapter_config.json``: ``path`` itself, the single such folder inside a

@@ -58,8 +58,8 @@ def read_d2lora(raw: RawAdapter) -> AdapterSpec:
         tau, learned = _tau(parts.get("tau"), tau_default, module, raw)
         terms, swapped = [], set()
         for sign, coefficient in (("pos", scale), ("neg", -tau * scale)):
-            A = check_factor(f"{module}.lora_A_{sign}", parts[f"A_{sign}"], 2, where)
-            B = check_factor(f"{module}.lora_B_{sign}", parts[f"B_{sign}"], 2, where)
+            A = check_factor(f"{module}.lora_A_{sign}", parts[f"A_{sign}"], 2, raw.weights_file)
+            B = check_factor(f"{module}.lora_B_{sign}", parts[f"B_{sign}"], 2, raw.weights_file)
             try:
                 B, A, was_swapped = orient(A, B, r)
             except ValueError as exc:

@@ -59,8 +59,8 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
             )
         kind = kinds.pop()
         r, alpha, scale = scaling.of(module)
-        A = check_factor(f"{module} A", parts["A"], 2, where)
-        B = check_factor(f"{module} B", parts["B"], 2, where)
+        A = check_factor(f"{module} A", parts["A"], 2, raw.weights_file)
+        B = check_factor(f"{module} B", parts["B"], 2, raw.weights_file)
         if A.shape[0] != r or B.shape[1] != r:
             raise D2ExportError(
                 f"{raw.path}: {module}: factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "

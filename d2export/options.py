@@ -43,9 +43,26 @@ def default_of(options: type, name: str) -> Any:
 
 
 def with_settings(cls: type[_O], options: _O | None, settings: dict[str, Any]) -> _O:
-    """``options`` (default: ``cls()``) with ``settings`` (keyword arguments of an API call) applied."""
+    """``options`` (default: ``cls()``) with ``settings`` (keyword arguments of an API call) applied:
+    its fields, and for verify the limits of its ``thresholds`` too, as the CLI has them as flags
+    (``verify(..., atol=1e-3)``). Any other keyword is a TypeError, as in any Python call."""
     base = options if options is not None else cls()
-    return dataclasses.replace(base, **settings) if settings else base
+    if not isinstance(base, cls):
+        raise OptionError("options", f"must be a {cls.__name__}; got a {type(base).__name__}")
+    if not settings:
+        return base
+    settings = dict(settings)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    limits = {}
+    if "thresholds" in fields:
+        names = {f.name for f in dataclasses.fields(Thresholds)}
+        limits = {k: settings.pop(k) for k in [k for k in settings if k in names]}
+    unknown = sorted(set(settings) - fields)
+    if unknown:  # a programming error, as any unexpected keyword argument is in Python
+        raise TypeError(f"{unknown[0]!r} is not an option of {cls.__name__} (its options: {', '.join(sorted(fields))})")
+    if limits:
+        settings["thresholds"] = dataclasses.replace(settings.get("thresholds", base.thresholds), **limits)
+    return dataclasses.replace(base, **settings)
 
 
 def dtype_choice(option: str, value: str, allowed: tuple[str, ...], *, auto: bool = False) -> str:

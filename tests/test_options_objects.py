@@ -180,3 +180,19 @@ def test_bench_options_normalise():
 ])
 def test_bench_options_bad_values(field, bad):
     refused(field, lambda: BenchOptions(**{field: bad}))
+
+
+def test_api_keywords_are_the_options_fields_and_verify_s_limits():
+    """``verify(..., atol=1e-3)`` as ``--atol 1e-3``: the limits live in ``thresholds`` but are flags
+    of the command, so keywords too. Options of another command are refused naming the class."""
+    from d2export.options import with_settings
+
+    options = with_settings(VerifyOptions, None, {"atol": 1e-3, "seed": 3})
+    assert options.thresholds == Thresholds(atol=1e-3) and options.seed == 3
+    given = VerifyOptions(thresholds=Thresholds(min_top1=0.9))
+    assert with_settings(VerifyOptions, given, {"atol": 1e-3}).thresholds == Thresholds(atol=1e-3, min_top1=0.9)
+    with pytest.raises(TypeError, match="'atoll' is not an option of VerifyOptions"):
+        with_settings(VerifyOptions, None, {"atoll": 1e-3})
+    with pytest.raises(TypeError, match="'atol' is not an option of MergeOptions"):
+        with_settings(MergeOptions, None, {"atol": 1e-3})
+    refused("options", lambda: with_settings(VerifyOptions, MergeOptions(), {}), "must be a VerifyOptions")

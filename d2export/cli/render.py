@@ -15,8 +15,12 @@ MAX_FAILURE_LINES = 20
 
 
 def print_inspect(info: dict) -> None:
+    plan = info["merge_plan"]
+    base = plan["base"] if plan and plan["available"] else None  # the base the plan was made against
+    named = info["base_model_name_or_path"]
     out.print(f"[bold]{escape(info['adapter'])}[/]  method [cyan]{info['method']}[/]  "
-              f"base {escape(str(info['base_model_name_or_path']))}")
+              f"base {escape(str(base if base is not None else named))}"
+              + ("" if base is None or str(named) in (base, "None") else f" (the adapter names {escape(str(named))})"))
     out.print(f"{info['num_modules']} adapted modules ({info['num_selected']} merged), "
               f"{info['num_params']:,} adapter parameters")
     table = Table("module", "kind", "shape", "rank", "alpha", "coefficients", "tau", "rescale", "merged",
@@ -36,7 +40,6 @@ def print_inspect(info: dict) -> None:
         for i, row in enumerate(dam["grid"]):
             grid.add_row(str(i), *["[green]x[/]" if x else "[dim].[/]" for x in row])
         out.print(grid)
-    plan = info["merge_plan"]
     if plan and plan["available"]:
         t = plan["tensors"]
         out.print(f"merge would write {plan['total_bytes'] / 1e6:,.1f} MB in {len(plan['shards'])} shard(s): "

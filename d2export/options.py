@@ -207,6 +207,8 @@ class VerifyOptions:
             path = getattr(self, name)
             if path is not None:
                 _set(self, name, Path(path))
+                if Path(path).is_dir():
+                    raise OptionError(name, f"{path} is a folder; give a file")
                 if not Path(path).is_file():
                     raise OptionError(name, f"file not found: {path}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

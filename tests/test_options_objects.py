@@ -136,7 +136,7 @@ def test_verify_options(tmp_path):
     assert options.calibration == text and options.task_data is None
     assert options.thresholds.atol == 1e-3 and VerifyOptions().thresholds == Thresholds()
     refused("calibration", lambda: VerifyOptions(calibration=tmp_path / "missing.txt"), "file not found")
-    refused("task_data", lambda: VerifyOptions(task_data=tmp_path), "file not found")  # a folder, not a file
+    refused("task_data", lambda: VerifyOptions(task_data=tmp_path), "is a folder; give a file")
     refused("seed", lambda: VerifyOptions(seed="3"))
     refused("seed", lambda: VerifyOptions(seed=True))
     assert VerifyOptions(seed=7).seed == 7

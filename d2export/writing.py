@@ -278,11 +278,11 @@ def check_output_location(out: Path, inputs: list[Path], force: bool) -> None:
 
 # What a folder --force may replace holds one of these: a model folder (ours or another tool's), an
 # ONNX export. A folder of other files (someone's notes, a checkout) is refused instead of deleted.
-REPLACEABLE = ("config.json", "d2export_report.json", "onnx_report.json", "model.onnx")
+REPLACEABLE = ("config.json", "d2export_report.json", "onnx_report.json", "*.safetensors", "*.onnx")
 
 
 def _a_model_folder(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in REPLACEABLE)
+    return any(path.is_file() for pattern in REPLACEABLE for path in folder.glob(pattern))
 
 
 def unwritable(folder: Path) -> str | None:

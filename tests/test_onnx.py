@@ -391,8 +391,12 @@ def test_existing_output_needs_force(merged_model, tmp_path):
     with pytest.raises(D2ExportError, match="already exists"):
         export_onnx(merged_model("d2lora-bert"), out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(D2ExportError, match="holds neither"):  # --force replaces only an earlier output
+        export_onnx(merged_model("d2lora-bert"), out, force=True, validate=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "model.onnx").write_bytes(b"an earlier export")
     result = export_onnx(merged_model("d2lora-bert"), out, force=True, validate=False)
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.onnx").stat().st_size > 100 and not (out / "keep.txt").exists()
     assert "not validated (validate=False)" in result.report["notes"]
     with pytest.raises(D2ExportError, match="overlaps the input"):
         export_onnx(merged_model("d2lora-bert"), merged_model("d2lora-bert") / "onnx")

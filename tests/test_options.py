@@ -143,6 +143,7 @@ def test_force_replaces_existing_output(fixture, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # an earlier output: --force replaces only such a folder
     merge(folder / "adapter", base=folder / "base", out=out, force=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left beside it

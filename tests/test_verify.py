@@ -115,6 +115,11 @@ def test_text_calibration_with_the_models_tokenizer(merged, tmp_path):
     report = verify(out, folder / "adapter", base=folder / "base", weights=False, calibration=text)
     assert report.passed
     assert report.outputs[0].comparison.positions == sum(report_tokens(out, text))
+    assert report.calibration == f"{text} (1 batch, each line cut to 128 tokens)"
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 2000 + "\n")  # cut, as the report says
+    report = verify(out, folder / "adapter", base=folder / "base", weights=False, calibration=long)
+    assert report.passed and report.outputs[0].comparison.positions == 128
 
 
 def report_tokens(folder: Path, text: Path) -> list[int]:

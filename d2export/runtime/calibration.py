@@ -63,8 +63,12 @@ def random_batches(
     return batches
 
 
-def text_batches(path: Path, tokenizer, *, batch_size: int = 4, max_length: int = 128) -> list[Batch]:
-    """Non-empty lines of a text file, tokenised with the model's tokenizer, right-padded."""
+TEXT_MAX_TOKENS = 128  # a calibration line is cut to this many tokens
+
+
+def text_batches(path: Path, tokenizer, *, batch_size: int = 4, max_length: int = TEXT_MAX_TOKENS) -> list[Batch]:
+    """Non-empty lines of a text file, tokenised with the model's tokenizer (each cut to
+    ``max_length`` tokens), right-padded."""
     path = Path(path)
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -170,14 +170,15 @@ def _tokenizer(merged: Path, base: Path):
 
 def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenizer, options: VerifyOptions, say,
                    weights: Callable[..., WeightReport | None], stop: threading.Event) -> None:
-    from ..runtime.calibration import model_batches, text_batches
+    from ..runtime.calibration import TEXT_MAX_TOKENS, model_batches, text_batches
     from .ladder import Ladder, frozen_imports
     from .runs import one_thread
 
     config = folder.config
     if options.calibration is not None:
         batches = text_batches(options.calibration, tokenizer)
-        report.calibration = f"{options.calibration} ({len(batches)} batches)"
+        report.calibration = (f"{options.calibration} ({len(batches)} batch{'es' if len(batches) != 1 else ''}, "
+                              f"each line cut to {TEXT_MAX_TOKENS} tokens)")
     else:
         batches = model_batches(config, seed=options.seed)
         if batches[0].pixel_values is not None:

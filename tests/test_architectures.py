@@ -424,6 +424,24 @@ def test_a_classifier_trained_for_a_new_label_set_over_a_classifier_base(bases, 
     assert got.shape[-1] == new and (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_a_float32_moe_folder_run_in_bf16_is_judged_on_its_floor(adapters, tmp_path):
+    """Mixtral's float32 merge run in bf16 (--dtypes bf16): the weights are rounded to bf16 as they
+    load, and the routers flip experts on near-ties, so the correctly rounded merge is 0.36 from
+    the unmerged model (0.78x the logit scale) where the fixed limit is 0.03: it failed. The merge
+    nudged a unit of bf16 per element moves the outputs by 0.15, so the floor is rounding (within
+    32x that), and the folder, the correctly rounded merge to the bit, passes."""
+    base, adapter = adapters("mixtral", False)
+    out = merge(adapter, base=base, out=tmp_path / "merged").out
+    report = verify(out, adapter, base=base, dtypes="bf16", peft_reference=False)
+    assert report.passed, report.failures
+    rungs = {o.rung: o for o in report.outputs}
+    fidelity, probe = rungs["fidelity"], rungs["rounding sensitivity"]
+    fixed = 16 * 2.0**-8 * fidelity.comparison.scale  # a bf16 run's fixed limit
+    assert fidelity.comparison.max_abs > 5 * fixed
+    assert "rounding amplified by the model" in fidelity.rule
+    assert probe.dtype == "bfloat16" and probe.comparison.max_abs * 32 >= fidelity.floor.max_abs
+
+
 def test_a_model_transformers_cannot_run_in_the_dtype_asked_is_refused_in_one_line(adapters, tmp_path):
     """DeBERTa (v1) loaded in bfloat16 keeps its query and value biases in float32, and its
     attention then multiplies mixed dtypes: transformers' own forward fails, with no d2export code

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..arrays import is_float
+from ..algebra import round_to_dtype
+from ..arrays import is_float, numpy_dtype
 from ..errors import D2ExportError
 from ..job import Job
 from ..names import find_name
@@ -256,6 +257,7 @@ class Ladder:
         tensors give the merge)."""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
+        run_dtype = numpy_dtype(dtype)
         if weights is None or not weights.correctable:  # an exact folder is correctable, with nothing to correct
             return merged_model(plan, dtype, resident_bytes=self.resident)
         folder, prefix = self.folder, plan.arch.base_model_prefix
@@ -268,7 +270,12 @@ class Ladder:
                 stored = np.array(stored)
                 stored.reshape(-1)[where] = rounded.astype(stored.dtype)
             if nudge and t.action is Action.MERGE:
-                return nudged(np.asarray(stored), seed=zlib.crc32(t.name.encode()))
+                # a unit of the dtype the model runs in, where that is the coarser: a float32 folder run
+                # in bfloat16 has its weights rounded to bfloat16 as it loads
+                values = np.asarray(stored)
+                if run_dtype.itemsize < values.dtype.itemsize:
+                    values = round_to_dtype(values, run_dtype)
+                return nudged(values, seed=zlib.crc32(t.name.encode()))
             return stored
 
         return merged_model(plan, dtype, resident_bytes=self.resident, values=value)

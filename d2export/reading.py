@@ -153,8 +153,13 @@ _SHARD_NAME = re.compile(r"(.+)-\d+-of-(\d+)(\.[a-z]+)")
 
 
 def _weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
-    """The weight files in order, and the index's weight map where the folder has one."""
-    for index_name in (SAFE_INDEX, BIN_INDEX):
+    """The weight files in order, and the index's weight map where they are shards: the first of
+    ``model.safetensors``, its shards' index, ``pytorch_model.bin``, its shards' index, as
+    transformers' ``from_pretrained`` picks them (a folder holding a single file and stale shards
+    loads the single file, and the merge must start from what the user loads)."""
+    for name, index_name in (("model.safetensors", SAFE_INDEX), ("pytorch_model.bin", BIN_INDEX)):
+        if (path / name).is_file():
+            return [name], None
         index = path / index_name
         if index.is_file():
             weight_map = read_json_object(index, jsonfiles.SHARD_INDEX, strict=True)["weight_map"]
@@ -167,9 +172,6 @@ def _weight_files(path: Path) -> tuple[list[str], dict[str, str] | None]:
                 raise D2ExportError(f"{path}: shard {missing[0]} named in {index_name} is missing")
             _check_no_omitted_shard(path, index, files)
             return files, weight_map
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return [name], None
     raise D2ExportError(f"{path}: no model weights (model.safetensors, shards with an index, or pytorch_model.bin)")
 
 

@@ -202,3 +202,31 @@ def test_merged_rows_are_the_rows_of_the_whole_merge(fixture, name):
             whole = produce(job.plan, t)[0]
             for start, stop in ((0, 1), (3, 11), (whole.shape[0] - 5, whole.shape[0])):
                 assert np.array_equal(rows(start, stop).view(np.uint8), whole[start:stop].view(np.uint8)), t.name
+
+
+def test_a_single_file_beside_stale_shards_is_the_base_transformers_loads(fixture, tmp_path):
+    """A base folder holding model.safetensors and, left over, shards with their index: transformers
+    loads model.safetensors (it comes first in from_pretrained's order), so the merge starts from
+    it too. It took the shards, and wrote a model on other weights, with exit 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from d2export import merge
+
+    folder = fixture("lora-llama")
+    base = shutil.copytree(folder / "base", tmp_path / "base")
+    assert (base / "model.safetensors").is_file() and not (base / "model.safetensors.index.json").exists()
+    stale = {k: v + 1 for k, v in load_file(base / "model.safetensors").items()}
+    names = sorted(stale)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: stale[k] for k in keys}, base / file, metadata={"format": "pt"})
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    out = merge(folder / "adapter", base=base, out=tmp_path / "merged", hash_inputs=False).out
+    merged = load_file(out / "model.safetensors")
+    original = load_file(folder / "base" / "model.safetensors")
+    assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"])  # not the stale shards'
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]

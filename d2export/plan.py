@@ -295,12 +295,14 @@ def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
 
 def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: int | None
                   ) -> list[tuple[str, list[TensorPlan]]]:
-    """The base's own layout (same files, same grouping) unless a maximum shard size is given."""
-    if max_shard_size is None and base.is_safetensors:
+    """The base's own layout (same files, same grouping; a ``.bin`` base's files named as
+    safetensors ones: ``pytorch_model-00001-of-00002.bin`` -> ``model-00001-of-00002.safetensors``)
+    unless a maximum shard size is given."""
+    if max_shard_size is None:
         groups: dict[str, list[TensorPlan]] = {f: [] for f in base.files}
         for t in tensors:  # a tensor the base lacks (an adapter-only head) goes with the last file's
             groups[base.tensors[t.source].file if t.source in base.tensors else base.files[-1]].append(t)
-        return [(f, g) for f, g in groups.items() if g]
+        return [(_safetensors_name(f), g) for f, g in groups.items() if g]
     limit = max_shard_size if max_shard_size is not None else DEFAULT_SHARD_SIZE
     chunks: list[list[TensorPlan]] = [[]]
     size = 0
@@ -314,6 +316,13 @@ def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: 
         return [("model.safetensors", chunks[0])]
     n = len(chunks)
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]
+
+
+def _safetensors_name(file: str) -> str:
+    if file.endswith(".safetensors"):
+        return file
+    stem = file.removesuffix(".bin")
+    return ("model" + stem.removeprefix("pytorch_model") if stem.startswith("pytorch_model") else stem) + ".safetensors"
 
 
 def _bind_rows(value: TokenRows, plan: TensorPlan, base: ModelFolder) -> TokenRows:

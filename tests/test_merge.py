@@ -230,3 +230,22 @@ def test_a_single_file_beside_stale_shards_is_the_base_transformers_loads(fixtur
     original = load_file(folder / "base" / "model.safetensors")
     assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"])  # not the stale shards'
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_a_sharded_bin_base_keeps_its_grouping_in_safetensors(fixture, tmp_path):
+    """The default layout is the base's own: a .bin base's shards become safetensors shards of the
+    same grouping (pytorch_model-00001-of-0000N.bin -> model-00001-of-0000N.safetensors)."""
+    from d2export import merge
+
+    folder = fixture("lora-llama")
+    base = tmp_path / "base"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build._load(folder / "base").save_pretrained(base, safe_serialization=False, max_shard_size="60KB")
+    index = json.loads((base / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    out = merge(folder / "adapter", base=base, out=tmp_path / "merged", hash_inputs=False).out
+    merged = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    renamed = {k: "model" + v.removeprefix("pytorch_model").removesuffix(".bin") + ".safetensors"
+               for k, v in index.items()}
+    assert merged == renamed

@@ -147,6 +147,10 @@ def write_modules(st: StModules, folder: Path) -> None:
         target = folder / path
         if target.exists():
             shutil.rmtree(target)  # a base copy must not mix with the adapter side's module
+        try:  # made even when empty (a Normalize module's folder): modules.json names it
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise D2ExportError(f"cannot create {path} in the output ({exc.strerror or exc})") from None
         # side_files with no weight suffixes lists every file, under its symlink rules
         for file, relative in side_files(source, set(), ()):
             try:

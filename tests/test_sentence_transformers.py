@@ -113,6 +113,8 @@ def merged(case):
 def test_merged_embeddings_equal_unmerged(case, merged):
     out = merged.out
     assert (out / "2_Dense" / "model.safetensors").is_file()
+    # every module folder modules.json names is there, an empty one (Normalize) too
+    assert all((out / m["path"]).is_dir() for m in json.loads((out / "modules.json").read_text()) if m["path"])
     got = _encode(_load(out))
     diff = (got - case["trained"]).abs().max().item()
     assert diff <= MERGE_ATOL, diff

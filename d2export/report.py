@@ -34,8 +34,8 @@ def build_report(
     spec, base = plan.spec, plan.base
     hashes = input_hashes or {}
 
-    def files(paths):
-        return [{"file": str(p), "sha256": hashes.get(p)} for p in paths]
+    def files(paths):  # absolute, as the base's: a report read elsewhere names the files it hashed
+        return [{"file": str(p.absolute()), "sha256": hashes.get(p)} for p in paths]
 
     modules = [_module_entry(t, stats.get(t.name)) for t in plan.tensors
                if t.update is not None and t.action in (Action.MERGE, Action.UNSELECTED)]
@@ -46,12 +46,13 @@ def build_report(
         "tool": {"name": "d2export", "version": __version__},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "method": spec.method,
-        "adapter": {"path": str(spec.path), "files": files(spec.files), "config": _config_summary(spec.config)},
+        "adapter": {"path": str(spec.path.absolute()), "files": files(spec.files),
+                    "config": _config_summary(spec.config)},
         "base": {**(source.to_dict() if source is not None else {"path": str(base.path.absolute())}),
                  "files": files([base.path / f for f in base.files]),
                  "config_sha256": hashes.get(base.path / CONFIG_NAME)},
         "output": {
-            "path": str(out),
+            "path": str(Path(out).absolute()),
             "compute_dtype": dtype_name(plan.compute_dtype),
             "dtypes": sorted({dtype_name(t.out_dtype) for t in plan.tensors}),
             "shards": [{"file": f, "sha256": h} for f, h in shard_hashes.items()],

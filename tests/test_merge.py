@@ -249,3 +249,21 @@ def test_a_sharded_bin_base_keeps_its_grouping_in_safetensors(fixture, tmp_path)
     renamed = {k: "model" + v.removeprefix("pytorch_model").removesuffix(".bin") + ".safetensors"
                for k, v in index.items()}
     assert merged == renamed
+
+
+def test_the_report_names_every_path_absolute(fixture, tmp_path, monkeypatch):
+    """Paths given relative to where the command ran are recorded absolute, as the base's were: the
+    report is read from elsewhere."""
+    import shutil
+    from pathlib import Path
+
+    from d2export import merge
+
+    folder = fixture("lora-llama")
+    shutil.copytree(folder, tmp_path / "case")
+    monkeypatch.chdir(tmp_path / "case")
+    report = merge("adapter", base="base", out="merged").report
+    paths = [report["adapter"]["path"], report["output"]["path"], report["base"]["path"],
+             *(f["file"] for f in report["adapter"]["files"] + report["base"]["files"])]
+    assert all(Path(p).is_absolute() for p in paths), paths
+    assert report["adapter"]["path"] == str(tmp_path / "case" / "adapter")

@@ -177,11 +177,20 @@ def _cached_snapshots(repo_id: str, cache: str) -> list[str] | None:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.file_download import repo_folder_name
 
-    if not (Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir():
+    folder = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    if not folder.is_dir():
         return None
     # the error path only: scanning the whole cache costs a directory walk, which is fine here
     for repo in scan_cache_dir(cache).repos:
         if repo.repo_id == repo_id and repo.repo_type == "model":
             return [rev.commit_hash + (f" ({', '.join(sorted(rev.refs))})" if rev.refs else "")
                     for rev in sorted(repo.revisions, key=lambda r: r.commit_hash)]
-    return []  # a folder scan_cache_dir counts as corrupted (no snapshots/, a ref to a missing one)
+    # scan_cache_dir leaves out a whole repo it finds damaged (a ref to a missing snapshot, a link to a
+    # missing blob): its snapshot folders as they are, which may be incomplete
+    refs: dict[str, list[str]] = {}
+    for ref in sorted(p for p in (folder / "refs").rglob("*") if p.is_file()):
+        refs.setdefault(ref.read_text().strip(), []).append(ref.relative_to(folder / "refs").as_posix())
+    snapshots = folder / "snapshots"
+    names = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+    return [f"{name} ({', '.join(refs[name])}; may be incomplete)" if name in refs else f"{name} (may be incomplete)"
+            for name in names]

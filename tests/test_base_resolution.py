@@ -119,6 +119,19 @@ def test_revision_option_overrides_the_adapters(hub, cache, tmp_path):
     assert report["base"]["snapshot"] == OLD  # the adapter's own base: its revision still holds
 
 
+def test_a_damaged_cache_still_lists_its_snapshots(hub, tmp_path, monkeypatch):
+    """huggingface_hub's cache scan leaves out a whole repo with a ref to a missing snapshot (an
+    interrupted download): the refusal still lists the snapshot folders there are, not "no complete
+    snapshot"."""
+    damaged = shutil.copytree(hub / "cache", tmp_path / "cache", symlinks=True)
+    repo = damaged / ("models--" + REPO.replace("/", "--"))
+    (repo / "refs" / "main").write_text(MISSING)
+    monkeypatch.setenv("HF_HUB_CACHE", str(damaged))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(damaged))
+    command = ["merge", str(hub / "adapter"), "--out", str(tmp_path / "o"), "--revision", "main"]
+    check_refused(cli(command), [f"{MAIN} (may be incomplete)", f"{OLD} (may be incomplete)"])
+
+
 def test_revision_not_in_the_cache_is_one_line(hub, cache, tmp_path):
     line = check_refused(cli(["merge", str(hub / "adapter"), "--out", str(tmp_path / "o"), "--revision", MISSING]),
                          [REPO, MISSING, f"{MAIN} (main)", OLD, str(cache)])

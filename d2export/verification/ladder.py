@@ -332,7 +332,6 @@ class Ladder:
         sensitivity = None
         c, f = fidelity.comparison, cost.comparison
         beyond_fixed = c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)
-        weights = self.weights()
         if (not explicit and beyond_fixed and (ceiling is None or f.max_abs > ceiling) and weights is not None
                 and weights.correctable and (loading.passed or not exact)):
             # the floor is past what rounding explains at this scale: how far does the model move for
@@ -344,11 +343,11 @@ class Ladder:
             checks.append(probe)
         judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit, ceiling=ceiling,
                        sensitivity=sensitivity)
-        if fidelity.passed and (c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)):
+        if fidelity.passed and beyond_fixed:
             report.notes.append(
                 f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
-                f"correctly rounded {report.merged_dtype} merge (max |d| {cost.comparison.max_abs:.3g}, top-1 "
-                f"{percent(cost.comparison.top1)}): the difference is the rounding of the output dtype, not the merge"
+                f"correctly rounded {report.merged_dtype} merge (max |d| {f.max_abs:.3g}, top-1 "
+                f"{percent(f.top1)}): the difference is the rounding of the output dtype, not the merge"
                 + ("" if sensitivity is None else
                    f", amplified by this model (a merge nudged a unit per element moves its outputs by "
                    f"{sensitivity:.3g})"))

@@ -52,16 +52,14 @@ FLOOR_SIGN_TEST_ALPHA = 1e-3
 FLOOR_CEILING_UNITS = 32
 # ...unless the model itself amplifies rounding that far. The ceiling takes a unit of the weights to
 # move the outputs by about a unit at their scale; a model trained to an ill-conditioned point (a
-# large learning rate) moved its hidden states by 1e-3 of their scale between its exact float32
-# merge and the unmerged model, where the fixed limits allow 1e-5, and its exact merge failed. So
-# where the floor is past the ceiling (or a float32 folder's fixed limits), the correctly rounded
-# merge runs once more with every merged element moved a unit up or down at random
-# (:func:`.rounding.nudged`, 2 in 3 elements): its distance from the correctly rounded merge is
-# what a unit of the weights moves the outputs by in this model, measured, and the ceiling is
-# FLOOR_CEILING_UNITS of that. (That model: 4.4e-4 for the 9.9e-4 floor: float32 arithmetic in the
-# unmerged model's separate low-rank path adds to the rounding.) A plan that computes another model
-# moves the outputs by the adapter's size, while the nudge moves them as rounding does: its floor
-# stays past the ceiling, and the fixed limits apply.
+# large learning rate) moves them far more, and its exact merge failed the fixed limits
+# (docs/design.md §6 has the case). So where the floor is past the ceiling (or a float32 folder's
+# fixed limits), the correctly rounded merge runs once more with every merged element moved a unit
+# up or down at random (:func:`.rounding.nudged`, 2 in 3 elements): its distance from the correctly
+# rounded merge is what a unit of the weights moves this model's outputs by, measured, and the
+# ceiling is FLOOR_CEILING_UNITS of that. A plan that computes another model moves the outputs by
+# the adapter's size, while the nudge moves them as rounding does: its floor stays past the
+# ceiling, and the fixed limits apply.
 UNMERGED, ROUNDED, FOLDER, PEFT = "unmerged model", "correctly rounded merge", "merged folder", "PEFT unmerged"
 NUDGED = "merge nudged a unit"
 
@@ -190,7 +188,7 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
             reason = "a float32 folder's rounding is within them"
         else:
             reason = (f"the correctly rounded merge is {f.max_abs:.3g} from the unmerged model, more than rounding can "
-                   f"explain ({ceiling:.3g}), so the plan itself computes another model")
+                      f"explain ({ceiling:.3g}), so the plan itself computes another model")
         check.rule = (f"max |d| <= {allowed_abs:.3g}" + (f", {choices}" if c.top1 is not None else "")
                       + f" (fixed: {reason})")
     else:

@@ -113,6 +113,26 @@ def test_sigterm_during_merge_verify_says_the_folder_was_written_and_not_verifie
     assert (c.out / "config.json").is_file()
 
 
+def test_sigterm_during_merge_onnx_says_the_merged_folder_was_written(fixture, tmp_path, monkeypatch):
+    """A stop in the ONNX step of merge --onnx: the merged folder is complete; the line says so, and
+    that no export was written (it said "no output was written")."""
+    import d2export.onnx as donnx
+
+    c = make_ctx(fixture, "lora-llama", tmp_path, monkeypatch)
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(donnx, "export_onnx", stopped)
+    result = cli([*c.argv(), "--onnx"])
+    monkeypatch.undo()
+    assert result.exit_code == 128 + signal.SIGTERM and "Traceback" not in result.stderr
+    last = " ".join(result.stderr.split())  # the merge's summary comes first, wrapped
+    assert last.endswith(f"terminated (SIGTERM): the merged folder {c.out} was written; no ONNX export was written")
+    assert (c.out / "config.json").is_file()
+
+
 KILLED = """
 import os, signal, sys
 from pathlib import Path

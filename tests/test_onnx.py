@@ -480,3 +480,17 @@ def test_a_classifier_over_a_sentence_transformers_base_exports_without_its_modu
     assert not (result.out / "modules.json").exists()
     assert any(n.startswith("sentence-transformers modules not carried: the graph is text-classification")
                for n in result.report["notes"])
+
+
+def test_the_export_shows_no_progress_bar_of_transformers(merged_model, tmp_path, capfd):
+    """optimum loads a sharded folder with transformers' "Loading checkpoint shards" bar: d2export
+    shows its own progress, and says the libraries' output is silenced."""
+    from transformers.utils import logging as hf_logging
+
+    folder = merged_model("rslora-llama-patterns")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    export_onnx(folder, tmp_path / "onnx", validate=False)
+    assert "Loading checkpoint shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # put back as it was

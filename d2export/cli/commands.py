@@ -172,7 +172,8 @@ def merge_cmd(
     failed = verification is not None and not verification.passed
     if onnx and not failed:
         failed = not _onnx(result.out, result.out.parent / f"{result.out.name}-onnx", OnnxOptions(force=force),
-                           quiet).passed
+                           quiet, written=f"the merged folder {result.out} was written"
+                           + (" and verified" if verification is not None else "") + "; ").passed
     if failed:
         raise typer.Exit(1)
 
@@ -293,11 +294,12 @@ def onnx_cmd(
         raise typer.Exit(1)
 
 
-def _onnx(model_dir: Path, out_dir: Path | None, options: OnnxOptions, quiet: bool):
+def _onnx(model_dir: Path, out_dir: Path | None, options: OnnxOptions, quiet: bool, written: str = ""):
+    """``written``: what ``merge --onnx`` wrote before (said when the export is stopped)."""
     from ..onnx import export_onnx
 
-    with progress_display("ONNX", quiet=quiet) as (progress, display), \
-            reported(display, "interrupted: no output was written"):
+    stopped = f"interrupted: {written}no ONNX export was written" if written else "interrupted: no output was written"
+    with progress_display("ONNX", quiet=quiet) as (progress, display), reported(display, stopped):
         result = export_onnx(model_dir, out_dir, options=options, progress=progress)
     render.print_onnx(result.report, result.out)
     return result

@@ -92,15 +92,19 @@ def quiet() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("", "optimum", "onnxruntime", "torch.onnx")]
     levels = [lg.level for lg in loggers]
     hf_level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading checkpoint shards": d2export shows its own progress
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
             yield
         finally:
             hf_logging.set_verbosity(hf_level)
+            if bars:
+                hf_logging.enable_progress_bar()
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
 

@@ -33,8 +33,7 @@ class TaskHead:
     id2label: dict[int, str]
 
     def config_updates(self) -> dict:
-        return {"architectures": [self.architecture], "id2label": {str(k): v for k, v in self.id2label.items()},
-                "label2id": {v: k for k, v in self.id2label.items()}}
+        return {"architectures": [self.architecture], **_label_keys(self.id2label)}
 
 
 def task_head(spec, base_config: dict, head_only: dict[str, tuple[int, ...]]) -> TaskHead | None:
@@ -131,7 +130,10 @@ def new_label_count(tensors: list, relabeled: dict[str, tuple[int, ...]], config
 
 def labels_config(adapter: Path, num_labels: int) -> dict:
     """config.json's label keys for ``num_labels`` labels (names as :func:`_labels` finds them)."""
-    id2label = _labels(adapter, num_labels)
+    return _label_keys(_labels(adapter, num_labels))
+
+
+def _label_keys(id2label: dict[int, str]) -> dict:
     return {"id2label": {str(k): v for k, v in id2label.items()}, "label2id": {v: k for k, v in id2label.items()}}
 
 

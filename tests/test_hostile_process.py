@@ -94,42 +94,28 @@ def test_sigterm_is_like_ctrl_c(fixture, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == handler  # the command's handler does not outlive it
 
 
-def test_sigterm_during_merge_verify_says_the_folder_was_written_and_not_verified(fixture, tmp_path, monkeypatch):
-    """The merge is complete and published when verify starts: a stop then leaves the folder (it is
-    the merge's whole output), and the line says so, instead of the bare "terminated"."""
-    import d2export.verification as verification
+@pytest.mark.parametrize(("step", "flag", "said"), [
+    ("d2export.verification:verify", "--verify", "it was not verified"),
+    ("d2export.onnx:export_onnx", "--onnx", "no ONNX export was written")])
+def test_sigterm_after_the_merge_says_the_folder_was_written(fixture, tmp_path, monkeypatch, step, flag, said):
+    """The merge is complete and published when verify or the ONNX export starts: a stop then leaves
+    the folder (it is the merge's whole output), and the line says so, instead of the bare
+    "terminated" or "no output was written"."""
+    import importlib
 
+    module, _, name = step.partition(":")
     c = make_ctx(fixture, "lora-llama", tmp_path, monkeypatch)
 
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
 
-    monkeypatch.setattr(verification, "verify", stopped)
-    result = cli([*c.argv(), "--verify"])
-    monkeypatch.undo()
-    check_refused(result, ["terminated (SIGTERM)", f"the merged folder {c.out} was written; it was not verified"],
-                  code=128 + signal.SIGTERM)
-    assert (c.out / "config.json").is_file()
-
-
-def test_sigterm_during_merge_onnx_says_the_merged_folder_was_written(fixture, tmp_path, monkeypatch):
-    """A stop in the ONNX step of merge --onnx: the merged folder is complete; the line says so, and
-    that no export was written (it said "no output was written")."""
-    import d2export.onnx as donnx
-
-    c = make_ctx(fixture, "lora-llama", tmp_path, monkeypatch)
-
-    def stopped(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler raises before this ends
-
-    monkeypatch.setattr(donnx, "export_onnx", stopped)
-    result = cli([*c.argv(), "--onnx"])
+    monkeypatch.setattr(importlib.import_module(module), name, stopped)
+    result = cli([*c.argv(), flag])
     monkeypatch.undo()
     assert result.exit_code == 128 + signal.SIGTERM and "Traceback" not in result.stderr
-    last = " ".join(result.stderr.split())  # the merge's summary comes first, wrapped
-    assert last.endswith(f"terminated (SIGTERM): the merged folder {c.out} was written; no ONNX export was written")
+    text = " ".join(result.stderr.split())  # after the merge's summary, wrapped
+    assert text.endswith(f"terminated (SIGTERM): the merged folder {c.out} was written; {said}")
     assert (c.out / "config.json").is_file()
 
 

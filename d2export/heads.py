@@ -1,9 +1,10 @@
 """Where the adapted model's shape differs from the base's: a task head only the adapter has
-(a classifier trained over a plain encoder), and a resized vocabulary (docs/design.md §2).
+(a classifier trained over a plain encoder), a classifier at another label count, and a resized
+vocabulary (docs/design.md §2, §4.4).
 
-The plan decides both (:func:`task_head`, :func:`vocab_change`); the run-time models load the base
-in the same shape (:func:`output_changes`), so the unmerged references compute what the adapter
-was trained as.
+The plan decides them (:func:`task_head`, :func:`shape_change`, :func:`shape_updates`); the
+run-time models load the base in the same shape (:func:`output_changes`), so the unmerged
+references compute what the adapter was trained as.
 """
 
 from __future__ import annotations
@@ -101,17 +102,63 @@ def label_count(config: dict) -> int | None:
     return len(labels) if isinstance(labels, dict) and labels else None
 
 
-def relabels(new: tuple[int, ...], old: tuple[int, ...], config: dict) -> bool:
-    """Whether an adapter's full tensor of shape ``new`` over the base's ``old`` is a classifier's
-    head at another label count: the base is a classifier with ``old[0]`` labels and only that
-    dimension changes (PEFT's ``modules_to_save`` classifier trained with ``ignore_mismatched_sizes``
-    for a new label set over a classifier base, as PEFT's image classification guide does)."""
-    architecture = (config.get("architectures") or [""])[0]
-    return (architecture.endswith(CLASSIFIER_ENDINGS) and label_count(config) == old[0] != vocab_size_of(config)
-            and len(new) == len(old) and new[1:] == old[1:] and new[0] != old[0])
+def shape_change(name: str, new: tuple[int, ...], old: tuple[int, ...], config: dict) -> str:
+    """How an adapter's full tensor of shape ``new`` may differ from the base's ``old``: in its first
+    dimension only, as ``"labels"``, a classifier's head at another label count (the base a
+    classifier with ``old[0]`` labels: PEFT's ``modules_to_save`` classifier trained with
+    ``ignore_mismatched_sizes`` for a new label set, as PEFT's image classification guide does), or
+    as ``"vocab"``, a resized vocabulary (the config's ``vocab_size``). Anything else is refused."""
+    vocab, labels = vocab_size_of(config), label_count(config)
+    if len(new) == len(old) and new[1:] == old[1:]:
+        if (config.get("architectures") or [""])[0].endswith(CLASSIFIER_ENDINGS) and old[0] == labels != vocab:
+            return "labels"
+        if old[0] == vocab:
+            return "vocab"
+    allowed = "a resized vocabulary" if vocab is None else f"a resized vocabulary (a first dimension of {vocab})"
+    if labels is not None:
+        allowed += f" or a classifier's label count (a first dimension of {labels})"
+    raise D2ExportError(f"adapter tensor for {name} has shape {new}, the base has {old} (only {allowed} may "
+                        "change a shape)")
 
 
-def new_label_count(tensors: list, relabeled: dict[str, tuple[int, ...]], config: dict) -> int | None:
+def shape_updates(adapter: Path, tensors: list, changed: dict[str, dict[str, tuple[int, ...]]], config: dict
+                  ) -> tuple[dict, list[str]]:
+    """config.json's changes and the plan's notes for the tensors :func:`shape_change` let through
+    (``changed``: kind -> output name -> the base's shape): the new vocabulary size, the new labels."""
+    updates, notes = {}, []
+    vocab = _new_vocab_size(tensors, changed.get("vocab", {}))
+    if vocab is not None:  # the adapter side's tokenizer, which knows the added tokens, ships (tokenizer_files.py)
+        updates["vocab_size"] = vocab
+        notes.append(f"vocabulary resized from {config.get('vocab_size')} to {vocab} tokens (the adapter's)")
+    relabeled = changed.get("labels", {})
+    labels = _new_label_count(tensors, relabeled, config)
+    if labels is not None:
+        updates.update(_label_keys(_labels(adapter, labels)))
+        notes.append(f"the base's {label_count(config)} labels replaced by the adapter's {labels} (its "
+                     f"{', '.join(sorted(relabeled))}): written as a {labels}-label classifier")
+    return updates, notes
+
+
+def _new_vocab_size(tensors: list, resized: dict[str, tuple[int, ...]]) -> int | None:
+    """The adapter's vocabulary size, when it resized the base's: one new size for every resized
+    tensor, and no tensor of a resized one's old shape left at it (an output embedding left at the
+    old size would not load)."""
+    if not resized:
+        return None
+    by_name = {t.name: t for t in tensors}
+    sizes = {by_name[n].shape[0] for n in resized}
+    if len(sizes) > 1:
+        raise D2ExportError(f"the adapter resizes the vocabulary inconsistently: {', '.join(sorted(resized))} "
+                            f"have {sorted(sizes)} rows")
+    old = set(resized.values())
+    left = sorted(t.name for t in tensors if t.name not in resized and t.shape in old)
+    if left:
+        raise D2ExportError(f"the adapter resizes the vocabulary to {sizes.pop()} but not {', '.join(left)}, "
+                            "which has the old size")
+    return sizes.pop()
+
+
+def _new_label_count(tensors: list, relabeled: dict[str, tuple[int, ...]], config: dict) -> int | None:
     """The adapter's label count, when it relabels the base's classifier: one count for every
     relabeled tensor, and none of the base's head tensors left at the old count (it would not load)."""
     if not relabeled:
@@ -126,11 +173,6 @@ def new_label_count(tensors: list, relabeled: dict[str, tuple[int, ...]], config
                             f"{', '.join(sorted(relabeled))} have {sorted(counts)} rows"
                             + (f", {', '.join(left)} keeps the base's {old}" if left else ""))
     return counts.pop()
-
-
-def labels_config(adapter: Path, num_labels: int) -> dict:
-    """config.json's label keys for ``num_labels`` labels (names as :func:`_labels` finds them)."""
-    return _label_keys(_labels(adapter, num_labels))
 
 
 def _label_keys(id2label: dict[int, str]) -> dict:

@@ -15,7 +15,7 @@ from .architecture import RESCALED_WHEN_TIED, Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
 from .formats.saved import TokenRows
-from .heads import TaskHead, label_count, labels_config, new_label_count, relabels, task_head, vocab_size_of
+from .heads import TaskHead, shape_change, shape_updates, task_head
 from .names import find_name
 from .options import MergeOptions
 from .reading import ModelFolder
@@ -89,15 +89,9 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
         plan = TensorPlan(name, source, info.shape, dtype, Action.COPY)
         targets.apply(plan, arch, spec, base)
         tensors.append(plan)
-    vocab = resized_vocab(tensors, base, targets.resized)
-    if vocab is not None:  # the adapter side's tokenizer, which knows the added tokens, ships (tokenizer_files.py)
-        config_updates["vocab_size"] = vocab
-        notes.append(f"vocabulary resized from {base.config.get('vocab_size')} to {vocab} tokens (the adapter's)")
-    labels = new_label_count(tensors, targets.relabeled, base.config)
-    if labels is not None:
-        config_updates.update(labels_config(spec.path, labels))
-        notes.append(f"the base's {label_count(base.config)} labels replaced by the adapter's {labels} (its "
-                     f"{', '.join(sorted(targets.relabeled))}): written as a {labels}-label classifier")
+    updates, changed = shape_updates(spec.path, tensors, targets.reshaped, base.config)
+    config_updates.update(updates)
+    notes += changed
     if head is not None:
         tensors += head_tensors(head, targets.head_only, base, out_dtype)
         dropped = rename_for_head(tensors, head)
@@ -122,8 +116,8 @@ class _Targets:
     biases: dict[str, ModuleUpdate]
     replacements: dict[str, np.ndarray]
     head_only: dict[str, np.ndarray] = field(default_factory=dict)  # full tensors the base has no place for
-    resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output name -> the base's shape
-    relabeled: dict[str, tuple[int, ...]] = field(default_factory=dict)  # classifier tensors at a new label count
+    # heads.shape_change's kind ("vocab", "labels") -> output name -> the base's shape
+    reshaped: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, spec: AdapterSpec, resolve: _Resolver) -> _Targets:
@@ -169,11 +163,8 @@ class _Targets:
             if isinstance(value, TokenRows):
                 value = _bind_rows(value, plan, base)
             if tuple(value.shape) != plan.shape:
-                if relabels(tuple(value.shape), plan.shape, base.config):
-                    self.relabeled[name] = plan.shape
-                else:
-                    _check_resize(name, tuple(value.shape), plan.shape, base.config)
-                    self.resized[name] = plan.shape
+                kind = shape_change(name, tuple(value.shape), plan.shape, base.config)
+                self.reshaped.setdefault(kind, {})[name] = plan.shape
             plan.action, plan.replacement, plan.shape = Action.REPLACE, value, tuple(value.shape)
             if isinstance(value, TokenRows) and name in self.weights:
                 raise D2ExportError(f"{name}: trainable tokens and a LoRA update on one weight cannot be merged")
@@ -334,38 +325,6 @@ def _bind_rows(value: TokenRows, plan: TensorPlan, base: ModelFolder) -> TokenRo
         raise D2ExportError(f"{plan.name}: trainable tokens ({len(value.indices)} rows of width "
                             f"{value.values.shape[1]}, up to id {int(value.indices.max())}) do not fit {value.shape}")
     return value
-
-
-def _check_resize(name: str, new: tuple[int, ...], old: tuple[int, ...], config: dict) -> None:
-    """A full tensor may change the base's shape only as a resized vocabulary does: its first
-    dimension, which is the config's ``vocab_size``."""
-    vocab = vocab_size_of(config)
-    if len(new) != len(old) or new[1:] != old[1:] or old[0] != vocab:
-        allowed = "a resized vocabulary" if vocab is None else f"a resized vocabulary (a first dimension of {vocab})"
-        labels = label_count(config)
-        if labels is not None:
-            allowed += f" or a classifier's label count (a first dimension of {labels})"
-        raise D2ExportError(f"adapter tensor for {name} has shape {new}, the base has {old} (only {allowed} may "
-                            "change a shape)")
-
-
-def resized_vocab(tensors: list[TensorPlan], base: ModelFolder, resized: dict[str, tuple[int, ...]]) -> int | None:
-    """The adapter's vocabulary size, when it resized the base's: one new size for every resized
-    tensor, and no tensor of a resized one's old shape left at it (an output embedding left at the
-    old size would not load)."""
-    if not resized:
-        return None
-    by_name = {t.name: t for t in tensors}
-    sizes = {by_name[n].shape[0] for n in resized}
-    if len(sizes) > 1:
-        raise D2ExportError(f"the adapter resizes the vocabulary inconsistently: {', '.join(sorted(resized))} "
-                            f"have {sorted(sizes)} rows")
-    old = set(resized.values())
-    left = sorted(t.name for t in tensors if t.name not in resized and t.shape in old)
-    if left:
-        raise D2ExportError(f"the adapter resizes the vocabulary to {sizes.pop()} but not {', '.join(left)}, "
-                            "which has the old size")
-    return sizes.pop()
 
 
 def _head(spec: AdapterSpec, base: ModelFolder, targets: _Targets) -> TaskHead | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -18,3 +19,27 @@ def uncollected():
     finally:
         if enabled:
             gc.enable()
+
+
+@contextmanager
+def frozen_imports(folder: Path):
+    """The model code imported, and every object alive then (torch's, transformers') left out of
+    garbage collection for the duration: each model dropped between runs needs a full collection
+    (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
+    too, with both model threads stopped. The imports themselves run with collection paused
+    (:func:`uncollected`; docs/design.md §6, *Cost*)."""
+    from .models import import_model_code  # torch: only once the caller imports it
+
+    with uncollected():
+        try:
+            import_model_code(folder)
+            frozen = True
+        except Exception:  # loading the model says what is wrong, in its own words
+            frozen = False
+        if frozen:
+            gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()

@@ -132,9 +132,9 @@ class AdapterLayer(nn.Module):
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each branch's ``(A, B)``, those left in the adapter's file read now."""
-        return {b: (self._factor("A", b), self._factor("B", b)) for b in self.branches}
+        return {b: (self._held_or_read("A", b), self._held_or_read("B", b)) for b in self.branches}
 
-    def _factor(self, kind: str, branch: str) -> torch.Tensor:
+    def _held_or_read(self, kind: str, branch: str) -> torch.Tensor:
         parameter = getattr(self, kind)[branch]
         stored = self.stored.get((kind, branch))
         return parameter if stored is None else to_torch(stored.read()).to(parameter.dtype)

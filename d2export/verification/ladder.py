@@ -4,20 +4,17 @@ folder, the correctly rounded merge and PEFT's model, loaded one at a time and r
 from __future__ import annotations
 
 import gc
-import math
 import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..algebra import round_to_dtype
-from ..arrays import is_float, numpy_dtype
+from ..arrays import numpy_dtype
 from ..errors import D2ExportError
 from ..job import Job
 from ..names import find_name
@@ -27,17 +24,13 @@ from ..progress import Stopped, stop_check
 from ..reading import ModelFolder
 from ..runtime.calibration import Batch
 from ..runtime.comparison import OutputComparison
-from ..runtime.imports import uncollected
 from ..runtime.models import (
-    PEFT_METHODS,
     TORCH_DTYPES,
     head_kind,
-    import_model_code,
     load_model,
     merged_model,
     model_output,
     peft_model,
-    peft_usable,
     unmerged_model,
 )
 from ..runtime.streaming import checked_on_load
@@ -57,36 +50,11 @@ from .outputs import (
     judge_references,
     percent,
 )
-from .peft_reading import read_by_peft
+from .peft_reading import peft_reference, read_by_peft
 from .report import FP32_OUTPUT_RTOL, MIN_TOP1, ULP, VerifyReport, output_rtol
 from .rounding import nudged
-from .runs import ModelRun, Prompts, batch_order, run_model
+from .runs import GENERATION_STEPS, ModelRun, batch_order, generation_prompts, run_model
 from .weights import WeightReport
-
-GENERATION_PROMPTS, GENERATION_STEPS = 3, 8
-PEFT_TOO_LARGE = "PEFT reference not run: PEFT needs the whole model in memory"
-
-
-@contextmanager
-def frozen_imports(folder: Path):
-    """The model code imported, and every object alive then (torch's, transformers') left out of
-    garbage collection for the duration: each model dropped between runs needs a full collection
-    (its modules and hooks form cycles), which otherwise walks those few hundred thousand objects
-    too, with both model threads stopped. The imports themselves run with collection paused
-    (:func:`..runtime.imports.uncollected`; docs/design.md §6, *Cost*)."""
-    with uncollected():
-        try:
-            import_model_code(folder)
-            frozen = True
-        except Exception:  # loading the model says what is wrong, in its own words
-            frozen = False
-        if frozen:
-            gc.freeze()
-    try:
-        yield
-    finally:
-        if frozen:
-            gc.unfreeze()
 
 
 class Ladder:
@@ -112,16 +80,15 @@ class Ladder:
         self.prompts = generation_prompts(batches, config) if kind == "causal-lm" else None
         self.order = batch_order(len(batches), self.prompts)
         self.resident = options.resident
-        self.peft_reference, self.peft_note = self._peft_reference(options)
+        self.peft = peft_reference(job, options.peft_reference, self.resident)
         self.output = "hidden states" if kind == "encoder" else "logits"
         self.runs: dict[tuple[str, str, bool], ModelRun] = {}
         self.continuation: dict[str, torch.Tensor | None] = {}
         self.folds: dict[str, Folds] = {}
         self.stop, self.loading, self._check = stop, threading.Lock(), stop_check(stop)
-        # too large for PEFT's whole model: PEFT's reading of the adapter is compared instead, read
-        # while the models run (this thread only waits for them then)
+        # PEFT's reading of the adapter, read while the models run (this thread only waits for them then)
         self.peft_reading: Future | None = None
-        if self.peft_note is not None and self.peft_note.startswith(PEFT_TOO_LARGE):
+        if self.peft.reading:
             reader = ThreadPoolExecutor(1, "peft")
             self.peft_reading = reader.submit(self._read_by_peft)
             reader.shutdown(wait=False)  # the thread ends with its one task
@@ -368,38 +335,24 @@ class Ladder:
 
     def _keeps_unmerged(self, dtype: str) -> bool:
         """Whether the unmerged model's run is kept past its dtype's rungs: for the PEFT comparison."""
-        return self.peft_reference and dtype == "float32"
-
-    def _peft_reference(self, options: VerifyOptions) -> tuple[bool, str | None]:
-        """Whether PEFT's unmerged model is compared with ours (a PEFT method, not turned off, PEFT
-        can load the adapter, the model fits in memory whole), and the report's note where it was
-        asked for and cannot run."""
-        if not (options.peft_reference and self.job.spec.method in PEFT_METHODS):
-            return False, None
-        if not peft_usable(self.job.spec):
-            return False, "PEFT reference not run: peft is not installed or cannot load this adapter"
-        size = _float32_bytes(self.job.base)
-        if self.resident is not None and size > self.resident:
-            return False, (f"{PEFT_TOO_LARGE} ({_mib(size)} in float32, more than the resident budget of "
-                           f"{_mib(self.resident)}; raise it with --resident); PEFT's reading of the adapter (rank, "
-                           "scale and DoRA of every module) is compared with d2export's instead")
-        return True, None
+        return self.peft.model and dtype == "float32"
 
     def _read_by_peft(self):
         with self.loading:  # as a model's loading: transformers sets process-wide state there
             return read_by_peft(self.job)
 
     def peft_checks(self, say) -> list[OutputCheck]:
-        """PEFT's unmerged model against ours in float32, where :meth:`_peft_reference` allows."""
-        if self.peft_note is not None:
-            self.report.notes.append(self.peft_note)
+        """PEFT's unmerged model against ours in float32, or its reading of the adapter, as
+        :func:`.peft_reading.peft_reference` decided."""
+        if self.peft.note is not None:
+            self.report.notes.append(self.peft.note)
         if self.peft_reading is not None:
             say("PEFT's reading of the adapter")
             reading = self.report.peft_reading = self.peft_reading.result()
             if reading.error is not None:
                 self.report.notes.append(f"PEFT's reading of the adapter not compared: PEFT could not build its "
                                          f"layers on an empty model ({reading.error})")
-        if not self.peft_reference:
+        if not self.peft.model:
             return []
         say("PEFT reference in float32")
         check = self.compare("references", PEFT, UNMERGED, "float32")
@@ -415,14 +368,6 @@ def _joined(parts: list[ModelRun]) -> ModelRun:
     return ModelRun(outputs, next((p.followed for p in parts if p.followed is not None), None))
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-
-
-def _float32_bytes(folder: ModelFolder) -> int:
-    return 4 * sum(math.prod(info.shape) for info in folder.tensors.values() if is_float(info.dtype))
-
-
 def _rounded_plan(job: Job, dtype: str):
     """The plan of the correctly rounded merge into ``dtype`` (the folder's): the job's own when it
     writes that dtype already."""
@@ -430,17 +375,3 @@ def _rounded_plan(job: Job, dtype: str):
     if floats <= {dtype}:
         return job.plan
     return build_plan(job.spec, job.base, MergeOptions(dtype=dtype, compute_dtype="float64"))
-
-
-def generation_prompts(batches: list[Batch], config: dict) -> Prompts:
-    """The calibration rows with the most real tokens (in the longest batch), cut to one length so
-    they run as one batch, and so that the prompt and the generated tokens fit the model's position
-    table (GPT-2-style learned positions end there)."""
-    at = max(range(len(batches)), key=lambda i: int(batches[i].attention_mask.sum(1).max()))
-    lengths = batches[at].attention_mask.sum(1)
-    longest = lengths.argsort(descending=True, stable=True)[:GENERATION_PROMPTS]
-    length = int(lengths[longest].min())
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
-    if isinstance(limit, int):
-        length = min(length, max(1, limit - GENERATION_STEPS))
-    return Prompts(at, longest, length)

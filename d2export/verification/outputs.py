@@ -157,9 +157,7 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     check.floor = floor.comparison
     c, f = check.comparison, floor.comparison
     allowed_abs, allowed_kl = fixed_abs, fixed_abs ** 2 / 2
-    within_ceiling = ceiling is not None and f.max_abs <= ceiling
-    amplified = not explicit and sensitivity is not None and f.max_abs <= FLOOR_CEILING_UNITS * sensitivity
-    on_floor = not explicit and (within_ceiling or amplified)
+    on_floor, standing = (False, "") if explicit else _floor_standing(f.max_abs, ceiling, sensitivity)
     if not explicit and c.top1 is not None and f.top1 is not None:
         only_folder, only_floor = _discordant(check, floor)
         check.sign_test = {"only_candidate": only_folder, "only_floor": only_floor,
@@ -180,26 +178,14 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
         check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", top-1 >= {min_top1:.2%} (given)" if c.top1 is not None
                                                          else " (given)")
     elif not on_floor:
-        if sensitivity is not None:
-            reason = (f"the correctly rounded merge is {f.max_abs:.3g} from the unmerged model, more than "
-                      f"{FLOOR_CEILING_UNITS}x what a merge nudged a unit per element moves the outputs by "
-                      f"({sensitivity:.3g}), so the plan itself computes another model")
-        elif ceiling is None:
-            reason = "a float32 folder's rounding is within them"
-        else:
-            reason = (f"the correctly rounded merge is {f.max_abs:.3g} from the unmerged model, more than rounding can "
-                      f"explain ({ceiling:.3g}), so the plan itself computes another model")
-        check.rule = (f"max |d| <= {allowed_abs:.3g}" + (f", {choices}" if c.top1 is not None else "")
-                      + f" (fixed: {reason})")
+        check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", {choices}" if c.top1 is not None else "") + standing
     else:
         allowed_abs = max(fixed_abs, FLOOR_SLACK * f.max_abs)
         if f.mean_kl is not None:
             allowed_kl = max(allowed_kl, FLOOR_SLACK ** 2 * f.mean_kl)
         check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
                       f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g})"
-                      + (f", {choices}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "")
-                      + (f"; the floor is rounding amplified by the model: a merge nudged a unit per element "
-                         f"moves the outputs by {sensitivity:.3g}" if amplified and not within_ceiling else ""))
+                      + (f", {choices}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "") + standing)
     if not c.max_abs <= allowed_abs:  # also catches inf/nan
         check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
                    f"rounded merge: {f.max_abs:.3g}), worst at {c.where()}")
@@ -211,6 +197,27 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     elif fewer_followed:
         check.fail(f"greedy continuations followed {gen.identical}/{gen.prompts} (the correctly rounded merge: "
                    f"{floor_gen.identical}/{floor_gen.prompts}){why}")
+
+
+def _floor_standing(floor_abs: float, ceiling: float | None, sensitivity: float | None) -> tuple[bool, str]:
+    """Whether the floor (the correctly rounded merge's max |d|) is rounding, to be consulted, and
+    what the rule says of it: within the ceiling, nothing; within :data:`FLOOR_CEILING_UNITS` of the
+    measured ``sensitivity``, that; else why the fixed limits apply."""
+    if ceiling is not None and floor_abs <= ceiling:
+        return True, ""
+    if sensitivity is not None and floor_abs <= FLOOR_CEILING_UNITS * sensitivity:
+        return True, (f"; the floor is rounding amplified by the model: a merge nudged a unit per element moves the "
+                      f"outputs by {sensitivity:.3g}")
+    if sensitivity is not None:
+        reason = (f"the correctly rounded merge is {floor_abs:.3g} from the unmerged model, more than "
+                  f"{FLOOR_CEILING_UNITS}x what a merge nudged a unit per element moves the outputs by "
+                  f"({sensitivity:.3g}), so the plan itself computes another model")
+    elif ceiling is None:
+        reason = "a float32 folder's rounding is within them"
+    else:
+        reason = (f"the correctly rounded merge is {floor_abs:.3g} from the unmerged model, more than rounding can "
+                  f"explain ({ceiling:.3g}), so the plan itself computes another model")
+    return False, f" (fixed: {reason})"
 
 
 def _discordant(check: OutputCheck, floor: OutputCheck) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""PEFT's own reading of a PEFT adapter, without the model's weights.
+"""How verify compares with PEFT (:func:`peft_reference`), and PEFT's own reading of a PEFT
+adapter, without the model's weights (:func:`read_by_peft`).
 
 Where PEFT's whole unmerged model cannot run (larger than ``--resident``), d2export's merge, its
 unmerged reference and its weight check all take the adapter as d2export reads it, and a misreading
@@ -15,10 +16,44 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from ..arrays import is_float
 from ..job import Job
 from ..spec import Rescale
 
 ADAPTER_NAME = "default"  # the name PeftModel.from_pretrained gives the adapter it loads
+
+
+@dataclass(frozen=True)
+class PeftReference:
+    """What verify compares with PEFT: its whole unmerged model (``model``), else its reading of the
+    adapter (``reading``: the model does not fit the resident budget), or neither; and the report's
+    note where the model was asked for and does not run."""
+
+    model: bool
+    reading: bool
+    note: str | None
+
+
+def peft_reference(job: Job, asked: bool, resident: int | None) -> PeftReference:
+    """``asked``: the PEFT reference is on (``--no-peft`` not given); ``resident``: the bytes a model
+    may hold in memory (None: any)."""
+    from ..runtime.models import PEFT_METHODS, peft_usable
+
+    if not (asked and job.spec.method in PEFT_METHODS):
+        return PeftReference(False, False, None)
+    if not peft_usable(job.spec):
+        return PeftReference(False, False, "PEFT reference not run: peft is not installed or cannot load this adapter")
+    size = 4 * sum(math.prod(info.shape) for info in job.base.tensors.values() if is_float(info.dtype))
+    if resident is not None and size > resident:
+        return PeftReference(False, True, (
+            f"PEFT reference not run: PEFT needs the whole model in memory ({_mib(size)} in float32, more than the "
+            f"resident budget of {_mib(resident)}; raise it with --resident); PEFT's reading of the adapter "
+            "(rank, scale and DoRA of every module) is compared with d2export's instead"))
+    return PeftReference(True, False, None)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 @dataclass
@@ -92,4 +127,4 @@ def _canonical(held: dict, module: str) -> str:
     return next((path for path in held if path.endswith(f".{module}") or module.endswith(f".{path}")), module)
 
 
-__all__ = ["PeftReading", "read_by_peft"]
+__all__ = ["PeftReading", "PeftReference", "peft_reference", "read_by_peft"]

@@ -77,15 +77,7 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress,
     # other work needs.
     with threadpool_limits(limits=1, user_api="blas"), ModelFolder.open(merged, "merged model") as folder, \
             ThreadPoolExecutor(1, "weights") as beside:
-        merged_dtype = folder.main_float_dtype()
-        if merged_dtype not in OUTPUT_DTYPES:
-            raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
-                                f"{', '.join(OUTPUT_DTYPES)}")
-        report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
-                              merged_dtype, options.thresholds, base_source=job.source)
-        report.notes += _base_mismatch(merged, job.source)
-        report.config_failures, notes = dtype_problems(folder.config, merged_dtype)
-        report.notes += notes
+        report = _new_report(merged, job, options, folder)
         pending: Future | None = None
         stop = threading.Event()  # set when the output checks end in an error: the check beside stops too
 
@@ -104,29 +96,52 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress,
                 _set_weights(report, pending.result(timeout))
             return report.weights
 
-        config = folder.config
         try:
             if options.outputs or options.task_data is not None:
-                with uncollected():
-                    if before_imports is not None:
-                        before_imports()
-                    from . import ladder, task  # noqa: F401  (torch and transformers: see above)
-                tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
-                if options.outputs:
-                    _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
-                if options.task_data is not None:
-                    from .task import load_task
-
-                    data = load_task(options.task_data)
-                    for dtype in TASK_DTYPES:
-                        say(f"task accuracy in {dtype}")
-                        report.task.append(_task(merged, job, config, tokenizer, data, dtype))
+                _run_models(report, job, folder, options, say, weights, stop, before_imports)
         except BaseException:  # bad input or Ctrl-C: leaving waits for the check beside, so stop it first
             stop.set()
             raise
         weights()
     report.rounding_note()
     return report
+
+
+def _new_report(merged: Path, job: Job, options: VerifyOptions, folder: ModelFolder) -> VerifyReport:
+    """The report, with what the folder's files say before any check runs: its dtype (refused where
+    no output check can run it), the base its own report names, config.json's declared dtype."""
+    merged_dtype = folder.main_float_dtype()
+    if merged_dtype not in OUTPUT_DTYPES:
+        raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "
+                            f"{', '.join(OUTPUT_DTYPES)}")
+    report = VerifyReport(merged, job.spec.path, job.base.path, job.spec.method, _written_by(merged),
+                          merged_dtype, options.thresholds, base_source=job.source)
+    report.notes += _base_mismatch(merged, job.source)
+    report.config_failures, notes = dtype_problems(folder.config, merged_dtype)
+    report.notes += notes
+    return report
+
+
+def _run_models(report: VerifyReport, job: Job, folder: ModelFolder, options: VerifyOptions, say,
+                weights: Callable[..., WeightReport | None], stop: threading.Event,
+                before_imports: Callable[[], None] | None) -> None:
+    """The output checks and the task gap: torch and transformers imported first, collection paused
+    (after the weight check has started beside)."""
+    with uncollected():
+        if before_imports is not None:
+            before_imports()
+        from . import ladder, task  # noqa: F401  (they import torch and transformers)
+    merged = report.merged
+    tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
+    if options.outputs:
+        _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
+    if options.task_data is not None:
+        from .task import load_task
+
+        data = load_task(options.task_data)
+        for dtype in TASK_DTYPES:
+            say(f"task accuracy in {dtype}")
+            report.task.append(_task(merged, job, folder.config, tokenizer, data, dtype))
 
 
 def _set_weights(report: VerifyReport, weights: WeightReport) -> None:
@@ -171,7 +186,8 @@ def _tokenizer(merged: Path, base: Path):
 def _check_outputs(report: VerifyReport, job: Job, folder: ModelFolder, tokenizer, options: VerifyOptions, say,
                    weights: Callable[..., WeightReport | None], stop: threading.Event) -> None:
     from ..runtime.calibration import TEXT_MAX_TOKENS, model_batches, text_batches
-    from .ladder import Ladder, frozen_imports
+    from ..runtime.imports import frozen_imports
+    from .ladder import Ladder
     from .runs import one_thread
 
     config = folder.config

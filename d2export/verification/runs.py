@@ -15,6 +15,8 @@ from torch import nn
 from ..runtime.calibration import Batch
 from ..runtime.models import model_output
 
+GENERATION_PROMPTS, GENERATION_STEPS = 3, 8  # the greedy continuation's prompts and its length
+
 
 @dataclass
 class ModelRun:
@@ -88,6 +90,20 @@ def run_model(model: nn.Module, batches: list[Batch], *, halt=lambda: None, prom
         halt()
         followed = _followed(model, prompts.tokens(batches), *prompted, follow())
     return ModelRun(outputs, followed)
+
+
+def generation_prompts(batches: list[Batch], config: dict) -> Prompts:
+    """The calibration rows with the most real tokens (in the longest batch), cut to one length so
+    they run as one batch, and so that the prompt and the generated tokens fit the model's position
+    table (GPT-2-style learned positions end there)."""
+    at = max(range(len(batches)), key=lambda i: int(batches[i].attention_mask.sum(1).max()))
+    lengths = batches[at].attention_mask.sum(1)
+    longest = lengths.argsort(descending=True, stable=True)[:GENERATION_PROMPTS]
+    length = int(lengths[longest].min())
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int):
+        length = min(length, max(1, limit - GENERATION_STEPS))
+    return Prompts(at, longest, length)
 
 
 def batch_order(count: int, prompts: Prompts | None) -> list[int]:

@@ -305,7 +305,7 @@ def test_merge_verifies(adapters, tmp_path, name, dora):
         tamper_tensor(result.out, TAMPER[name], lambda w: w.mul_(1.05))
         tampered = verify(result.out, adapter, base=base, weights=False)
         assert not tampered.passed
-        assert all(("max |dlogits|" if name != "vit-model" else "max |dhidden states|") in f
+        assert all(("max |dlogits|" if name != "vit-model" else "max |d(hidden states)|") in f
                    for f in tampered.failures), tampered.failures
 
 

@@ -334,10 +334,11 @@ def test_an_adapter_d2export_reads_wrongly_is_caught_by_peft_s_own_model(fixture
                                     "reads rank 2, scale 5.65685; d2export rank 2, scale 4")
 
 
-def test_peft_s_reading_of_the_adapter_agrees_where_its_model_does_not_fit(fixture, tmp_path, monkeypatch):
+def test_peft_s_reading_of_the_adapter_agrees_where_its_model_does_not_fit(fixture, tmp_path, monkeypatch, caplog):
     """Every PEFT adapter format the fixtures have (rsLoRA with patterns, DoRA, GPT-2's Conv1D, a
     classifier head, a tied head) is read by PEFT's layers on an empty model as d2export reads it;
-    where PEFT cannot build them, a note says so and nothing fails."""
+    where PEFT cannot build them, a note says so and nothing fails. The streamed models log no
+    accelerate warning about the offload d2export asks for (a library caller would see it)."""
     import peft
 
     for name in ("rslora-llama-patterns", "dora-gpt2", "lora-bert-cls", "lora-llama-tied"):
@@ -347,6 +348,7 @@ def test_peft_s_reading_of_the_adapter_agrees_where_its_model_does_not_fit(fixtu
         assert report.passed, report.failures
         assert report.peft_reading.problems == []
         assert report.peft_reading.modules == len(result.job.spec.updates) > 0
+    assert not [r for r in caplog.records if "meta device" in r.getMessage()]
 
     def fails(*args, **kwargs):
         raise ValueError("no layers here")
@@ -483,6 +485,16 @@ def test_cli_verify_json_and_exit_codes(merged, tmp_path):
     calibration = runner.invoke(app, ["verify", str(out), "--adapter", str(folder / "adapter"), "--base",
                                       str(folder / "base"), "--calibration", str(tmp_path / "missing.txt")])
     assert calibration.exit_code == 2 and "calibration" in calibration.output
+
+
+def test_folder_of_another_architecture_is_bad_input(fixture):
+    """A BERT folder checked against a Llama adapter's base: the arguments do not belong together
+    (exit 2, one line), not a merge that failed (every tensor would read "missing")."""
+    llama, bert = fixture("lora-llama"), fixture("lora-bert-cls")
+    result = runner.invoke(app, ["verify", str(bert / "base"), "--adapter", str(llama / "adapter"), "--base",
+                                 str(llama / "base")])
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and "a bert model" in result.stderr and "a llama model" in result.stderr
 
 
 def test_cli_merge_verify_records_figures(fixture, tmp_path):

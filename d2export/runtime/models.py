@@ -5,6 +5,8 @@ memory, and running any of them on a calibration batch."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +28,32 @@ from .streaming import is_streamed, keep_spill_folder, override_weights, reuse_b
 # The dtypes models run in, by the names config.json and the options use.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_METHODS = {"lora", "rslora", "dora"}
+
+
+class _OwnOffloadNotice(logging.Filter):
+    """Drops accelerate's "Some parameters are on the meta device" warning while this thread loads
+    a model d2export streams on purpose: Python's last-resort handler would print it to a library
+    caller's stderr (the CLI silences accelerate's log altogether). A filter, installed once, that
+    looks at a per-thread flag: changing the logger's level would silence the host's own loads too."""
+
+    loading = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self.loading, "active", False)
+                    and str(record.msg).startswith("Some parameters are on the meta device"))
+
+
+_OFFLOAD_NOTICE = _OwnOffloadNotice()
+
+
+@contextlib.contextmanager
+def _own_offload_quiet():
+    logging.getLogger("accelerate.big_modeling").addFilter(_OFFLOAD_NOTICE)  # once: a filter is added once
+    _OFFLOAD_NOTICE.loading.active = True
+    try:
+        yield
+    finally:
+        _OFFLOAD_NOTICE.loading.active = False
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -95,8 +123,9 @@ def import_model_code(folder: Path) -> None:
 def _from_pretrained(cls, folder: Path, dtype: torch.dtype, resident_bytes: int | None, overrides: dict,
                      stream_leaves: bool, loading: dict) -> nn.Module:
     streaming = streaming_kwargs(cls, folder, dtype, resident_bytes, overrides, stream_leaves)
-    model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **loading, **overrides),
-                              streaming)
+    with _own_offload_quiet():
+        model = keep_spill_folder(cls.from_pretrained(folder, dtype=dtype, **streaming, **loading, **overrides),
+                                  streaming)
     return read_by_rows(reuse_buffers(model)) if streaming and dtype == torch.float32 else model
 
 

@@ -111,6 +111,11 @@ class OutputCheck:
         of a folder whose tensors are not all exact is reported for fidelity to decide."""
         return not self.rule.startswith(("not judged", "figures only"))
 
+    @property
+    def difference(self) -> str:
+        """The output's difference as failure lines write it: "max |dlogits|", "max |d(hidden states)|"."""
+        return f"max |d{self.output}|" if " " not in self.output else f"max |d({self.output})|"
+
     def fail(self, what: str) -> None:
         self.problem = f"{self.rung}: {self.candidate} vs {self.reference} ({self.dtype}): {what}"
 
@@ -135,7 +140,7 @@ def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
     check.rule = "equal outputs (every tensor equals the correctly rounded merge)"
     c = check.comparison
     if c.max_abs != 0.0:  # NaN included
-        check.fail(f"max |d{check.output}| {c.max_abs:.3g} (scale {c.scale:.3g}) at {c.where()}; the folder's "
+        check.fail(f"{check.difference} {c.max_abs:.3g} (scale {c.scale:.3g}) at {c.where()}; the folder's "
                    "tensors are right, so transformers loads it as a different model")
 
 
@@ -187,7 +192,7 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
                       f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g})"
                       + (f", {choices}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "") + standing)
     if not c.max_abs <= allowed_abs:  # also catches inf/nan
-        check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
+        check.fail(f"{check.difference} {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "
                    f"rounded merge: {f.max_abs:.3g}), worst at {c.where()}")
     elif top1_fails:
         check.fail(f"top-1 agreement {c.top1:.2%} < {min_top1:.2%} (the correctly rounded merge: {percent(f.top1)})"
@@ -243,7 +248,7 @@ def judge_references(check: OutputCheck, fixed_abs: float) -> None:
     check.rule = f"max |d| <= {fixed_abs:.3g} (float32 round-off)"
     c = check.comparison
     if not c.max_abs <= fixed_abs:
-        check.fail(f"max |d{check.output}| {c.max_abs:.3g} > {fixed_abs:.3g} (scale {c.scale:.3g}), worst at "
+        check.fail(f"{check.difference} {c.max_abs:.3g} > {fixed_abs:.3g} (scale {c.scale:.3g}), worst at "
                    f"{c.where()}: d2export reads this adapter differently from PEFT")
 
 

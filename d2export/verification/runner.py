@@ -108,8 +108,15 @@ def _verify(merged: Path, job: Job, options: VerifyOptions, progress: Progress,
 
 
 def _new_report(merged: Path, job: Job, options: VerifyOptions, folder: ModelFolder) -> VerifyReport:
-    """The report, with what the folder's files say before any check runs: its dtype (refused where
-    no output check can run it), the base its own report names, config.json's declared dtype."""
+    """The report, with what the folder's files say before any check runs: its architecture and
+    dtype (refused where they are not the base's, or no output check can run it), the base its own
+    report names, config.json's declared dtype."""
+    folder_type, base_type = folder.config.get("model_type"), job.base.config.get("model_type")
+    if folder_type and base_type and folder_type != base_type:
+        # nothing of it can be checked against this base (every tensor "missing"): wrong arguments,
+        # not a failed merge
+        raise D2ExportError(f"{merged}: a {folder_type} model, and the base {job.base.path} a {base_type} "
+                            "model: the folder is not a merge of this base (another adapter, or --base?)")
     merged_dtype = folder.main_float_dtype()
     if merged_dtype not in OUTPUT_DTYPES:
         raise D2ExportError(f"{merged}: weights are {merged_dtype}; outputs can be checked for "

@@ -107,6 +107,26 @@ def test_minilm_real_weights_end_to_end_with_task_gap(merged):
     assert report.outputs[0].output == "hidden states" and report.outputs[0].comparison.top1 is None
 
 
+@pytest.mark.parametrize(("rows", "needle"), [
+    ([("a", "pos", "train"), ("b", "pos", "test")], "one label (pos)"),
+    ([("a", "pos", "train"), ("  ", "neg", "test")], ":2: text must be a non-empty string"),
+    ([("a", "pos", "train"), ("b", "neg", "test")], "none for neg"),
+], ids=["one-label", "empty-text", "label-without-train-examples"])
+def test_task_data_that_proves_nothing_is_refused_before_any_model_runs(merged, tmp_path, monkeypatch, rows, needle):
+    """A set whose accuracy is 100% for any model, or a class without a centroid (NaN scores), is
+    bad input (exit 2, one line), found before the models load."""
+    from d2export.runtime import models
+
+    folder, out = merged("d2lora-minilm")
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": y, "split": s}) for t, y, s in rows))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    result = runner.invoke(app, ["verify", str(out), "--adapter", str(folder / "adapter"), "--base",
+                                 str(folder / "base"), "--task-data", str(data)])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert needle in result.stderr
+
+
 def test_text_calibration_with_the_models_tokenizer(merged, tmp_path):
     folder, out = merged("d2lora-minilm")
     text = tmp_path / "calibration.txt"

@@ -138,14 +138,17 @@ def _run_models(report: VerifyReport, job: Job, folder: ModelFolder, options: Ve
         if before_imports is not None:
             before_imports()
         from . import ladder, task  # noqa: F401  (they import torch and transformers)
+    from .task import check_scorable, load_task
+
     merged = report.merged
-    tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or options.task_data) else None
+    data = None
+    if options.task_data is not None:  # read and checked before any model runs
+        data = load_task(options.task_data)
+        check_scorable(data, folder.config)
+    tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or data is not None) else None
     if options.outputs:
         _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
-    if options.task_data is not None:
-        from .task import load_task
-
-        data = load_task(options.task_data)
+    if data is not None:
         for dtype in TASK_DTYPES:
             say(f"task accuracy in {dtype}")
             report.task.append(_task(merged, job, folder.config, tokenizer, data, dtype))

@@ -66,10 +66,28 @@ def load_task(path: str | Path) -> TaskData:
             text, label, split = row["text"], str(row["label"]), row.get("split", "test")
         except (json.JSONDecodeError, KeyError, TypeError):
             raise D2ExportError(f"task data {path}:{number}: expected JSON with text, label, split") from None
+        if not isinstance(text, str) or not text.strip():
+            raise D2ExportError(f"task data {path}:{number}: text must be a non-empty string")
         (train if split == "train" else test).append((text, label))
     if not test:
         raise D2ExportError(f"task data {path}: no test examples")
-    return TaskData(path, train, test)
+    data = TaskData(path, train, test)
+    if len(data.labels) < 2:
+        # every model scores 100% (or a classifier head by chance): a gap of 0 that proves nothing
+        raise D2ExportError(f"task data {path}: one label ({data.labels[0]}); an accuracy needs two or more")
+    return data
+
+
+def check_scorable(data: TaskData, config: dict) -> None:
+    """Refuse a set the model's scoring cannot use (checked before any model runs)."""
+    if scoring(config) == "classifier head":
+        return
+    if not data.train:
+        raise D2ExportError(f"task data {data.path}: centroid scoring needs a train split")
+    untrained = sorted({y for _, y in data.test} - {y for _, y in data.train})
+    if untrained:  # a class without train examples has no centroid (a mean of nothing: NaN scores)
+        raise D2ExportError(f"task data {data.path}: centroid scoring needs train examples of every label; "
+                            f"none for {', '.join(untrained)}")
 
 
 def scoring(config: dict) -> str:
@@ -90,8 +108,7 @@ def predict(model: nn.Module, tokenizer, config: dict, data: TaskData, *, batch_
                 name = id2label.get(i, str(i))
                 predictions.append(name if name in data.labels else str(i))
         return predictions
-    if not data.train:
-        raise D2ExportError(f"task data {data.path}: centroid scoring needs a train split")
+    check_scorable(data, config)
     train = _embed(model, tokenizer, [t for t, _ in data.train], batch_size)
     labels = data.labels
     centroids = torch.stack([

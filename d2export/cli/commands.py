@@ -230,6 +230,10 @@ def _verify(merged: Path, adapter: Path | None, base: Path | None, options: Veri
                 raise
             # say plainly that the folder exists and only the check could not run
             raise D2ExportError(f"{written}verification could not run: {message(exc)}") from exc
+        finally:
+            # merge --verify --onnx: the export allocates whole tensors over and over, and with
+            # every block from 1 MiB mapped afresh each one is page-faulted again
+            tune_malloc()
 
 
 @app.command("verify")

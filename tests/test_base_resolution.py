@@ -175,7 +175,7 @@ def test_inspect_and_dry_run_name_the_snapshot(hub, cache, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["merge_plan"]["base_source"]["snapshot"] == OLD
     result = cli(["merge", str(hub / "adapter"), "--out", str(tmp_path / "o"), "--dry-run"])
-    assert result.exit_code == 0 and f"{REPO}@{OLD}" in " ".join(result.stderr.split())
+    assert result.exit_code == 0 and f"{REPO}@{OLD}" in " ".join(result.stdout.split())
 
 
 def test_env_var_alone_in_a_fresh_process(hub, tmp_path):

@@ -208,7 +208,7 @@ def test_dry_run_checks_everything_and_writes_nothing(fixture, tmp_path):
     result = runner.invoke(app, ["merge", str(adapter), "--base", str(folder / "base"), "-o", str(tmp_path / "m"),
                                  "--dtype", "bf16", "--dry-run"])
     assert result.exit_code == 0, result.stderr
-    assert "dry run: would merge d2lora" in result.stderr and "nothing written" in result.stderr
+    assert "dry run: would merge d2lora" in result.stdout and "nothing written" in result.stdout
     assert tree_hash(tmp_path) == before and not (tmp_path / "m").exists()
     # the checks a real merge makes still run: an existing output without --force is refused
     (tmp_path / "m").mkdir()

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from ..options import BenchOptions, MergeOptions, OnnxOptions, Thresholds, Verif
 from . import render
 from .process import err, message, out, reported, settings
 from .progress import progress_display
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fold LoRA-family adapters (D2-LoRA, LoRA, rsLoRA, DoRA, DiffoRA) into plain weights.")
@@ -153,12 +156,13 @@ def merge_cmd(
     from ..merging import merge
 
     checkpoint = _adapter_folder(checkpoint, trainer_checkpoint)
+    console = _report_console(as_json)
     with reported():  # every option is checked before anything is read or written
         options = MergeOptions(dtype=dtype, compute_dtype=compute_dtype, max_shard_size=max_shard_size, force=force,
                                hash_inputs=not no_hash, revision=revision)
         verify_options = _verify_options(verify_flags) if verify else None
         if dry_run:
-            _dry_run(checkpoint, base, out_dir, options)
+            _dry_run(checkpoint, base, out_dir, options, console)
             return
     with progress_display("merging", quiet=quiet) as (progress, display), \
             reported(display, "interrupted: no output was written"):
@@ -166,16 +170,22 @@ def merge_cmd(
     verification = None if verify_options is None else _verify_written(result, verify_options, quiet)
     if as_json:
         print(json.dumps(result.report, indent=2))
-    render.print_merge(result.report, result.out)
+    render.print_merge(result.report, result.out, console)
     if verification is not None:
-        render.print_verify(verification, console=err)
+        render.print_verify(verification, console=console)
     failed = verification is not None and not verification.passed
     if onnx and not failed:
         failed = not _onnx(result.out, result.out.parent / f"{result.out.name}-onnx", OnnxOptions(force=force),
-                           quiet, written=f"the merged folder {result.out} was written"
+                           quiet, console, written=f"the merged folder {result.out} was written"
                            + (" and verified" if verification is not None else "") + "; ").passed
     if failed:
         raise typer.Exit(1)
+
+
+def _report_console(as_json: bool) -> Console:
+    """Where a command's human-readable report goes: stdout, or stderr where ``--json`` keeps
+    stdout for the JSON alone (progress and errors always go to stderr)."""
+    return err if as_json else out
 
 
 def _check_plot_location(plot: Path) -> None:
@@ -203,7 +213,8 @@ def _verify_written(result, options: VerifyOptions, quiet: bool):
     return verification
 
 
-def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options: MergeOptions) -> None:
+def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options: MergeOptions,
+             console: Console) -> None:
     """What ``merge`` would do, every check included, with nothing written."""
     from ..job import prepare
     from ..writing import check_output_location
@@ -211,7 +222,7 @@ def _dry_run(checkpoint: Path, base: Path | None, out_dir: Path | None, options:
     with prepare(checkpoint, base, options) as job:
         target = out_dir if out_dir is not None else job.default_out
         check_output_location(target, [job.spec.path, job.base.path], options.force)
-        render.print_plan(job, target)
+        render.print_plan(job, target, console)
 
 
 def _verify(merged: Path, adapter: Path | None, base: Path | None, options: VerifyOptions, quiet: bool, *,
@@ -262,7 +273,7 @@ def verify_cmd(
     report = _verify(merged, adapter, base, options, quiet)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
-    render.print_verify(report, console=err if as_json else out)
+    render.print_verify(report, console=_report_console(as_json))
     if not report.passed:
         raise typer.Exit(1)
 
@@ -291,21 +302,22 @@ def onnx_cmd(
         options = OnnxOptions(task=task, opset=opset, past=not no_past, optimize=optimize, quantize=quantize,
                               fp16=fp16, external_data=True if external_data else None, force=force,
                               validate=not no_validate)
-    result = _onnx(merged, out_dir, options, quiet)
+    result = _onnx(merged, out_dir, options, quiet, _report_console(as_json))
     if as_json:
         print(json.dumps(result.report, indent=2))
     if not result.passed:
         raise typer.Exit(1)
 
 
-def _onnx(model_dir: Path, out_dir: Path | None, options: OnnxOptions, quiet: bool, written: str = ""):
+def _onnx(model_dir: Path, out_dir: Path | None, options: OnnxOptions, quiet: bool, console: Console,
+          written: str = ""):
     """``written``: what ``merge --onnx`` wrote before (said when the export is stopped)."""
     from ..onnx import export_onnx
 
     stopped = f"interrupted: {written}no ONNX export was written" if written else "interrupted: no output was written"
     with progress_display("ONNX", quiet=quiet) as (progress, display), reported(display, stopped):
         result = export_onnx(model_dir, out_dir, options=options, progress=progress)
-    render.print_onnx(result.report, result.out)
+    render.print_onnx(result.report, result.out, console)
     return result
 
 
@@ -343,7 +355,7 @@ def bench_cmd(
         report = run_bench(merged, adapter, base=base, onnx_dir=onnx_dir, options=options, progress=progress)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
-    render.print_bench(report, console=err if as_json else out)
+    render.print_bench(report, console=_report_console(as_json))
     if plot is not None:
         with reported():
             err.print(f"plot written to {plot_report(report, plot)}", highlight=False, markup=False)

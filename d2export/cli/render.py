@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .process import err, out
+from .process import out
 
 MAX_FAILURE_LINES = 20
 
@@ -51,20 +51,20 @@ def print_inspect(info: dict) -> None:
         out.print(f"[yellow]merge plan unavailable:[/] {escape(plan['reason'])}")
 
 
-def print_plan(job, out_dir: Path) -> None:
+def print_plan(job, out_dir: Path, console: Console) -> None:
     """``merge --dry-run``: what would be written where."""
     from ..plan import Action
 
     plan = job.plan
     counts = {a: sum(t.action is a for t in plan.tensors) for a in Action}
-    err.print(f"dry run: would merge {job.spec.method} from {escape(str(job.spec.path))} into the base "
+    console.print(f"dry run: would merge {job.spec.method} from {escape(str(job.spec.path))} into the base "
               f"{escape(base_phrase(job.source, job.base.path))} and write {escape(str(out_dir))}: "
               f"{counts[Action.MERGE]} tensors merged, "
               f"{counts[Action.UNSELECTED]} left as base (DiffoRA), {counts[Action.REPLACE]} replaced, "
               f"{counts[Action.BIAS]} biases, {plan.total_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
               "nothing written", highlight=False)
     for note in plan.notes:
-        err.print(f"note: {note}", highlight=False, markup=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def base_phrase(source, path: Path) -> str:
@@ -72,23 +72,23 @@ def base_phrase(source, path: Path) -> str:
     return source.describe() if source is not None else str(path)
 
 
-def print_merge(report: dict, out_dir: Path) -> None:
+def print_merge(report: dict, out_dir: Path, console: Console) -> None:
     t = report["tensors"]
     base = report["base"]
     where = f"{base['repo_id']}@{base['snapshot']}" if base.get("snapshot") else base["path"]
-    err.print(f"merged {report['method']} into {escape(str(out_dir))} (base {escape(where)}): "
+    console.print(f"merged {report['method']} into {escape(str(out_dir))} (base {escape(where)}): "
               f"{t['merge']} tensors merged, "
               f"{t['unselected']} left as base (DiffoRA), {t['replace']} replaced, {t['bias']} biases, "
               f"{report['output']['total_bytes'] / 1e6:,.1f} MB in {len(report['output']['shards'])} shard(s)",
               highlight=False)
     for note in report["notes"]:
-        err.print(f"note: {note}", highlight=False, markup=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
-def print_onnx(report: dict, out_dir: Path) -> None:
+def print_onnx(report: dict, out_dir: Path, console: Console) -> None:
     files = ", ".join(f"{name} ({size / 1e6:,.1f} MB)" for name, size in report["files"].items()
                       if name.endswith((".onnx", ".onnx_data")))
-    err.print(f"exported {report['task']} ({report['dtype']}, opset {report['opset']}"
+    console.print(f"exported {report['task']} ({report['dtype']}, opset {report['opset']}"
               f"{', external data' if report['external_data'] else ''}) to {escape(str(out_dir))}: {files}",
               highlight=False)
     validation = report.get("validation")
@@ -107,15 +107,15 @@ def print_onnx(report: dict, out_dir: Path) -> None:
                               "-" if decode is None else f"{decode['relative']:.1e}",
                               "-" if generate is None else f"{generate['matching']}/{generate['prompts']}",
                               "[green]ok[/]" if graph["passed"] else "[red]FAIL[/]")
-        err.print(table)
+        console.print(table)
         for _, graph in graphs:
             for failure in graph["failures"]:
-                err.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
+                console.print(f"[red]FAIL[/] {escape(failure)}", highlight=False)
         if st_check.get("error"):
-            err.print(f"[red]FAIL[/] {escape(st_check['error'])}", highlight=False)
+            console.print(f"[red]FAIL[/] {escape(st_check['error'])}", highlight=False)
     for note in report["notes"]:
-        err.print(f"note: {note}", markup=False, highlight=False)
-    err.print("[bold green]ONNX export validated[/]" if report["passed"] and validation else
+        console.print(f"note: {note}", markup=False, highlight=False)
+    console.print("[bold green]ONNX export validated[/]" if report["passed"] and validation else
               "[bold red]ONNX validation FAILED[/]" if validation else "ONNX export not validated")
 
 

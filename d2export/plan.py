@@ -100,6 +100,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
             notes.append(f"left out, {head.architecture} has no place for them: {', '.join(dropped)}")
         notes.append(f"written as {head.architecture} with {head.num_labels} labels: the adapter's task head "
                      f"({', '.join(sorted(targets.head_only))}) is not in the base")
+    notes += _negative_tau(spec)
     return MergePlan(
         spec=spec, base=base, arch=arch, tensors=tensors,
         shards=_shard_layout(tensors, base, options.max_shard_size),
@@ -282,6 +283,18 @@ def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
                 f"the adapter changes {sorted(group & touched)}, tied to {sorted(group - touched)}, "
                 "and this architecture cannot be untied through tie_word_embeddings"
             )
+
+
+def _negative_tau(spec: AdapterSpec) -> list[str]:
+    """A note where D2-LoRA's tau is below zero: merged as written (a learned tau may cross zero,
+    and the method forbids nothing), but the negative branch then adds to the update instead of
+    subtracting from it, which a config typo (``-0.5`` for ``0.5``) also gives."""
+    negative = {m: u.tau for m, u in spec.updates.items() if u.tau is not None and u.tau < 0}
+    if not negative:
+        return []
+    first = min(negative)
+    return [f"tau is negative in {len(negative)} module(s) ({first}: {negative[first]:g}): their negative "
+            "branch adds to the update instead of subtracting"]
 
 
 def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: int | None

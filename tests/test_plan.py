@@ -92,6 +92,17 @@ def test_bias_of_an_unselected_module_stays_the_base(tmp_path):
     assert tensors[f"{DOWN}.bias"].action is Action.COPY
 
 
+def test_negative_tau_merges_with_a_note(tmp_path):
+    """A negative D2-LoRA tau (learned across zero, or a typo) merges as written, and says that the
+    negative branch adds."""
+    spec = adapter(lora(UP, F, H, tau=-0.25), lora(DOWN, H, F, tau=0.5), lora(Q, H, H, tau=-1.0))
+    plan = build_plan(spec, base(tmp_path))
+    assert by_name(plan)[f"{UP}.weight"].action is Action.MERGE
+    assert plan.notes == [f"tau is negative in 2 module(s) ({UP}: -0.25): their negative branch adds to the "
+                          "update instead of subtracting"]
+    assert build_plan(adapter(lora(UP, F, H, tau=0.5)), base(tmp_path / "b")).notes == []
+
+
 def test_adapter_names_without_the_base_model_prefix(tmp_path):
     """An adapter saved from the bare ``LlamaModel`` (no ``model.``) matched to the causal LM."""
     spec = adapter(lora("layers.0.mlp.up_proj", F, H))

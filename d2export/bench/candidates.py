@@ -84,7 +84,7 @@ def onnx_files(merged: Path, onnx_dir: Path | None) -> tuple[Path | None, list[t
     if onnx_dir is None:
         default = merged.parent / f"{merged.name}-onnx"
         if not default.is_dir():
-            return None, [], [f"no ONNX export at {default} (give onnx_dir to include ONNX Runtime)"]
+            return None, [], [f"no ONNX export at {default}, so ONNX Runtime is not timed (export one there first)"]
         onnx_dir = default
     if not onnx_dir.is_dir():
         raise D2ExportError(f"ONNX folder not found: {onnx_dir}")

@@ -55,6 +55,10 @@ ARCHS = [
     Arch("gemma", "GemmaConfig", "GemmaForCausalLM", dict(DECODER, head_dim=8), extra=["embed_tokens"]),
     Arch("gemma2", "Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8, sliding_window=16),
          extra=["up_proj"]),
+    # Gemma3 scales its embedding in the embedding module's own forward (a ScaledWordEmbedding):
+    # the run-time layer replacing that forward must scale the update too, as PEFT does
+    Arch("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8, sliding_window=16),
+         extra=["embed_tokens"]),
     Arch("phi", "PhiConfig", "PhiForCausalLM", dict(SMALL, max_position_embeddings=128, pad_token_id=0)),
     Arch("phi3", "Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0),  # fused qkv_proj, gate_up_proj
          targets=["qkv_proj", "gate_up_proj"]),

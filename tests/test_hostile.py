@@ -218,6 +218,7 @@ def test_paths_that_are_not_utf8(fixture, tmp_path, monkeypatch):
     result = cli(c.argv(out=out))
     assert result.exit_code == 0, result.stderr
     assert (out / "model.safetensors").is_file() and "\\udcff" in (out / "README.md").read_text()
+    assert "\\udcfe" in result.stdout  # the report names the folder, escaped
     shutil.rmtree(out)
     c.config(lambda d: d.update(r="x"))
     before = tree_state(tmp_path)

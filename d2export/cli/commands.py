@@ -3,11 +3,13 @@ renders the result. Validation lives in the options objects, the work in the lib
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -104,6 +106,10 @@ def main(
 ) -> None:
     settings["debug"] = debug
     settings["verbose"] = verbose or debug
+    # a path that is not UTF-8 (bytes decoded as surrogates) is printed escaped, as Python's
+    # stderr already does, instead of ending the report with a UnicodeEncodeError
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")
     # read when transformers is first imported, which the commands do later (and only if needed)
     if settings["verbose"]:
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"

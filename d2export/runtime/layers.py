@@ -199,6 +199,15 @@ class AdapterLayer(nn.Module):
         norms = torch.linalg.vector_norm(v, dim=1).detach()
         return self._target().to(dtype) / norms
 
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The scalar a scaled word embedding (Gemma3's, BART's with ``scale_embedding``) multiplies
+        its rows by in its own forward, which this layer's forward replaces: it scales the update
+        too, as in the merged embedding's forward and in PEFT's (``_get_embed_scale``)."""
+        scale = getattr(self.base, "embed_scale", None)
+        if isinstance(scale, int | float):
+            return torch.tensor(float(scale))
+        return scale if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = self.factors()
         if self.embedding:
@@ -220,6 +229,9 @@ class AdapterLayer(nn.Module):
         g = self.row_scale()
         if g is not None:
             y = y * g
+        embed_scale = self._embed_scale() if self.embedding else None
+        if embed_scale is not None:
+            y = y * embed_scale.to(y.dtype)
         if bias is not None:
             y = y + bias
         if self.bias_delta is not None:

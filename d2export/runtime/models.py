@@ -87,18 +87,21 @@ def head_kind(config: dict) -> str:
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_bytes: int | None = None,
-               stream_leaves: bool = True, relabeled: bool = False, **config_overrides) -> nn.Module:
+               stream_leaves: bool = True, relabeled: bool = False, model_class: str | None = None,
+               **config_overrides) -> nn.Module:
     """``from_pretrained`` with the Auto class the config's architecture calls for, in eval mode.
     ``resident_bytes``: stream the weights beyond that many bytes from the folder's files, layer by
     layer (:mod:`.streaming`); None: load them all. ``stream_leaves`` False: embeddings and heads
     stay in memory whatever their size. ``relabeled``: the overrides give the classifier another
-    label count, so its head is left out of the loading (the adapter's head replaces it)."""
+    label count, so its head is left out of the loading (the adapter's head replaces it).
+    ``model_class``: a transformers class to load instead of the Auto class."""
     import transformers
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
     # the class the overrides call for: an adapter-only task head loads the base as that head model
-    cls = getattr(transformers, AUTO_CLASSES.get(head_kind({**read_config(folder), **config_overrides}), "AutoModel"))
+    cls = getattr(transformers, model_class or AUTO_CLASSES.get(head_kind({**read_config(folder), **config_overrides}),
+                                                               "AutoModel"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -184,7 +187,7 @@ def adapted_base(base: Path, spec: AdapterSpec, dtype: torch.dtype, **kwargs) ->
 
 
 def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes: int | None = None,
-                **config_overrides) -> nn.Module:
+                model_class: str | None = None, **config_overrides) -> nn.Module:
     """The base loaded with the config ``changes`` of a merge. A new ``vocab_size`` is applied by
     ``resize_token_embeddings`` after loading (from_pretrained refuses the base's tensors at a new
     size); the new rows are then set from the adapter's tensors by the caller."""
@@ -195,7 +198,7 @@ def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes
         changes["id2label"] = {int(k): v for k, v in changes["id2label"].items()}
         relabeled = label_count(read_config(base)) not in (None, len(changes["id2label"]))
     model = load_model(base, dtype, resident_bytes=resident_bytes, stream_leaves=vocab is None, relabeled=relabeled,
-                       **changes, **config_overrides)
+                       model_class=model_class, **changes, **config_overrides)
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
         if dtype == torch.float32 and any(is_streamed(m) for m in model.modules()):
@@ -218,11 +221,24 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
     0.08 off on a tied head)."""
     if not peft_usable(spec):
         return None
+    import transformers
     from peft import PeftModel
 
+    model = adapted_base(base, spec, dtype)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    trained_on = (read_config(base).get("architectures") or [None])[0]
+    own_class = (prefix and not hasattr(model, prefix) and hasattr(transformers, str(trained_on))
+                 and any(m.startswith(f"{prefix}.") for m in spec.updates))
+    if own_class:
+        # trained on the checkpoint's own class (ElectraForPreTraining), which verify loads as its
+        # bare model (AutoModel): PEFT finds the adapter's keys ("electra.encoder...") only on that
+        # class, and left unmatched it would run its layers' initial factors. Its bare model, the
+        # one inside, is what runs.
+        model = adapted_base(base, spec, dtype, model_class=trained_on)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(adapted_base(base, spec, dtype), spec.path).eval()
+        peft = PeftModel.from_pretrained(model, spec.path).eval()
+    return getattr(peft.base_model.model, prefix) if own_class else peft
 
 
 def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None, values=None) -> nn.Module:

@@ -517,6 +517,20 @@ def test_folder_of_another_architecture_is_bad_input(fixture):
     assert len(result.stderr.splitlines()) == 1 and "a bert model" in result.stderr and "a llama model" in result.stderr
 
 
+def test_models_whose_inputs_the_output_checks_cannot_make_are_named():
+    """Audio models and text-and-image models are refused by the output checks in one line (they
+    ended in a transformers error about a missing input, read as an unexpected exception)."""
+    from d2export.runtime.models import inputs_problem
+
+    assert inputs_problem({"architectures": ["Wav2Vec2ForCTC"]}) == "Wav2Vec2ForCTC takes audio samples (input_values)"
+    assert inputs_problem({"architectures": ["WhisperForConditionalGeneration"]}) == (
+        "WhisperForConditionalGeneration takes audio features (input_features)")
+    assert inputs_problem({"architectures": ["CLIPModel"], "text_config": {}, "vision_config": {}}) == (
+        "CLIPModel takes text and images together")
+    for fed in ("LlamaForCausalLM", "ViTForImageClassification", "T5ForConditionalGeneration", "NoSuchModel"):
+        assert inputs_problem({"architectures": [fed]}) is None
+
+
 def test_cli_merge_verify_records_figures(fixture, tmp_path):
     folder = fixture("d2lora-llama")
     result = runner.invoke(app, ["merge", str(folder / "adapter"), "--base", str(folder / "base"), "--out",

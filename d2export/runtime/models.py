@@ -113,6 +113,24 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     return model.eval()
 
 
+# What a model's forward takes first (transformers' ``main_input_name``), for inputs the output
+# checks cannot make: their calibration is token ids (text) or pixel values (images).
+OTHER_INPUTS = {"input_values": "audio samples", "input_features": "audio features"}
+
+
+def inputs_problem(config: dict) -> str | None:
+    """Why the output checks cannot feed the model ``config`` describes (None: they can)."""
+    import transformers
+
+    name = (config.get("architectures") or [None])[0]
+    if isinstance(config.get("text_config"), dict) and isinstance(config.get("vision_config"), dict):
+        return f"{name or config.get('model_type')} takes text and images together"
+    main = getattr(getattr(transformers, str(name), None), "main_input_name", "input_ids")
+    if main in ("input_ids", "pixel_values"):
+        return None
+    return f"{name} takes {OTHER_INPUTS.get(main, main)} ({main})"
+
+
 def import_model_code(folder: Path) -> None:
     """Import the transformers code that loading ``folder``'s model runs, without loading it."""
     import transformers

@@ -138,8 +138,13 @@ def _run_models(report: VerifyReport, job: Job, folder: ModelFolder, options: Ve
         if before_imports is not None:
             before_imports()
         from . import ladder, task  # noqa: F401  (they import torch and transformers)
+    from ..runtime.models import inputs_problem
     from .task import check_scorable, load_task
 
+    problem = inputs_problem(folder.config)
+    if problem is not None:
+        raise D2ExportError(f"{report.merged}: {problem}; the output checks feed token ids or images only "
+                            "(the weight check alone runs with --weights-only)")
     merged = report.merged
     data = None
     if options.task_data is not None:  # read and checked before any model runs

@@ -8,9 +8,10 @@ shapes and the adapter's ``fan_in_fan_out``.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .quiet import libraries_quiet
 
 if TYPE_CHECKING:
     import torch
@@ -82,8 +83,7 @@ def _meta_model(config: dict) -> torch.nn.Module:
     cfg = transformers.AutoConfig.for_model(**config)
     names = config.get("architectures") or []
     cls = getattr(transformers, names[0], None) if names else None
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.device("meta"), libraries_quiet():
         if cls is not None:
             return cls._from_config(cfg)
         return transformers.AutoModel.from_config(cfg)

@@ -10,11 +10,11 @@ references compute what the adapter was trained as.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import D2ExportError
+from .quiet import libraries_quiet
 
 # PEFT task types whose model adds a head to the base, -> transformers' table of those head classes.
 TASK_HEADS = {
@@ -74,8 +74,7 @@ def _head_shapes(architecture: str, base_config: dict, num_labels: int) -> tuple
 
     config = {k: v for k, v in base_config.items() if k not in ("id2label", "label2id", "architectures")}
     cfg = transformers.AutoConfig.for_model(**config, num_labels=num_labels)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.device("meta"), libraries_quiet():
         model = getattr(transformers, architecture)._from_config(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes, getattr(model, "base_model_prefix", "") or ""

@@ -531,6 +531,25 @@ def test_models_whose_inputs_the_output_checks_cannot_make_are_named():
         assert inputs_problem({"architectures": [fed]}) is None
 
 
+def test_verify_leaves_a_host_process_as_it_found_it(merged):
+    """Inside a serving pipeline: a host's frozen heap stays frozen (verify froze and then unfroze
+    everything), and transformers' progress bars stay on."""
+    import gc
+
+    from transformers.utils import logging as transformers_logging
+
+    folder, out = merged("d2lora-llama")
+    transformers_logging.enable_progress_bar()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        assert verify(out, folder / "adapter", base=folder / "base", resident=1, weights=False).passed
+        assert gc.get_freeze_count() >= frozen > 0
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        gc.unfreeze()
+
+
 def test_cli_merge_verify_records_figures(fixture, tmp_path):
     folder = fixture("d2lora-llama")
     result = runner.invoke(app, ["merge", str(folder / "adapter"), "--base", str(folder / "base"), "--out",

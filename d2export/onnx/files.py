@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..quiet import libraries_quiet
 
 MODEL_NAME = "model.onnx"
 QUANTIZED_NAME = "model_quantized.onnx"  # optimum's ORTQuantizer naming, so ORTModel*(file_name=...) finds it
@@ -93,8 +94,7 @@ def quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     hf_level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with libraries_quiet():
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()  # "Loading checkpoint shards": d2export shows its own progress
         for lg in loggers:

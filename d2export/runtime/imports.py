@@ -30,6 +30,9 @@ def frozen_imports(folder: Path):
     (:func:`uncollected`; docs/design.md §6, *Cost*)."""
     from .models import import_model_code  # torch: only once the caller imports it
 
+    # a host that froze its own heap (a pre-fork server, gc.freeze before forking) keeps it frozen:
+    # unfreezing moves every frozen object back, the host's too, so then this leaves its own frozen
+    hosts = gc.get_freeze_count() > 0
     with uncollected():
         try:
             import_model_code(folder)
@@ -41,5 +44,5 @@ def frozen_imports(folder: Path):
     try:
         yield
     finally:
-        if frozen:
+        if frozen and not hosts:
             gc.unfreeze()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from ..errors import D2ExportError
 from ..formats.stored import forget_recent
 from ..heads import label_count
 from ..names import find_name
+from ..quiet import libraries_quiet
 from ..reading import read_config
 from ..spec import AdapterSpec
 from .calibration import Batch
@@ -98,18 +98,22 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
     import transformers
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # d2export shows its own progress; one bar per shard is noise
     # the class the overrides call for: an adapter-only task head loads the base as that head model
     cls = getattr(transformers, model_class or AUTO_CLASSES.get(head_kind({**read_config(folder), **config_overrides}),
                                                                "AutoModel"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # d2export shows its own progress (one bar per shard is noise); a caller's setting comes back after
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    with libraries_quiet():
         try:
             model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides, stream_leaves,
                                      {"ignore_mismatched_sizes": True} if relabeled else {})
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
     return model.eval()
 
 
@@ -253,8 +257,7 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
         # class, and left unmatched it would run its layers' initial factors. Its bare model, the
         # one inside, is what runs.
         model = adapted_base(base, spec, dtype, model_class=trained_on)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with libraries_quiet():
         peft = PeftModel.from_pretrained(model, spec.path).eval()
     return getattr(peft.base_model.model, prefix) if own_class else peft
 

@@ -266,14 +266,14 @@ def streaming_kwargs(cls, folder: Path, dtype: torch.dtype, resident_bytes: int 
     tensors that are not in safetensors files (a ``.bin`` base); it lives as long as the model."""
     if resident_bytes is None:
         return {}
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, **overrides)
-    with init_empty_weights():
+    # torch's device context holds for this thread alone, where accelerate's init_empty_weights
+    # patches every module's parameter registration, a host's other threads' included
+    with torch.device("meta"):
         skeleton = cls.from_config(config, dtype=dtype)
-    # from_pretrained ties after loading, from_config does not; inside init_empty_weights, tying makes
-    # a new meta parameter instead of sharing one
+    # from_pretrained ties after loading, from_config does not
     skeleton.tie_weights()
     size = sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
     blocks = set(getattr(skeleton, "_no_split_modules", None) or ())

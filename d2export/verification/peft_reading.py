@@ -13,11 +13,11 @@ adapter is read, not the factors' values (the full comparison, on outputs, does 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 from ..arrays import is_float
 from ..job import Job
+from ..quiet import libraries_quiet
 from ..spec import Rescale
 
 ADAPTER_NAME = "default"  # the name PeftModel.from_pretrained gives the adapter it loads
@@ -111,8 +111,7 @@ def _peft_layers(job: Job) -> dict[str, tuple[int, float, bool]]:
     # torch's device context is this thread's alone (accelerate's init_empty_weights patches every
     # thread's modules, and verify reads this while its models load and run); the dtype given keeps
     # transformers from setting another process-wide default dtype meanwhile
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
+    with libraries_quiet(), torch.device("meta"):
         skeleton = cls.from_config(config, dtype=torch.float32)
         model = PeftModel.from_pretrained(skeleton, job.spec.path, adapter_name=ADAPTER_NAME)
     return {path: (int(m.r[ADAPTER_NAME]), float(m.scaling[ADAPTER_NAME]), bool(m.use_dora.get(ADAPTER_NAME)))

@@ -235,6 +235,25 @@ def test_a_model_that_amplifies_rounding_is_judged_on_its_floor_as_far_as_a_unit
     assert not given.passed
 
 
+def test_another_tools_folder_on_an_amplifying_model_may_add_what_its_own_weight_units_explain():
+    """PEFT's float32 merge of an ill-conditioned Qwen2 (weights up to 2.38 units off, within the
+    weight check's 32): 1.33e-5 from the unmerged model, the floor 8.54e-6, 1.55e-5 per nudged unit.
+    The folder is 5.71e-6 from the correctly rounded merge, which its 2.38 units explain: it passes
+    on floor + that distance, past the 1.5x slack. The same distance with weights a tenth of a unit
+    off is not explained, and the slack applies."""
+    limits = dict(fixed_abs=7.24e-6, min_top1=0.99, explicit=False, ceiling=None, sensitivity=1.55e-5)
+    peft = _check(1.33e-5)
+    judge_fidelity(peft, _check(8.54e-6), weight_units=2.38, off_rounded=5.71e-6, **limits)
+    assert peft.passed, peft.problem
+    assert "plus the folder's own 5.71e-06 from the correctly rounded merge" in peft.rule
+    unexplained = _check(1.33e-5)
+    judge_fidelity(unexplained, _check(8.54e-6), weight_units=0.1, off_rounded=5.71e-6, **limits)
+    assert not unexplained.passed and "> 1.28e-05" in unexplained.problem
+    exact = _check(1.33e-5)  # an exact folder (no distance given): the slack alone
+    judge_fidelity(exact, _check(8.54e-6), **limits)
+    assert not exact.passed
+
+
 def test_the_nudged_merge_runs_where_the_floor_is_past_the_fixed_limits(merged, monkeypatch):
     """With fixed limits below a float32 folder's floor (as an ill-conditioned model's are), verify
     runs the correctly rounded merge nudged a unit per element and reports how far it moves the

@@ -220,13 +220,28 @@ class Ladder:
         found a few elements off (another tool's merge), it kept their correctly rounded values,
         and the folder's tensors with those set are that merge's, likewise. (Streamed, a computed
         merge is computed again at every pass over the model.) ``nudge``: every merged tensor's
-        elements then moved a unit at random (:func:`.rounding.nudged`; only where the folder's
-        tensors give the merge)."""
+        elements then moved a unit at random (:func:`.rounding.nudged`)."""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
         run_dtype = numpy_dtype(dtype)
+
+        def moved(t, values) -> np.ndarray:
+            if not (nudge and t.action is Action.MERGE):
+                return values
+            # a unit of the dtype the model runs in, where that is the coarser: a float32 folder run
+            # in bfloat16 has its weights rounded to bfloat16 as it loads
+            values = np.asarray(values)
+            if run_dtype.itemsize < values.dtype.itemsize:
+                values = round_to_dtype(values, run_dtype)
+            return nudged(values, seed=zlib.crc32(t.name.encode()))
+
         if weights is None or not weights.correctable:  # an exact folder is correctable, with nothing to correct
-            return merged_model(plan, dtype, resident_bytes=self.resident)
+            if not nudge:
+                return merged_model(plan, dtype, resident_bytes=self.resident)
+            from ..merging import produce
+
+            return merged_model(plan, dtype, resident_bytes=self.resident,
+                                values=lambda t: moved(t, produce(plan, t)[0]))
         folder, prefix = self.folder, plan.arch.base_model_prefix
         corrections = {t.name: t.corrections for t in weights.tensors if t.corrections is not None}
 
@@ -236,14 +251,7 @@ class Ladder:
                 where, rounded = corrections[t.name]
                 stored = np.array(stored)
                 stored.reshape(-1)[where] = rounded.astype(stored.dtype)
-            if nudge and t.action is Action.MERGE:
-                # a unit of the dtype the model runs in, where that is the coarser: a float32 folder run
-                # in bfloat16 has its weights rounded to bfloat16 as it loads
-                values = np.asarray(stored)
-                if run_dtype.itemsize < values.dtype.itemsize:
-                    values = round_to_dtype(values, run_dtype)
-                return nudged(values, seed=zlib.crc32(t.name.encode()))
-            return stored
+            return moved(t, stored)
 
         return merged_model(plan, dtype, resident_bytes=self.resident, values=value)
 
@@ -300,7 +308,7 @@ class Ladder:
         c, f = fidelity.comparison, cost.comparison
         beyond_fixed = c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)
         if (not explicit and beyond_fixed and (ceiling is None or f.max_abs > ceiling) and weights is not None
-                and weights.correctable and (loading.passed or not exact)):
+                and weights.passed and not weights.extra and (loading.passed or not exact)):
             # the floor is past what rounding explains at this scale: how far does the model move for
             # rounding-sized changes? (outputs.FLOOR_CEILING_UNITS)
             probe = self.compare("rounding sensitivity", NUDGED, FOLDER if exact else ROUNDED, dtype)
@@ -309,12 +317,14 @@ class Ladder:
             sensitivity = probe.comparison.max_abs
             checks.append(probe)
         judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit, ceiling=ceiling,
-                       sensitivity=sensitivity)
+                       sensitivity=sensitivity, off_rounded=None if exact else loading.comparison.max_abs,
+                       weight_units=None if weights is None else weights.summary()["max_units"])
         if fidelity.passed and beyond_fixed:
             report.notes.append(
-                f"outputs ({dtype}): beyond the fixed limits, but no further from the unmerged model than the "
-                f"correctly rounded {report.merged_dtype} merge (max |d| {f.max_abs:.3g}, top-1 "
-                f"{percent(f.top1)}): the difference is the rounding of the output dtype, not the merge"
+                f"outputs ({dtype}): the folder (max |d| {c.max_abs:.3g}, top-1 {percent(c.top1)}) is beyond the "
+                f"fixed limits, but within what the correctly rounded {report.merged_dtype} merge's own distance "
+                f"from the unmerged model allows (max |d| {f.max_abs:.3g}, top-1 {percent(f.top1)}): the difference "
+                f"is the rounding of the output dtype, not the merge"
                 + ("" if sensitivity is None else
                    f", amplified by this model (a merge nudged a unit per element moves its outputs by "
                    f"{sensitivity:.3g})"))

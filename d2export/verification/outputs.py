@@ -145,7 +145,8 @@ def judge_loading(check: OutputCheck, weights_exact: bool) -> None:
 
 
 def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, min_top1: float,
-                   explicit: bool, ceiling: float | None, sensitivity: float | None = None) -> None:
+                   explicit: bool, ceiling: float | None, sensitivity: float | None = None,
+                   weight_units: float | None = None, off_rounded: float | None = None) -> None:
     """The folder against the unmerged model, no further than the correctly rounded merge (``floor``,
     against the same reference) up to :data:`FLOOR_SLACK` (top-1 and greedy choices: the sign test
     of :data:`FLOOR_SIGN_TEST_ALPHA`); never held to less than the fixed per-dtype limits (``fixed_abs``,
@@ -154,7 +155,12 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     rounding to the folder's dtype can explain (None for a float32 folder, whose rounding is
     already inside the fixed limits); a floor beyond it is not consulted, unless it is within
     :data:`FLOOR_CEILING_UNITS` of ``sensitivity``, how far a merge nudged a unit per element moves
-    the outputs (None where not measured).
+    the outputs (None where not measured). A folder whose weights are not all the correctly rounded
+    values (another tool's merge, within the weight check's limits: at most ``weight_units`` units
+    off) is ``off_rounded`` from the correctly rounded merge; where a floor stands on the measured
+    sensitivity, that distance is allowed on top of the floor as long as those units explain it
+    (``off_rounded <= weight_units * sensitivity``): the folder is then the floor plus its own
+    admitted rounding, which the slack alone does not cover in a model that amplifies rounding.
 
     Mean KL is allowed ``fixed_abs**2 / 2`` at least: logits that differ by at most ``d`` everywhere
     give distributions at most ``d**2 / 2`` apart in KL (Hoeffding's lemma), so the bound adds
@@ -186,10 +192,16 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
         check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", {choices}" if c.top1 is not None else "") + standing
     else:
         allowed_abs = max(fixed_abs, FLOOR_SLACK * f.max_abs)
+        own = ""
+        if (sensitivity is not None and weight_units is not None and off_rounded is not None
+                and off_rounded <= weight_units * sensitivity and f.max_abs + off_rounded > allowed_abs):
+            allowed_abs = f.max_abs + off_rounded
+            own = (f"; plus the folder's own {off_rounded:.3g} from the correctly rounded merge, within what its "
+                   f"weights' {weight_units:.3g} units move this model")
         if f.mean_kl is not None:
             allowed_kl = max(allowed_kl, FLOOR_SLACK ** 2 * f.mean_kl)
         check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
-                      f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g})"
+                      f"{f.max_abs:.3g} and the fixed {fixed_abs:.3g}{own})"
                       + (f", {choices}, mean KL <= {allowed_kl:.3g}" if c.top1 is not None else "") + standing)
     if not c.max_abs <= allowed_abs:  # also catches inf/nan
         check.fail(f"{check.difference} {c.max_abs:.3g} > {allowed_abs:.3g} (scale {c.scale:.3g}, the correctly "

@@ -302,4 +302,5 @@ def test_verbose_shows_the_libraries_log_and_the_default_does_not(merged):
     loud = subprocess.run([*command[:3], "-v", *command[3:]], capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "loading configuration file" in loud.stderr and "loading configuration file" not in quiet.stderr
-    assert "meta device" in loud.stderr and "meta device" not in quiet.stderr
+    # accelerate's warning about the offload d2export asks for is dropped either way (it reads as a fault)
+    assert "meta device" not in loud.stderr and "meta device" not in quiet.stderr

@@ -127,6 +127,28 @@ def test_task_data_that_proves_nothing_is_refused_before_any_model_runs(merged, 
     assert needle in result.stderr
 
 
+def test_a_folder_without_the_buffers_transformers_rebuilds_passes_with_a_note(merged, tmp_path):
+    """all-MiniLM-L6-v2 stores ``embeddings.position_ids``; transformers' save_pretrained no longer
+    writes it, so PEFT's merged folders lack it: not a failure (transformers builds the same values
+    when loading), but a note. A real weight missing still fails."""
+    from safetensors.torch import load_file, save_file
+
+    folder, out = merged("d2lora-minilm")
+    copy = tmp_path / "m"
+    shutil.copytree(out, copy)
+    tensors = load_file(copy / "model.safetensors")
+    assert "embeddings.position_ids" in tensors
+    del tensors["embeddings.position_ids"]
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    report = verify(copy, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    assert "with the base's values: embeddings.position_ids" in " ".join(report.notes)
+    del tensors["embeddings.LayerNorm.bias"]
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    report = verify(copy, folder / "adapter", base=folder / "base", outputs=False)
+    assert [t.name for t in report.weights.failures] == ["embeddings.LayerNorm.bias"]
+
+
 def test_text_calibration_with_the_models_tokenizer(merged, tmp_path):
     folder, out = merged("d2lora-minilm")
     text = tmp_path / "calibration.txt"

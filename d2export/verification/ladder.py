@@ -246,7 +246,10 @@ class Ladder:
         corrections = {t.name: t.corrections for t in weights.tensors if t.corrections is not None}
 
         def value(t) -> np.ndarray:
-            stored = folder.read(find_name(t.name, folder.tensors, prefix))
+            name = find_name(t.name, folder.tensors, prefix)
+            if name is None:  # a buffer the folder leaves to transformers (weights.rebuilt_by_loader)
+                return plan.base.read(t.source)
+            stored = folder.read(name)
             if t.name in corrections:
                 where, rounded = corrections[t.name]
                 stored = np.array(stored)

@@ -163,6 +163,10 @@ def _set_weights(report: VerifyReport, weights: WeightReport) -> None:
     report.weights = weights
     if weights.extra:
         report.notes.append(f"tensors in the folder that the merge does not produce: {', '.join(weights.extra)}")
+    rebuilt = [t.name for t in weights.tensors if t.rebuilt]
+    if rebuilt:
+        report.notes.append(f"not in the folder, but buffers transformers builds when loading, with the base's values: "
+                            f"{', '.join(rebuilt)}")
 
 
 def _base_mismatch(merged: Path, source: BaseSource | None) -> list[str]:

@@ -84,6 +84,8 @@ class TensorCheck:
     # Rows whose elements clearly off the correct rounding lean toward zero, away from it, below
     # and above it (:data:`.rounding.TIE_DOUBT`); None where no element is clearly off.
     leaning: list[int] | None = None
+    # missing from the folder, but a buffer transformers builds with the base's values (:func:`rebuilt_by_loader`)
+    rebuilt: bool = False
 
     @property
     def passed(self) -> bool:
@@ -198,6 +200,8 @@ def _check_tensor(plan: MergePlan, merged: ModelFolder, max_units: float | None,
     """One planned tensor against the folder; the folder's name for it (None when missing)."""
     # the folder may be saved with or without the base-model prefix (BertModel vs BertFor...)
     name = find_name(t.name, merged.tensors, plan.arch.base_model_prefix)
+    if name is None and rebuilt_by_loader(plan, t):
+        return TensorCheck(t.name, t.action.value, "-", identical=True, rebuilt=True), None
     if name is None:
         problem = "missing from the merged folder"
         untied = plan.config_updates.get("tie_word_embeddings") is False
@@ -223,6 +227,21 @@ def _check_tensor(plan: MergePlan, merged: ModelFolder, max_units: float | None,
         check.max_units_allowed = max_units if max_units is not None else DEFAULT_MAX_UNITS.get(stored.dtype, 2.0)
         _check_adapted(plan, t, stored, check)
     return check, name
+
+
+def rebuilt_by_loader(plan: MergePlan, t: TensorPlan) -> bool:
+    """Whether ``t``, missing from a folder, is a buffer transformers builds itself when loading,
+    with the values the base holds: BERT-family ``position_ids`` (0, 1, 2, ... on every row) and
+    ``token_type_ids`` (zeros). Older checkpoints (all-MiniLM-L6-v2) store them; transformers'
+    ``save_pretrained`` no longer writes them, so no folder PEFT's merge saves has them."""
+    leaf = t.name.rsplit(".", 1)[-1]
+    if t.action is not Action.COPY or leaf not in ("position_ids", "token_type_ids"):
+        return False
+    values = np.asarray(plan.base.read(t.source))
+    if values.dtype.kind not in "iu" or values.ndim == 0:
+        return False
+    expected = np.arange(values.shape[-1]) if leaf == "position_ids" else 0
+    return bool(np.all(values == expected))
 
 
 def _same_bytes(a: ModelFolder, a_name: str, b: ModelFolder, b_name: str) -> bool:

@@ -108,8 +108,10 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, *, resident_byt
         try:
             model = _from_pretrained(cls, folder, dtype, resident_bytes, config_overrides, stream_leaves,
                                      {"ignore_mismatched_sizes": True} if relabeled else {})
-        except (OSError, ValueError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            # a state dict that does not fit: the first "size mismatch" line names the tensor
+            msg = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(exc).__name__)
             raise D2ExportError(f"{folder}: transformers cannot load it ({msg})") from None
         finally:
             if bars:

@@ -79,11 +79,13 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     base_source: BaseSource | None = None  # how the base checked against was found
     config_failures: list[str] = field(default_factory=list)  # config.json against the tensors (.declared)
+    file_failures: list[str] = field(default_factory=list)  # config, tokenizer, ST modules against the merge's (.files)
     peft_reading: PeftReading | None = None  # PEFT's reading of the adapter, where its model was too large
 
     @property
     def failures(self) -> list[str]:
         lines = [f"config: {problem}" for problem in self.config_failures]
+        lines += [f"files: {problem}" for problem in self.file_failures]
         if self.weights is not None:
             lines += [f"weights: {t.name}: {t.problem}" for t in self.weights.failures]
         lines += [f"outputs: {o.problem}" for o in self.outputs if o.problem]

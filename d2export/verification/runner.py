@@ -152,7 +152,20 @@ def _run_models(report: VerifyReport, job: Job, folder: ModelFolder, options: Ve
         check_scorable(data, folder.config)
     tokenizer = _tokenizer(merged, job.base.path) if (options.calibration or data is not None) else None
     if options.outputs:
-        _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
+        from .files import check_files
+
+        say("config, tokenizer and modules")
+        report.file_failures, notes = check_files(merged, folder.config, job.plan, job.spec.path)
+        report.notes += notes
+        try:
+            _check_outputs(report, job, folder, tokenizer, options, say, weights, stop)
+        except D2ExportError as exc:
+            if not report.file_failures:
+                raise
+            # a config.json that no longer fits the weights: a broken folder (the failures say
+            # why), not bad input
+            report.notes.append(f"outputs not checked: {exc}")
+            return
     if data is not None:
         for dtype in TASK_DTYPES:
             say(f"task accuracy in {dtype}")

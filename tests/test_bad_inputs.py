@@ -336,6 +336,27 @@ def _zero_norm_row(c: Ctx):
     return c.argv(), [f"{Q0}.weight", "row 0"]
 
 
+def _magnitude_without_dora(c: Ctx):
+    # PEFT reads the config and runs plain LoRA, ignoring the vectors: merging them would be DoRA
+    c.config(lambda cfg: cfg.update(use_dora=False))
+    return c.argv(), ["lora_magnitude_vector", "use_dora"]
+
+
+def _unknown_variant(c: Ctx):
+    c.config(lambda cfg: cfg.update(use_newfangled_lora=True, newvariant_config={"k": 1}))
+    return c.argv(), ["newvariant_config, use_newfangled_lora", "does not know"]
+
+
+def _kasa(c: Ctx):
+    c.config(lambda cfg: cfg.update(kasa_config={"rank": 4}))
+    return c.argv(), ["kasa_config", "KaSA"]
+
+
+def _bias_value(c: Ctx):
+    c.config(lambda cfg: cfg.update(bias="sometimes"))
+    return c.argv(), ["'bias' must be one of", "sometimes"]
+
+
 def _pissa(c: Ctx):
     c.config(lambda cfg: cfg.update(init_lora_weights="pissa"))
     return c.argv(), ["init_lora_weights", "pissa"]
@@ -431,6 +452,10 @@ CASES = [
     ("lora-llama", _output_inside_base),
     ("lora-llama", _output_is_parent_of_inputs),
     ("d2lora-llama", _zero_norm_row),
+    ("dora-llama", _magnitude_without_dora),
+    ("lora-llama", _unknown_variant),
+    ("lora-llama", _kasa),
+    ("lora-llama", _bias_value),
     ("lora-llama", _pissa),
     ("lora-llama", _pissa_niter),
     ("lora-llama", _layer_replication),

@@ -29,7 +29,15 @@ _REFUSED_OPTIONS = {
     "lora_ga_config": "LoRA-GA rewrites the base weights at init; convert the adapter first",
     "monteclora_config": "MonteCLoRA is not supported",
     "velora_config": "VeLoRA is not supported",
+    "kasa_config": "KaSA truncates the base's singular values and scales the update by a learned diagonal",
 }
+# Variant switches (``use_*``, ``*_config``) PEFT 0.21's LoraConfig has that leave the merge plain
+# LoRA algebra (or are read elsewhere: DoRA, rsLoRA, the base-rewriting inits). A set one outside
+# these and the refused ones is a variant d2export does not know, which may change the algebra
+# without saving a tensor of its own: refused rather than merged as plain LoRA.
+_PLAIN_VARIANT_KEYS = {"use_rslora", "use_dora", "megatron_config", "loftq_config", "eva_config", "corda_config",
+                       "runtime_config"}
+_VALID_BIAS = ("none", "all", "lora_only")
 # init_lora_weights values whose adapters only work with a base that was rewritten at init.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -39,6 +47,13 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
     for option, why in _REFUSED_OPTIONS.items():
         if cfg.get(option):
             raise UnsupportedAdapterError(f"{where}: {option} is set: {why}")
+    unknown = sorted(k for k, v in cfg.items() if v and (k.startswith("use_") or k.endswith("_config"))
+                     and k not in _PLAIN_VARIANT_KEYS)
+    if unknown:
+        raise UnsupportedAdapterError(f"{where}: {', '.join(unknown)} set: a LoRA variant d2export does not know, "
+                                      "whose merge may not be plain LoRA algebra")
+    if cfg.get("bias", "none") not in _VALID_BIAS:
+        raise D2ExportError(f"{where}: 'bias' must be one of {', '.join(_VALID_BIAS)}; got {cfg.get('bias')!r}")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise UnsupportedAdapterError(
@@ -69,6 +84,10 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
         magnitude = parts.get("magnitude")
         if use_dora and magnitude is None:
             raise D2ExportError(f"{raw.path}: use_dora is set but {module} has no lora_magnitude_vector")
+        if magnitude is not None and not use_dora:
+            # PEFT reads the config: it ignores the magnitudes and runs plain LoRA
+            raise D2ExportError(f"{raw.path}: {module} has a lora_magnitude_vector (DoRA) but adapter_config.json "
+                                "does not set use_dora: PEFT runs it as plain LoRA; set use_dora or drop the vectors")
         if magnitude is not None and (magnitude.ndim != 1 or magnitude.shape[0] != B.shape[0]):
             raise D2ExportError(
                 f"{raw.path}: {module}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, "

@@ -206,10 +206,13 @@ def _untie(base: ModelFolder, arch: Architecture, touched: set[str], resolve: _R
         if not group & touched or not stored:
             continue
         if base.config.get("model_type") in RESCALED_WHEN_TIED:
+            head = base.config.get("tie_word_embeddings", True) and any(n.startswith("lm_head") for n in group)
+            why = ("which scales its decoder output by d_model**-0.5 only while they are tied" if head else
+                   "whose code ties its shared embedding to both stacks' embed_tokens whatever config.json says")
             raise D2ExportError(
                 f"the adapter changes {', '.join(sorted(group & touched))}, tied to "
-                f"{', '.join(sorted(group - touched))} in a {base.config['model_type']} model, which scales its "
-                "decoder output by d_model**-0.5 only while they are tied: no untied folder computes the adapted model")
+                f"{', '.join(sorted(group - touched))} in a {base.config['model_type']} model, {why}: no untied "
+                "folder computes the adapted model")
         for name in sorted(group - set(out_names)):
             out_names.append(name)
             resolve.alias[name] = stored[0]

@@ -352,3 +352,20 @@ def test_greedy_continuations_followed_less_often_than_the_floor_fail_only_beyon
     assert not lost.passed and lost.problem.startswith("fidelity: merged folder vs unmerged model (bfloat16): "
                                                        "greedy continuations followed 0/3")
     assert lost.sign_test == {"only_candidate": 24, "only_floor": 0, "p": pytest.approx(2.0**-24)}
+
+
+def test_a_folder_naming_its_attention_code_is_compared_with_a_merge_run_through_the_same_code(merged, tmp_path):
+    """config.json with "_attn_implementation": "eager" (a model trained with eager attention): the
+    folder's outputs differ from an SDPA run of the same weights by float32 round-off, which the
+    loading rung (exact by design) called a loading fault. The correctly rounded merge now runs the
+    folder's attention code: the rung is exact again."""
+    folder, out = merged("lora-llama")
+    copy = tmp_path / "m"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["_attn_implementation"] = "eager"
+    (copy / "config.json").write_text(json.dumps(config))
+    report = verify(copy, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    loading = next(o for o in report.outputs if o.rung == "loading")
+    assert loading.comparison.max_abs == 0.0

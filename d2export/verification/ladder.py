@@ -223,6 +223,11 @@ class Ladder:
         elements then moved a unit at random (:func:`.rounding.nudged`)."""
         weights = self.weights()
         plan = _rounded_plan(self.job, self.report.merged_dtype)
+        attention = self.folder.config.get("attn_implementation") or self.folder.config.get("_attn_implementation")
+        if isinstance(attention, str):
+            # the folder's config.json names its attention code: the merge it is compared with runs the
+            # same code, since another attention's float32 round-off is no loading fault
+            plan = replace(plan, config_updates={**plan.config_updates, "attn_implementation": attention})
         run_dtype = numpy_dtype(dtype)
 
         def moved(t, values) -> np.ndarray:

@@ -514,6 +514,7 @@ def test_cli_verify_json_and_exit_codes(merged, tmp_path):
                                  str(folder / "base"), "--weights-only"])
     assert failed.exit_code == 1
     assert "FAIL weights: model.layers.0.mlp.down_proj.weight: element" in failed.output
+    assert "; 1 failed (below)" in " ".join(failed.output.split())  # the summary line does not read as all well
     assert "FAILED" in failed.output
     table = runner.invoke(app, ["verify", str(bad), "--adapter", str(folder / "adapter"), "--base",
                                 str(folder / "base")])

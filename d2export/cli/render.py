@@ -137,7 +137,7 @@ def print_verify(report, console: Console) -> None:
         console.print(f"weights: {s['adapted_tensors']} adapted tensors, max error {s['max_units']:.2f} units "
                       f"(max abs {s['max_abs']:.2e}), {share(s['exact_fraction'])} of elements correctly rounded; "
                       f"{s['copies_identical']}/{s['copied_tensors']} other tensors identical to the base's "
-                      f"(in the folder's dtype)",
+                      f"(in the folder's dtype)" + (f"; {s['failed']} failed (below)" if s["failed"] else ""),
                       highlight=False)
     if report.outputs:
         console.print(f"outputs on {escape(report.calibration)}:", highlight=False)

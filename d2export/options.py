@@ -130,8 +130,9 @@ def _set(options: object, name: str, value: Any) -> None:
 def _positive(option: str, value: float | None, *, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            value < 0 if allow_zero else value <= 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(option, f"must be a number; got {value!r}")
+    if not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
         raise OptionError(option, f"must be {'0 or more' if allow_zero else 'positive'}; got {value!r}")
 
 
@@ -173,8 +174,11 @@ class Thresholds:
         _positive("max_units", self.max_units)
         _positive("atol", self.atol, allow_zero=True)
         _positive("max_task_gap_pp", self.max_task_gap_pp, allow_zero=True)
-        if self.min_top1 is not None and not (isinstance(self.min_top1, (int, float)) and 0 <= self.min_top1 <= 1):
-            raise OptionError("min_top1", f"must be between 0 and 1; got {self.min_top1!r}")
+        top1 = self.min_top1
+        if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, int | float)):
+            raise OptionError("min_top1", f"must be a number; got {top1!r}")
+        if top1 is not None and not 0 <= top1 <= 1:
+            raise OptionError("min_top1", f"must be between 0 and 1; got {top1!r}")
 
     def to_dict(self) -> dict:
         return {"max_units": self.max_units, "atol": self.atol, "min_top1": self.min_top1,

@@ -121,12 +121,14 @@ def test_thresholds_valid_values():
 
 @pytest.mark.parametrize(("field", "bad"), [
     ("max_units", 0), ("max_units", -1.0), ("max_units", math.inf), ("max_units", True), ("max_units", "2"),
-    ("atol", -1e-6), ("atol", math.nan),
+    ("atol", -1e-6), ("atol", math.nan), ("atol", "abc"),
     ("min_top1", 1.5), ("min_top1", -0.1), ("min_top1", "0.9"),
     ("max_task_gap_pp", -2.0), ("max_task_gap_pp", math.nan),
 ])
 def test_thresholds_bad_values(field, bad):
-    refused(field, lambda: Thresholds(**{field: bad}))
+    error = refused(field, lambda: Thresholds(**{field: bad}))
+    if isinstance(bad, str | bool):  # not "must be 0 or more; got 'abc'"
+        assert error.message.startswith("must be a number")
 
 
 def test_verify_options(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
             notes.append(f"left out, {head.architecture} has no place for them: {', '.join(dropped)}")
         notes.append(f"written as {head.architecture} with {head.num_labels} labels: the adapter's task head "
                      f"({', '.join(sorted(targets.head_only))}) is not in the base")
-    notes += _negative_tau(spec)
+    notes += _negative_tau(spec) + _other_adapters(spec.path)
     return MergePlan(
         spec=spec, base=base, arch=arch, tensors=tensors,
         shards=_shard_layout(tensors, base, options.max_shard_size),
@@ -286,6 +287,17 @@ def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
                 f"the adapter changes {sorted(group & touched)}, tied to {sorted(group - touched)}, "
                 "and this architecture cannot be untied through tie_word_embeddings"
             )
+
+
+def _other_adapters(path: Path) -> list[str]:
+    """A note where the adapter's folder holds further adapters in subfolders, as PEFT saves a model
+    with several (the first at the top, each other in a folder named after it): this merges the
+    top one only."""
+    others = sorted(d.name for d in path.iterdir() if (d / "adapter_config.json").is_file()) if path.is_dir() else []
+    if not others:
+        return []
+    return [f"the adapter's folder also holds the adapter(s) {', '.join(others)} in subfolders: this merges the one "
+            "at its top; give a subfolder's path to merge another"]
 
 
 def _negative_tau(spec: AdapterSpec) -> list[str]:

@@ -103,6 +103,21 @@ def test_negative_tau_merges_with_a_note(tmp_path):
     assert build_plan(adapter(lora(UP, F, H, tau=0.5)), base(tmp_path / "b")).notes == []
 
 
+def test_further_adapters_in_subfolders_are_named(tmp_path):
+    """PEFT saves a model with several adapters as the first at the top and each other in a
+    subfolder named after it: the merge of the top one says the others are there."""
+    import dataclasses
+
+    folder = tmp_path / "adapter"
+    (folder / "second").mkdir(parents=True)
+    (folder / "second" / "adapter_config.json").write_text("{}")
+    (folder / "logs").mkdir()
+    spec = dataclasses.replace(adapter(lora(UP, F, H)), path=folder)
+    assert build_plan(spec, base(tmp_path)).notes == [
+        "the adapter's folder also holds the adapter(s) second in subfolders: this merges the one at its top; give "
+        "a subfolder's path to merge another"]
+
+
 def test_adapter_names_without_the_base_model_prefix(tmp_path):
     """An adapter saved from the bare ``LlamaModel`` (no ``model.``) matched to the causal LM."""
     spec = adapter(lora("layers.0.mlp.up_proj", F, H))

@@ -151,6 +151,13 @@ class _Targets:
             rows = [replacements[n] for n in sorted(group & embeddings) if isinstance(replacements.get(n), TokenRows)]
             for name in group if rows else ():
                 replacements.setdefault(name, rows[0])
+        # A LoRA-wrapped layer's saved base (an embedding resized with the vocabulary) is the very
+        # parameter the layers tied to it use in PEFT's model: they take it unless they have their own
+        shared = {resolve.find(k) for k in spec.base_layer_copies} - {None}
+        for group in resolve.arch.tied:
+            copies = [n for n in sorted(group & shared) if n in replacements]
+            for name in group if copies else ():
+                replacements.setdefault(name, replacements[copies[0]])
         return cls(weights, biases, replacements, head_only)
 
     @property

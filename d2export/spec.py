@@ -119,6 +119,8 @@ class AdapterSpec:
     replacements: dict[str, np.ndarray] = field(default_factory=dict)
     selection: DamSelection | None = None
     base_model_name_or_path: str | None = None
+    # replacements saved as a LoRA-wrapped layer's base_layer (formats.saved.base_layer_copies)
+    base_layer_copies: frozenset[str] = frozenset()
     # sha256 of the files hashed while they were read (the adapter's weights): not read again
     file_hashes: dict[Path, str] = field(default_factory=dict)
 

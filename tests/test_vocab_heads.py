@@ -117,6 +117,10 @@ CASES = {
     "tokens-tied": lambda f: _llama_case(f, tie=True, resize=True, **MTS),
     "lora-resized-embedding": lambda f: _llama_case(
         f, tie=False, resize=True, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+    # the chat recipe on a tied model (Llama 3.2 1B, Qwen2.5 0.5B): the head is the embedding's saved
+    # base_layer, the very parameter PEFT's LoRA wraps, resized rows included
+    "lora-resized-tied-embedding": lambda f: _llama_case(
+        f, tie=True, resize=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
     "trainable-untied": lambda f: _llama_case(
         f, tie=False, resize=False, target_modules=["q_proj", "v_proj"], trainable_token_indices=[3, 5, 7]),
     "trainable-tied": lambda f: _llama_case(
@@ -194,11 +198,16 @@ def test_added_tokens_with_modules_to_save(case, tmp_path, name):
     assert tokenizer("t7 <|assistant|> t9")["input_ids"] == [7, build.VOCAB + 1, 9]
 
 
-def test_lora_on_resized_embedding(case, tmp_path):
-    c = case("lora-resized-embedding")
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in _adapter_keys(c)
+@pytest.mark.parametrize("name", ["lora-resized-embedding", "lora-resized-tied-embedding"])
+def test_lora_on_resized_embedding(case, tmp_path, name):
+    c = case(name)
+    keys = _adapter_keys(c)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in keys
     config = _loads_and_matches(c, _merge_verified(c, tmp_path / "out"))
     assert config["vocab_size"] == NEW_VOCAB
+    if name == "lora-resized-tied-embedding":  # refused before: "resizes the vocabulary ... but not lm_head"
+        assert not any(k.startswith("base_model.model.lm_head") for k in keys)
+        assert config["tie_word_embeddings"] is False
 
 
 @pytest.mark.parametrize("name", ["trainable-untied", "trainable-tied", "trainable-head-tied",

@@ -22,7 +22,7 @@ from ..errors import D2ExportError, OptionError
 from ..jsonfiles import ADAPTER_CONFIG
 from ..reading import read_json_object
 from ..spec import AdapterSpec, ModuleUpdate
-from .saved import saved_tensors
+from .saved import base_layer_copies, saved_tensors
 from .stored import StoredTensor, check_finite, scan_safetensors
 from .trainer import choose_checkpoint, names, run_checkpoints
 
@@ -285,6 +285,7 @@ def finish_spec(raw: RawAdapter, method: str, updates: dict[str, ModuleUpdate], 
         config=raw.config,
         updates=updates,
         replacements=saved_tensors(raw.path, raw.config, rest),
+        base_layer_copies=base_layer_copies(rest),
         base_model_name_or_path=raw.config.get("base_model_name_or_path"),
         file_hashes=dict(raw.hashes),
     )

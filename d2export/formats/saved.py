@@ -108,6 +108,15 @@ def saved_tensors(path: Path, config: dict, rest: dict) -> dict:
     return tensors
 
 
+def base_layer_copies(rest: dict) -> frozenset[str]:
+    """Base tensor names of the full tensors saved as a LoRA-wrapped layer's ``base_layer`` (an
+    embedding's base, resized with the vocabulary): the very parameter of the module, which a layer
+    tied to it shares in PEFT's model. (A ``modules_to_save`` copy is a new parameter: a tied layer
+    keeps the original.)"""
+    return frozenset(_INFIXES.sub(".", key) for key in rest
+                     if ".base_layer." in key and _TOKENS not in key and _ORIGINAL not in key)
+
+
 _CHUNK = 16 * 2**20
 
 

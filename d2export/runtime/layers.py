@@ -278,16 +278,19 @@ def inject_adapter(model: nn.Module, spec: AdapterSpec, *, reference_norms: bool
                 override_weights(module, {param: lambda value=value: to_torch(value)})
             continue
         old = getattr(module, param)
-        if getattr(value, "needs_base", False):  # trainable tokens over the base's own weight: its rows replaced
+        tokens = getattr(value, "needs_base", False)
+        if tokens:  # trainable tokens over the base's own weight: its rows replaced
             new = nn.Parameter(_with_rows(old, value), requires_grad=False)
+        else:
+            new = nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False)
+        if tokens or name in spec.base_layer_copies:
             # PEFT ties a layer sharing the embedding's weight (a tied lm_head) to the embedding's token
-            # adapter: it takes the same rows unless the adapter gives it its own
+            # adapter, and to a LoRA-wrapped embedding's base (the same parameter): it takes the same
+            # values unless the adapter gives it its own
             for shared, p in model.named_parameters(remove_duplicate=False):
                 if isinstance(module, nn.Embedding) and p is old and shared not in owned:
                     owner, _, attr = shared.rpartition(".")
                     setattr(model.get_submodule(owner), attr, new)
-        else:
-            new = nn.Parameter(to_torch(value).to(old.dtype).clone(), requires_grad=False)
         setattr(module, param, new)
     for update in spec.updates.values():
         if not update.selected:

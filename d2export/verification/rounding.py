@@ -134,7 +134,8 @@ class Leaning:
                 return (f"rounded {names[way]}, not to nearest: of the rows with elements off the correct rounding "
                         f"by more than a near-tie explains, {counts[way]} lean {names[way]} and {counts[1 - way]} the "
                         f"other way (sign test p {'< 1e-12' if p < 1e-12 else f'= {p:.2g}'}); a directed rounding "
-                        "such as truncation, whose outputs are further from the unmerged model than rounding needs")
+                        "such as truncation, or a scale slightly off the adapter's (it moves every element the same "
+                        "way), whose outputs are further from the unmerged model than rounding needs")
         return None
 
 

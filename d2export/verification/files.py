@@ -1,5 +1,6 @@
 """The whole model beyond its weights: config.json, the tokenizer and the sentence-transformers
-modules of a folder, against what the merge writes (docs/design.md §6, *The rest of the model*; the files themselves: §5).
+modules of a folder, against what the merge writes (docs/design.md §6, *The rest of the model*;
+the files themselves: §5).
 
 A folder can hold every weight right and still serve another model: a config whose position table,
 label names or attention settings changed (the output checks load the folder with its own config,

@@ -248,20 +248,20 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
     import transformers
     from peft import PeftModel
 
-    model = adapted_base(base, spec, dtype)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    trained_on = (read_config(base).get("architectures") or [None])[0]
-    own_class = (prefix and not hasattr(model, prefix) and hasattr(transformers, str(trained_on))
+    config = read_config(base)
+    trained_on = (config.get("architectures") or [None])[0]
+    prefix = getattr(getattr(transformers, str(trained_on), None), "base_model_prefix", "") or ""
+    # Trained on the checkpoint's own class (ElectraForPreTraining), which verify loads as its bare
+    # model (AutoModel, head_kind "encoder"): PEFT finds the adapter's keys ("electra.encoder...")
+    # only on that class, and left unmatched it would run its layers' initial factors. That class is
+    # loaded, and the bare model inside it runs.
+    own_class = (bool(prefix) and head_kind(config) == "encoder"
                  and any(m.startswith(f"{prefix}.") for m in spec.updates))
-    if own_class:
-        # trained on the checkpoint's own class (ElectraForPreTraining), which verify loads as its
-        # bare model (AutoModel): PEFT finds the adapter's keys ("electra.encoder...") only on that
-        # class, and left unmatched it would run its layers' initial factors. Its bare model, the
-        # one inside, is what runs.
-        model = adapted_base(base, spec, dtype, model_class=trained_on)
+    model = adapted_base(base, spec, dtype, model_class=trained_on if own_class else None)
     with libraries_quiet():
         peft = PeftModel.from_pretrained(model, spec.path).eval()
-    return getattr(peft.base_model.model, prefix) if own_class else peft
+    inner = getattr(peft.base_model.model, prefix, None) if own_class else None  # None: a bare model itself
+    return inner if isinstance(inner, nn.Module) else peft
 
 
 def merged_model(plan, dtype: torch.dtype, *, resident_bytes: int | None = None, values=None) -> nn.Module:

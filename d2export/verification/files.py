@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
 from ..jsonfiles import read_json_object
 from ..plan import MergePlan
 from ..sidefiles import side_files
@@ -52,8 +54,6 @@ def check_files(merged: Path, folder_config: dict, plan: MergePlan, adapter: Pat
 def _normalised(config: dict) -> tuple[dict, set[str]]:
     """``config`` as transformers' config class reads it, every default filled in (one tool writes
     only what differs from the defaults, another every key), and the keys that class knows."""
-    from transformers import AutoConfig
-
     values = {k: v for k, v in config.items() if k not in STAMP_KEYS}
     model_type = values.pop("model_type", None)
     try:
@@ -81,30 +81,36 @@ def _config(folder: dict, expected: dict) -> tuple[list[str], list[str]]:
     return failures, notes
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in TOKENIZER_FILES)
+
+
 def _expected_tokenizer(adapter: Path, base: Path):
     """The tokenizer the merge writes: the adapter side's (with its chat template) or the base's;
-    None where neither has one."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
+    None where neither has one. Only files are looked at before anything loads: transformers
+    spends seconds failing to build a tokenizer for a folder without one."""
+    if not TrainedFiles.find(adapter, base).retokenize:
+        if not _has_tokenizer(base):
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(base)
+        except Exception:
+            return None
     with TrainedFiles.load(adapter, base) as found:
         for part in reversed(found.loaded):  # a processor comes first and carries its own tokenizer
             if isinstance(part, PreTrainedTokenizerBase):
                 return part
-    try:
-        return AutoTokenizer.from_pretrained(base)
-    except Exception:
-        return None
+    return None
 
 
 def _tokenizer(merged: Path, adapter: Path, base: Path) -> tuple[list[str], list[str]]:
-    from transformers import AutoTokenizer
-
+    if not _has_tokenizer(merged):
+        there = TrainedFiles.find(adapter, base).retokenize or _has_tokenizer(base)
+        return [], ["the folder has no tokenizer: serving it needs the one the adapter was trained with "
+                    "(d2export's merge writes it)"] if there else []
     expected = _expected_tokenizer(adapter, base)
     if expected is None:
         return [], []
-    if not any((merged / name).exists() for name in TOKENIZER_FILES):
-        return [], ["the folder has no tokenizer: serving it needs the one the adapter was trained with "
-                    "(d2export's merge writes it)"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(merged)
     except Exception as exc:

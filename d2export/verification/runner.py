@@ -22,7 +22,7 @@ from .declared import dtype_problems
 from .report import VerifyReport
 from .weights import WeightReport, check_weights
 
-# torch, transformers and the model runs (``.ladder``, ``.task``, ``..runtime``) are imported only once
+# torch, transformers and the model runs (``.ladder``, ``.task``, ``.files``, ``..runtime``) are imported only once
 # the weight check has started beside them: that import is a second or more of one core, which the
 # check uses meanwhile (docs/design.md §6, *Cost*).
 
@@ -137,7 +137,7 @@ def _run_models(report: VerifyReport, job: Job, folder: ModelFolder, options: Ve
     with uncollected():
         if before_imports is not None:
             before_imports()
-        from . import ladder, task  # noqa: F401  (they import torch and transformers)
+        from . import files, ladder, task  # noqa: F401  (they import torch and transformers)
     from ..runtime.models import inputs_problem
     from .task import check_scorable, load_task
 

@@ -201,13 +201,18 @@ def adapted_base(base: Path, spec: AdapterSpec, dtype: torch.dtype, **kwargs) ->
     """The base as the adapter was trained on it: with the class and labels of a task head only the
     adapter has, and its vocabulary size (docs/design.md §2). Ties stay: the adapter unties what it
     replaces, as PEFT does."""
-    changes = {}
-    if spec.replacements:  # only full tensors can bring a head or a new vocabulary
-        from ..heads import output_changes
+    return shaped_base(base, dtype, _adapter_changes(spec, base), **kwargs)
 
-        changes = output_changes(spec, base)
-        changes.pop("tie_word_embeddings", None)
-    return shaped_base(base, dtype, changes, **kwargs)
+
+def _adapter_changes(spec: AdapterSpec, base: Path) -> dict:
+    """The config changes :func:`adapted_base` loads the base with."""
+    if not spec.replacements:  # only full tensors can bring a head or a new vocabulary
+        return {}
+    from ..heads import output_changes
+
+    changes = output_changes(spec, base)
+    changes.pop("tie_word_embeddings", None)
+    return changes
 
 
 def shaped_base(base: Path, dtype: torch.dtype, changes: dict, *, resident_bytes: int | None = None,
@@ -248,7 +253,8 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
     import transformers
     from peft import PeftModel
 
-    config = read_config(base)
+    changes = _adapter_changes(spec, base)
+    config = {**read_config(base), **changes}
     trained_on = (config.get("architectures") or [None])[0]
     prefix = getattr(getattr(transformers, str(trained_on), None), "base_model_prefix", "") or ""
     # Trained on the checkpoint's own class (ElectraForPreTraining), which verify loads as its bare
@@ -257,7 +263,7 @@ def peft_model(base: Path, spec: AdapterSpec, dtype: torch.dtype) -> nn.Module |
     # loaded, and the bare model inside it runs.
     own_class = (bool(prefix) and head_kind(config) == "encoder"
                  and any(m.startswith(f"{prefix}.") for m in spec.updates))
-    model = adapted_base(base, spec, dtype, model_class=trained_on if own_class else None)
+    model = shaped_base(base, dtype, changes, model_class=trained_on if own_class else None)
     with libraries_quiet():
         peft = PeftModel.from_pretrained(model, spec.path).eval()
     inner = getattr(peft.base_model.model, prefix, None) if own_class else None  # None: a bare model itself

@@ -52,16 +52,22 @@ def test_a_folder_that_serves_another_model_fails(merged, tmp_path, case):
 
 
 def test_run_settings_and_missing_files_are_notes(merged, tmp_path):
-    """use_cache changes how the model runs, not what it computes; a folder without tokenizer or
-    modules (another tool's save_pretrained) is less, not wrong."""
+    """use_cache changes how the model runs, not what it computes, and a tokenizer's padding side
+    and length limit are settings a training script changes on purpose; a folder without tokenizer
+    or modules (another tool's save_pretrained) is less, not wrong."""
     folder, out = merged("d2lora-minilm")
     copy = tmp_path / "m"
     shutil.copytree(out, copy)
     _edit(copy / "config.json", lambda d: d.update(use_cache=False))
+    _edit(copy / "tokenizer_config.json", lambda d: d.update(padding_side="left", model_max_length=1024))
+    report = verify(copy, folder / "adapter", base=folder / "base")
+    assert report.passed, report.failures
+    notes = " ".join(report.notes)
+    assert "config.json: use_cache is false; the merge writes true" in notes
+    assert "tokenizer: padding_side is 'left'" in notes and "tokenizer: model_max_length is 1024" in notes
     for name in ("modules.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (copy / name).unlink()
     report = verify(copy, folder / "adapter", base=folder / "base")
     assert report.passed, report.failures
     notes = " ".join(report.notes)
-    assert "config.json: use_cache is false; the merge writes true" in notes
     assert "the folder has no tokenizer" in notes and "has no modules.json" in notes

@@ -39,6 +39,10 @@ RUN_KEYS = {"use_cache", "output_attentions", "output_hidden_states", "return_di
 PROBES = ("The Movie was GREAT!", "naïve café, 123,456.78 € (ok?)", "Hello world\nnew line\ttab",
           "日本語のテキストと한국어", "  two  spaces ", "e-mail: a.b@example.org <b>bold</b> #tag")
 MAX_LISTED = 3
+# Tokenizer settings a training script often changes on purpose (padding side, a longer limit than
+# the base's config states) and a caller or server may set per request: differing, a note. How a
+# text is split (vocabulary, normalisation, special tokens, chat template) fails.
+TOKENIZER_SETTINGS = ("model_max_length", "padding_side")
 
 
 def check_files(merged: Path, folder_config: dict, plan: MergePlan, adapter: Path) -> tuple[list[str], list[str]]:
@@ -127,11 +131,13 @@ def _tokenizer(merged: Path, adapter: Path, base: Path) -> tuple[list[str], list
         if a != b:
             failures.append(f"tokenizer: {text!r} encodes as {a}; the merge's tokenizer gives {b}")
             break  # one text shows it
-    for what in ("chat_template", "model_max_length", "all_special_tokens", "padding_side"):
+    notes = []
+    for what in ("chat_template", "all_special_tokens", *TOKENIZER_SETTINGS):
         a, b = getattr(tokenizer, what, None), getattr(expected, what, None)
         if a != b:
-            failures.append(f"tokenizer: {what} is {_short(a)}; the merge's tokenizer has {_short(b)}")
-    return failures, []
+            line = f"tokenizer: {what} is {_short(a)}; the merge's tokenizer has {_short(b)}"
+            (notes if what in TOKENIZER_SETTINGS else failures).append(line)
+    return failures, notes
 
 
 def _short(value) -> str:

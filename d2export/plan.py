@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 
+from .adapter_notes import adapter_notes
 from .architecture import RESCALED_WHEN_TIED, Architecture, probe_architecture
 from .arrays import is_float
 from .errors import D2ExportError
@@ -101,7 +101,7 @@ def build_plan(spec: AdapterSpec, base: ModelFolder, options: MergeOptions | Non
             notes.append(f"left out, {head.architecture} has no place for them: {', '.join(dropped)}")
         notes.append(f"written as {head.architecture} with {head.num_labels} labels: the adapter's task head "
                      f"({', '.join(sorted(targets.head_only))}) is not in the base")
-    notes += _negative_tau(spec) + _other_adapters(spec.path)
+    notes += adapter_notes(spec)
     return MergePlan(
         spec=spec, base=base, arch=arch, tensors=tensors,
         shards=_shard_layout(tensors, base, options.max_shard_size),
@@ -144,20 +144,17 @@ class _Targets:
                 head_only[k] = v
                 continue
             replacements[_claim(claimed, found, f"tensor {k}")] = v
-        # PEFT ties a layer sharing the input embedding (a tied lm_head) to the embedding's token
-        # adapter, not the other way round: those layers take its rows unless they have their own
+        # The layers tied to an embedding (a tied lm_head) take what PEFT gives that embedding's
+        # parameter unless they have their own: its token adapter's rows (PEFT ties the head to the
+        # embedding's token adapter, not the other way round), or the saved base of a LoRA-wrapped
+        # embedding (resized with the vocabulary: the very parameter the tied layers use)
         embeddings = {f"{m}.weight" for m in resolve.arch.embeddings}
-        for group in resolve.arch.tied:
-            rows = [replacements[n] for n in sorted(group & embeddings) if isinstance(replacements.get(n), TokenRows)]
-            for name in group if rows else ():
-                replacements.setdefault(name, rows[0])
-        # A LoRA-wrapped layer's saved base (an embedding resized with the vocabulary) is the very
-        # parameter the layers tied to it use in PEFT's model: they take it unless they have their own
         shared = {resolve.find(k) for k in spec.base_layer_copies} - {None}
         for group in resolve.arch.tied:
-            copies = [n for n in sorted(group & shared) if n in replacements]
-            for name in group if copies else ():
-                replacements.setdefault(name, replacements[copies[0]])
+            given = [n for n in sorted(group) if n in replacements and (
+                n in shared or (n in embeddings and isinstance(replacements[n], TokenRows)))]
+            for name in group if given else ():
+                replacements.setdefault(name, replacements[given[0]])
         return cls(weights, biases, replacements, head_only)
 
     @property
@@ -294,29 +291,6 @@ def _check_untied(config: dict, updates: dict, touched: set[str]) -> None:
                 f"the adapter changes {sorted(group & touched)}, tied to {sorted(group - touched)}, "
                 "and this architecture cannot be untied through tie_word_embeddings"
             )
-
-
-def _other_adapters(path: Path) -> list[str]:
-    """A note where the adapter's folder holds further adapters in subfolders, as PEFT saves a model
-    with several (the first at the top, each other in a folder named after it): this merges the
-    top one only."""
-    others = sorted(d.name for d in path.iterdir() if (d / "adapter_config.json").is_file()) if path.is_dir() else []
-    if not others:
-        return []
-    return [f"the adapter's folder also holds the adapter(s) {', '.join(others)} in subfolders: this merges the one "
-            "at its top; give a subfolder's path to merge another"]
-
-
-def _negative_tau(spec: AdapterSpec) -> list[str]:
-    """A note where D2-LoRA's tau is below zero: merged as written (a learned tau may cross zero,
-    and the method forbids nothing), but the negative branch then adds to the update instead of
-    subtracting from it, which a config typo (``-0.5`` for ``0.5``) also gives."""
-    negative = {m: u.tau for m, u in spec.updates.items() if u.tau is not None and u.tau < 0}
-    if not negative:
-        return []
-    first = min(negative)
-    return [f"tau is negative in {len(negative)} module(s) ({first}: {negative[first]:g}): their negative "
-            "branch adds to the update instead of subtracting"]
 
 
 def _shard_layout(tensors: list[TensorPlan], base: ModelFolder, max_shard_size: int | None

@@ -44,22 +44,7 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 def read_peft(raw: RawAdapter) -> AdapterSpec:
     cfg, where = raw.config, raw.path / "adapter_config.json"
-    for option, why in _REFUSED_OPTIONS.items():
-        if cfg.get(option):
-            raise UnsupportedAdapterError(f"{where}: {option} is set: {why}")
-    unknown = sorted(k for k, v in cfg.items() if v and (k.startswith("use_") or k.endswith("_config"))
-                     and k not in _PLAIN_VARIANT_KEYS)
-    if unknown:
-        raise UnsupportedAdapterError(f"{where}: {', '.join(unknown)} set: a LoRA variant d2export does not know, "
-                                      "whose merge may not be plain LoRA algebra")
-    if cfg.get("bias", "none") not in _VALID_BIAS:
-        raise D2ExportError(f"{where}: 'bias' must be one of {', '.join(_VALID_BIAS)}; got {cfg.get('bias')!r}")
-    init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise UnsupportedAdapterError(
-            f"{where}: init_lora_weights={init!r} rewrote the base weights during training; convert "
-            "the adapter with PEFT (path_initial_model_for_weight_conversion) and merge that"
-        )
+    _refuse_unfoldable(cfg, where)
     scaling = Scaling.read(cfg, where)
     use_dora = bool(cfg.get("use_dora", False))
 
@@ -81,18 +66,7 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
                 f"{raw.path}: {module}: factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                 f"have the configured rank r={r:g}"
             )
-        magnitude = parts.get("magnitude")
-        if use_dora and magnitude is None:
-            raise D2ExportError(f"{raw.path}: use_dora is set but {module} has no lora_magnitude_vector")
-        if magnitude is not None and not use_dora:
-            # PEFT reads the config: it ignores the magnitudes and runs plain LoRA
-            raise D2ExportError(f"{raw.path}: {module} has a lora_magnitude_vector (DoRA) but adapter_config.json "
-                                "does not set use_dora: PEFT runs it as plain LoRA; set use_dora or drop the vectors")
-        if magnitude is not None and (magnitude.ndim != 1 or magnitude.shape[0] != B.shape[0]):
-            raise D2ExportError(
-                f"{raw.path}: {module}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, "
-                f"expected [{B.shape[0]}]"
-            )
+        magnitude = _magnitude(raw, module, parts.get("magnitude"), use_dora, B.shape[0])
         bias = parts.get("bias")
         if bias is not None and (bias.ndim != 1 or bias.shape[0] != B.shape[0]):
             raise D2ExportError(f"{raw.path}: {module}: lora_B.bias has shape {tuple(bias.shape)}")
@@ -108,3 +82,39 @@ def read_peft(raw: RawAdapter) -> AdapterSpec:
         )
     method = "dora" if use_dora else ("rslora" if scaling.rslora else "lora")
     return finish_spec(raw, method, updates, rest)
+
+
+def _refuse_unfoldable(cfg: dict, where) -> None:
+    """Refuse a config whose adapter is not plain LoRA algebra over the saved base (or that PEFT
+    itself would not read)."""
+    for option, why in _REFUSED_OPTIONS.items():
+        if cfg.get(option):
+            raise UnsupportedAdapterError(f"{where}: {option} is set: {why}")
+    unknown = sorted(k for k, v in cfg.items() if v and (k.startswith("use_") or k.endswith("_config"))
+                     and k not in _PLAIN_VARIANT_KEYS)
+    if unknown:
+        raise UnsupportedAdapterError(f"{where}: {', '.join(unknown)} set: a LoRA variant d2export does not know, "
+                                      "whose merge may not be plain LoRA algebra")
+    if cfg.get("bias", "none") not in _VALID_BIAS:
+        raise D2ExportError(f"{where}: 'bias' must be one of {', '.join(_VALID_BIAS)}; got {cfg.get('bias')!r}")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r} rewrote the base weights during training; convert "
+            "the adapter with PEFT (path_initial_model_for_weight_conversion) and merge that"
+        )
+
+
+def _magnitude(raw: RawAdapter, module: str, magnitude, use_dora: bool, rows: int):
+    """A module's DoRA magnitude vector, checked against the config and the factor's rows."""
+    if use_dora and magnitude is None:
+        raise D2ExportError(f"{raw.path}: use_dora is set but {module} has no lora_magnitude_vector")
+    if magnitude is not None and not use_dora:
+        # PEFT reads the config: it ignores the magnitudes and runs plain LoRA
+        raise D2ExportError(f"{raw.path}: {module} has a lora_magnitude_vector (DoRA) but adapter_config.json "
+                            "does not set use_dora: PEFT runs it as plain LoRA; set use_dora or drop the vectors")
+    if magnitude is not None and (magnitude.ndim != 1 or magnitude.shape[0] != rows):
+        raise D2ExportError(
+            f"{raw.path}: {module}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, expected [{rows}]"
+        )
+    return magnitude

@@ -312,33 +312,30 @@ class Ladder:
         unit = ULP.get(report.merged_dtype)
         ceiling = None if unit is None else FLOOR_CEILING_UNITS * unit * scale
         checks = [fidelity, loading, cost]
-        sensitivity = None
         c, f = fidelity.comparison, cost.comparison
         beyond_fixed = c.max_abs > fixed_abs or (c.top1 is not None and c.top1 < min_top1)
+        probe = None
         if (not explicit and beyond_fixed and (ceiling is None or f.max_abs > ceiling) and weights is not None
                 and weights.passed and not weights.extra and (loading.passed or not exact)):
-            # the floor is past what rounding explains at this scale: how far does the model move for
-            # rounding-sized changes? (outputs.FLOOR_CEILING_UNITS)
-            probe = self.compare("rounding sensitivity", NUDGED, FOLDER if exact else ROUNDED, dtype)
-            probe.rule = "figures only: how far the outputs move when every merged element moves a unit"
-            probe.generation = None
-            sensitivity = probe.comparison.max_abs
+            probe = self._sensitivity(dtype, exact)
             checks.append(probe)
+        sensitivity = None if probe is None else probe.comparison.max_abs
         judge_fidelity(fidelity, cost, fixed_abs=fixed_abs, min_top1=min_top1, explicit=explicit, ceiling=ceiling,
                        sensitivity=sensitivity, off_rounded=None if exact else loading.comparison.max_abs,
                        weight_units=None if weights is None else weights.summary()["max_units"])
         if fidelity.passed and beyond_fixed:
-            report.notes.append(
-                f"outputs ({dtype}): the folder (max |d| {c.max_abs:.3g}, top-1 {percent(c.top1)}) is beyond the "
-                f"fixed limits, but within what the correctly rounded {report.merged_dtype} merge's own distance "
-                f"from the unmerged model allows (max |d| {f.max_abs:.3g}, top-1 {percent(f.top1)}): the difference "
-                f"is the rounding of the output dtype, not the merge"
-                + ("" if sensitivity is None else
-                   f", amplified by this model (a merge nudged a unit per element moves its outputs by "
-                   f"{sensitivity:.3g})"))
+            report.notes.append(_rounding_note(dtype, report.merged_dtype, c, f, sensitivity))
         for key in [k for k in self.runs if k[1] == dtype and (k[0] != UNMERGED or not self._keeps_unmerged(dtype))]:
             del self.runs[key]
         return checks
+
+    def _sensitivity(self, dtype: str, exact: bool) -> OutputCheck:
+        """The floor is past what rounding explains at this scale: how far does the model move for
+        rounding-sized changes? (outputs.FLOOR_CEILING_UNITS)"""
+        probe = self.compare("rounding sensitivity", NUDGED, FOLDER if exact else ROUNDED, dtype)
+        probe.rule = "figures only: how far the outputs move when every merged element moves a unit"
+        probe.generation = None
+        return probe
 
     def _fails_in_transformers(self, dtype: str) -> bool:
         """Whether the folder, loaded by transformers alone (no d2export layer in it), fails its first
@@ -384,6 +381,18 @@ def _joined(parts: list[ModelRun]) -> ModelRun:
     outputs = [next((p.outputs[i] for p in parts if p.outputs[i] is not None), None)
                for i in range(len(parts[0].outputs))]
     return ModelRun(outputs, next((p.followed for p in parts if p.followed is not None), None))
+
+
+def _rounding_note(dtype: str, merged_dtype: str, c, f, sensitivity: float | None) -> str:
+    """The note for a folder past the fixed limits that the floor lets pass (``c`` its figures,
+    ``f`` the correctly rounded merge's)."""
+    return (f"outputs ({dtype}): the folder (max |d| {c.max_abs:.3g}, top-1 {percent(c.top1)}) is beyond the "
+            f"fixed limits, but within what the correctly rounded {merged_dtype} merge's own distance "
+            f"from the unmerged model allows (max |d| {f.max_abs:.3g}, top-1 {percent(f.top1)}): the difference "
+            f"is the rounding of the output dtype, not the merge"
+            + ("" if sensitivity is None else
+               f", amplified by this model (a merge nudged a unit per element moves its outputs by "
+               f"{sensitivity:.3g})"))
 
 
 def _rounded_plan(job: Job, dtype: str):

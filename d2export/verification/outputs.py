@@ -169,15 +169,8 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     c, f = check.comparison, floor.comparison
     allowed_abs, allowed_kl = fixed_abs, fixed_abs ** 2 / 2
     on_floor, standing = (False, "") if explicit else _floor_standing(f.max_abs, ceiling, sensitivity)
-    if not explicit and c.top1 is not None and f.top1 is not None:
-        only_folder, only_floor = _discordant(check, floor)
-        check.sign_test = {"only_candidate": only_folder, "only_floor": only_floor,
-                           "p": sign_test(only_folder, only_floor)}
+    why = "" if explicit else _sign_test(check, floor)
     beyond_chance = check.sign_test is not None and check.sign_test["p"] < FLOOR_SIGN_TEST_ALPHA
-    why = "" if check.sign_test is None else (
-        f", and at {check.sign_test['only_candidate']} choices only the folder differs from the reference, at "
-        f"{check.sign_test['only_floor']} only the correctly rounded merge: more than chance allows (sign test "
-        f"p < {FLOOR_SIGN_TEST_ALPHA:g})")
     top1_fails = c.top1 is not None and c.top1 < min_top1 and (not on_floor or beyond_chance)
     gen, floor_gen = check.generation, floor.generation
     fewer_followed = (not explicit and gen is not None and floor_gen is not None and gen.identical < floor_gen.identical
@@ -191,13 +184,7 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     elif not on_floor:
         check.rule = f"max |d| <= {allowed_abs:.3g}" + (f", {choices}" if c.top1 is not None else "") + standing
     else:
-        allowed_abs = max(fixed_abs, FLOOR_SLACK * f.max_abs)
-        own = ""
-        if (sensitivity is not None and weight_units is not None and off_rounded is not None
-                and off_rounded <= weight_units * sensitivity and f.max_abs + off_rounded > allowed_abs):
-            allowed_abs = f.max_abs + off_rounded
-            own = (f"; plus the folder's own {off_rounded:.3g} from the correctly rounded merge, within what its "
-                   f"weights' {weight_units:.3g} units move this model")
+        allowed_abs, own = _floor_allowance(f.max_abs, fixed_abs, sensitivity, weight_units, off_rounded)
         if f.mean_kl is not None:
             allowed_kl = max(allowed_kl, FLOOR_SLACK ** 2 * f.mean_kl)
         check.rule = (f"max |d| <= {allowed_abs:.3g} (the larger of {FLOOR_SLACK}x the rounding floor "
@@ -214,6 +201,29 @@ def judge_fidelity(check: OutputCheck, floor: OutputCheck, *, fixed_abs: float, 
     elif fewer_followed:
         check.fail(f"greedy continuations followed {gen.identical}/{gen.prompts} (the correctly rounded merge: "
                    f"{floor_gen.identical}/{floor_gen.prompts}){why}")
+
+
+def _sign_test(check: OutputCheck, floor: OutputCheck) -> str:
+    """Set ``check.sign_test`` (where both have top-1 figures) and return the failure's reason when
+    the folder's own wrong choices are beyond chance."""
+    if check.comparison.top1 is None or floor.comparison.top1 is None:
+        return ""
+    only_folder, only_floor = _discordant(check, floor)
+    check.sign_test = {"only_candidate": only_folder, "only_floor": only_floor, "p": sign_test(only_folder, only_floor)}
+    return (f", and at {only_folder} choices only the folder differs from the reference, at {only_floor} only the "
+            f"correctly rounded merge: more than chance allows (sign test p < {FLOOR_SIGN_TEST_ALPHA:g})")
+
+
+def _floor_allowance(floor_abs: float, fixed_abs: float, sensitivity: float | None, weight_units: float | None,
+                     off_rounded: float | None) -> tuple[float, str]:
+    """The max |d| a folder judged on its floor may reach, and the rule's words for the folder's own
+    share (see :func:`judge_fidelity`)."""
+    allowed = max(fixed_abs, FLOOR_SLACK * floor_abs)
+    if (sensitivity is None or weight_units is None or off_rounded is None
+            or off_rounded > weight_units * sensitivity or floor_abs + off_rounded <= allowed):
+        return allowed, ""
+    return floor_abs + off_rounded, (f"; plus the folder's own {off_rounded:.3g} from the correctly rounded merge, "
+                                     f"within what its weights' {weight_units:.3g} units move this model")
 
 
 def _floor_standing(floor_abs: float, ceiling: float | None, sensitivity: float | None) -> tuple[bool, str]:
